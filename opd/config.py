@@ -1,0 +1,141 @@
+"""Typed config schemas, registered in Hydra's ConfigStore.
+
+``conf/train.yaml`` starts from ``train_schema`` (``TrainConfig`` below), so a misspelled key or a
+value of the wrong type in any fixed group fails at composition with the key's name. The ``method``,
+``sampler`` and ``data`` nodes differ per choice; they are checked against the chosen class's
+signature by the registry (``opd.registry.Registry.validate``) before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+from opd.errors import ConfigError
+
+ASSETS = Path(__file__).parent / "assets"
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """A causal LM: a local directory or a hub id, loaded with ``AutoModelForCausalLM.from_pretrained``."""
+
+    name_or_path: str = MISSING  # local directory or hub id
+    tokenizer: Optional[str] = None  # tokenizer directory or id; the model's own when null
+    dtype: str = "float32"  # float32 | bfloat16 | float16 | auto
+    revision: Optional[str] = None  # hub revision (branch, tag or commit)
+    trust_remote_code: bool = False  # run code shipped with a hub model; off unless you trust it
+    use_safetensors: Optional[bool] = None  # True: refuse pickle weights; null: transformers decides
+    attn_implementation: Optional[str] = None  # eager | sdpa | flash_attention_2; transformers' default when null
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "bfloat16", "float16", "auto"):
+            raise ConfigError(f"model dtype must be float32, bfloat16, float16 or auto, got {self.dtype!r}")
+
+
+@dataclasses.dataclass
+class TrainerConfig:
+    """Optimisation, evaluation and checkpointing of the student."""
+
+    max_steps: int = 100  # optimizer steps
+    batch_size: int = 32  # prompts per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-3  # peak AdamW learning rate
+    weight_decay: float = 0.0  # AdamW weight decay
+    adam_beta1: float = 0.9  # AdamW β1
+    adam_beta2: float = 0.999  # AdamW β2
+    warmup_steps: int = 10  # linear warmup from 0 to lr
+    lr_schedule: str = "cosine"  # after warmup: cosine | linear | constant
+    min_lr_ratio: float = 0.1  # final lr as a fraction of lr (cosine and linear)
+    max_grad_norm: float = 1.0  # gradient clipping; 0 disables
+    max_skipped_steps: int = 5  # stop after this many non-finite steps in a row
+    eval_every: int = 50  # evaluate every N steps (and at the end); 0 = only before and after
+    eval_examples: Optional[int] = None  # cap on held-out examples per evaluation; all when null
+    eval_batch_size: int = 128  # prompts per greedy evaluation batch
+    save_every: int = 0  # checkpoint every N steps (and at the end); 0 = only at the end
+    keep_checkpoints: int = 2  # keep the newest N checkpoints
+    device: str = "auto"  # auto | cpu | cuda | cuda:1 ...
+    num_threads: Optional[int] = None  # torch CPU threads; torch's default when null
+    progress: bool = True  # tqdm progress bars
+
+    def __post_init__(self) -> None:
+        for key in ("max_steps", "batch_size", "grad_accum", "eval_batch_size", "keep_checkpoints"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"trainer.{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("warmup_steps", "eval_every", "save_every", "max_skipped_steps"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"trainer.{key} must be >= 0, got {getattr(self, key)}")
+        if self.lr <= 0:
+            raise ConfigError(f"trainer.lr must be > 0, got {self.lr}")
+        if self.lr_schedule not in ("cosine", "linear", "constant"):
+            raise ConfigError(f"trainer.lr_schedule must be cosine, linear or constant, got {self.lr_schedule!r}")
+
+
+@dataclasses.dataclass
+class LoggerConfig:
+    """Where metrics go besides ``metrics.jsonl`` (always written)."""
+
+    name: str = "jsonl"  # jsonl (local file only) | wandb (also Weights & Biases)
+    project: str = "opd"  # W&B project
+    entity: Optional[str] = None  # W&B entity (team); your default when null
+    group: Optional[str] = None  # W&B group; the experiment name when null, so a sweep's runs share one
+    mode: Optional[str] = None  # W&B mode: online | offline | disabled; offline when no API key is set
+    tags: list[str] = dataclasses.field(default_factory=list)  # W&B tags
+    num_completions: int = 8  # sample completions logged per evaluation
+
+    def __post_init__(self) -> None:
+        if self.name not in ("jsonl", "wandb"):
+            raise ConfigError(f"logger.name must be jsonl or wandb, got {self.name!r}")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """The whole run. Group nodes (method, sampler, data) are validated by their registries."""
+
+    method: Any = MISSING  # conf/method/<name>.yaml
+    teacher: Optional[ModelConfig] = None  # conf/teacher/<name>.yaml; null for teacher-free methods (sft)
+    student: ModelConfig = MISSING  # conf/student/<name>.yaml
+    sampler: Any = MISSING  # conf/sampler/<name>.yaml
+    data: Any = MISSING  # conf/data/<name>.yaml
+    trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)
+    logger: LoggerConfig = dataclasses.field(default_factory=LoggerConfig)
+    seed: int = 0  # seeds python, numpy, torch and the λ coin
+    name: str = "default"  # experiment name: run directory and W&B group
+    output_dir: Optional[str] = None  # run directory; Hydra's when null
+
+
+def register_configs() -> None:
+    """Put the schema into Hydra's ConfigStore (``train_schema`` is the root's first default)."""
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
+def typed_sections(cfg: Any) -> tuple[Optional[ModelConfig], ModelConfig, TrainerConfig, LoggerConfig]:
+    """Instantiate the fixed sections as dataclasses, which runs their range checks (``__post_init__``)."""
+    def build(key: str, schema: type) -> Any:
+        node = cfg.get(key)
+        if node is None:
+            return None
+        return schema(**OmegaConf.to_container(node, resolve=True))
+
+    return build("teacher", ModelConfig), build("student", ModelConfig), build("trainer", TrainerConfig), \
+        build("logger", LoggerConfig)
+
+
+def _asset(relative: str) -> str:
+    """``${asset:toy/teacher}`` -> absolute path of a checkpoint shipped inside the package."""
+    return str(ASSETS / relative)
+
+
+def _safe_dirname(overrides: str, max_length: int = 120) -> str:
+    """Sweep subdirectory name from ``method=gkd,seed=1``: path separators replaced, long names cut."""
+    name = overrides.replace("/", "_").replace("\\", "_") or "default"
+    return name if len(name) <= max_length else name[:max_length] + "..."
+
+
+for _name, _fn in (("asset", _asset), ("safe_dirname", _safe_dirname)):
+    if not OmegaConf.has_resolver(_name):
+        OmegaConf.register_new_resolver(_name, _fn)

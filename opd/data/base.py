@@ -1,0 +1,104 @@
+"""What every task provides: formatted prompts, reference completions and an answer checker."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import re
+from typing import Iterator, Sequence
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """One task instance.
+
+    Attributes:
+        prompt: the text the model is conditioned on (already formatted).
+        target: a reference completion (worked solution + final answer), used by off-policy
+            methods (SFT, dataset batches of GKD) and as privileged information (OPSD).
+        answer: the gold final answer, compared by exact match after extraction.
+    """
+
+    prompt: str
+    target: str
+    answer: str
+
+
+class Task:
+    """A dataset split into ``train`` and ``eval`` examples plus its answer extraction.
+
+    Subclasses fill ``self.train`` / ``self.eval`` and may override :meth:`extract_answer`.
+    """
+
+    #: regex whose first group is the final answer in a completion (GSM8K-style ``#### 42``).
+    answer_pattern: str = r"#+\s*(-?[\d,]*\.?\d+)"
+
+    train: list[Example]
+    eval: list[Example]
+
+    def extract_answer(self, completion: str) -> str | None:
+        """The final answer in ``completion`` (commas stripped), or None if there is none."""
+        match = re.search(self.answer_pattern, completion)
+        return match.group(1).replace(",", "") if match else None
+
+    def is_correct(self, completion: str, example: Example) -> bool:
+        """Exact match of the extracted answer against ``example.answer``."""
+        predicted = self.extract_answer(completion)
+        return predicted is not None and _normalise_number(predicted) == _normalise_number(example.answer)
+
+
+def _normalise_number(text: str) -> str:
+    """'042' -> '42', '3.50' -> '3.5', non-numbers unchanged, so exact match ignores formatting."""
+    text = text.strip().replace(",", "")
+    try:
+        value = float(text)
+    except ValueError:
+        return text
+    return str(int(value)) if value.is_integer() else repr(value)
+
+
+class PromptIterator:
+    """An endless, reshuffled-every-epoch stream of training examples in fixed-size batches.
+
+    Its position (epoch, index) is part of the trainer state so a resumed run sees the same data.
+
+    Args:
+        examples: the training split.
+        batch_size: examples per batch.
+        seed: shuffling seed; epoch ``e`` uses ``seed + e``.
+    """
+
+    def __init__(self, examples: Sequence[Example], batch_size: int, seed: int) -> None:
+        if not examples:
+            raise ValueError("the training split is empty")
+        self.examples = list(examples)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+        self.index = 0
+        self._order = self._shuffled(0)
+
+    def _shuffled(self, epoch: int) -> list[int]:
+        order = list(range(len(self.examples)))
+        random.Random(self.seed + epoch).shuffle(order)
+        return order
+
+    def __iter__(self) -> Iterator[list[Example]]:
+        return self
+
+    def __next__(self) -> list[Example]:
+        batch = []
+        while len(batch) < self.batch_size:
+            if self.index == len(self._order):
+                self.epoch, self.index = self.epoch + 1, 0
+                self._order = self._shuffled(self.epoch)
+            batch.append(self.examples[self._order[self.index]])
+            self.index += 1
+        return batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.index = state["epoch"], state["index"]
+        self._order = self._shuffled(self.epoch)

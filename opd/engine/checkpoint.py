@@ -1,0 +1,85 @@
+"""Checkpoints: the student as a plain HF directory plus the trainer state, written atomically.
+
+Layout of ``<run_dir>/checkpoints/step_000100/``::
+
+    config.json, model.safetensors, tokenizer files   # usable anywhere with from_pretrained
+    trainer_state.pt                                  # optimizer, scheduler, RNG, data position, step
+    COMPLETE                                          # written last: marks the checkpoint as whole
+
+A checkpoint is written to ``step_000100.tmp`` and renamed when complete, so a kill mid-write never
+leaves a directory that looks finished.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+COMPLETE_MARKER = "COMPLETE"
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, numpy and torch RNG states in a ``weights_only``-loadable form."""
+    np_state = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy(), *rest))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(run_dir: Path, step: int, model, tokenizer, trainer_state: dict[str, Any], keep: int) -> Path:
+    """Write ``checkpoints/step_<step>`` atomically and delete all but the newest ``keep`` complete ones."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:06d}"
+    tmp = root / f"step_{step:06d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    torch.save(trainer_state, tmp / "trainer_state.pt")
+    (tmp / COMPLETE_MARKER).write_text(str(step))
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (half-written ``.tmp`` directories are ignored)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp") and (p / COMPLETE_MARKER).exists()]
+    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+
+
+def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
+    """The trainer state of a checkpoint, loaded with ``weights_only=True`` (no arbitrary unpickling)."""
+    return torch.load(Path(checkpoint) / "trainer_state.pt", map_location="cpu", weights_only=True)
+
+
+def latest_valid_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint whose trainer state loads; broken ones are skipped with a warning."""
+    for checkpoint in reversed(list_checkpoints(run_dir)):
+        try:
+            load_trainer_state(checkpoint)
+            return checkpoint
+        except Exception as err:  # noqa: BLE001 - any unreadable file means "skip this one"
+            warnings.warn(f"skipping unreadable checkpoint {checkpoint}: {err}", stacklevel=2)
+    return None

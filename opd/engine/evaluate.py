@@ -1,0 +1,49 @@
+"""Greedy exact-match evaluation on a held-out split."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from tqdm.auto import tqdm
+
+from opd.data.base import Example, Task
+from opd.sampling.hf import HFSampler
+
+
+@dataclasses.dataclass
+class EvalResult:
+    """Accuracy and a few (prompt, completion, correct) samples for inspection."""
+
+    accuracy: float
+    num_examples: int
+    mean_length: float
+    samples: list[tuple[str, str, bool]]
+
+
+@torch.no_grad()
+def evaluate_accuracy(model: torch.nn.Module, tokenizer, task: Task, examples: list[Example], batch_size: int = 64,
+                      max_new_tokens: int = 64, num_samples: int = 8, desc: str = "eval",
+                      progress: bool = True) -> EvalResult:
+    """Greedy-decode every example and score the extracted final answer by exact match.
+
+    Args:
+        model: the causal LM to evaluate.
+        examples: the held-out split.
+        num_samples: how many (prompt, completion, correct) triples to keep for logging.
+    """
+    sampler = HFSampler(max_new_tokens=max_new_tokens)
+    correct, lengths, samples = 0, 0, []
+    batches = range(0, len(examples), batch_size)
+    for start in tqdm(batches, desc=desc, leave=False, disable=not progress, unit="batch"):
+        chunk = examples[start : start + batch_size]
+        rollout = sampler.generate(model, tokenizer, chunk, greedy=True)
+        lengths += rollout.num_tokens
+        texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
+        for example, text in zip(chunk, texts):
+            ok = task.is_correct(text, example)
+            correct += ok
+            if len(samples) < num_samples:
+                samples.append((example.prompt, text, ok))
+    n = max(len(examples), 1)
+    return EvalResult(accuracy=correct / n, num_examples=len(examples), mean_length=lengths / n, samples=samples)

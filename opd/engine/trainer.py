@@ -1,0 +1,248 @@
+"""The one method-agnostic training loop.
+
+Each optimizer step:
+  1. prompts -> completions from the method's behaviour policy (student rollouts via the sampler,
+     teacher rollouts, or dataset answers), for every micro-batch of the step;
+  2. the completion tokens of the whole step are counted (the loss normaliser);
+  3. per micro-batch: teacher logits (no grad) and student logits on the same completion tokens ->
+     ``method.loss`` -> backward;
+  4. gradient clipping, AdamW step, learning-rate schedule; non-finite steps are skipped.
+Greedy exact-match evaluation runs before training, every ``eval_every`` steps and at the end.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from opd.config import LoggerConfig, ModelConfig, TrainerConfig
+from opd.data.base import Example, PromptIterator, Task
+from opd.engine import checkpoint as ckpt
+from opd.engine.evaluate import EvalResult, evaluate_accuracy
+from opd.engine.scoring import completion_logits
+from opd.errors import TrainingError
+from opd.methods.base import Method
+from opd.models.loading import check_model_path, check_same_vocabulary, load_model, load_tokenizer, resolve_device
+from opd.sampling.base import RolloutBatch
+from opd.sampling.tokenize import encode_targets
+from opd.tracking.loggers import JsonlLogger
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def lr_lambda(cfg: TrainerConfig):
+    """Multiplier of the peak lr at a step: linear warmup, then cosine / linear decay to ``min_lr_ratio``, or constant."""
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.lr_schedule == "cosine" else 1 - progress
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape
+
+    return factor
+
+
+class Trainer:
+    """Distils ``teacher`` into ``student`` with ``method`` on ``task``.
+
+    Args:
+        method, sampler, task: built components (see ``opd.registry``).
+        teacher_cfg: the teacher's model config, or None for teacher-free methods.
+        student_cfg, trainer_cfg: typed config sections.
+        logger: a metrics sink (``metrics.jsonl`` at least).
+        run_dir: where checkpoints and ``summary.json`` go.
+        seed: seeds every RNG, including the behaviour-policy coin.
+    """
+
+    def __init__(self, method: Method, sampler, task: Task, teacher_cfg: ModelConfig | None, student_cfg: ModelConfig,
+                 trainer_cfg: TrainerConfig, logger: JsonlLogger, run_dir: Path, seed: int = 0,
+                 logger_cfg: LoggerConfig | None = None) -> None:
+        self.method, self.sampler, self.task, self.cfg = method, sampler, task, trainer_cfg
+        self.logger, self.run_dir, self.seed = logger, Path(run_dir), seed
+        self.num_samples = logger_cfg.num_completions if logger_cfg else 8
+        if trainer_cfg.num_threads:
+            torch.set_num_threads(trainer_cfg.num_threads)
+        seed_everything(seed)
+        self.device = resolve_device(trainer_cfg.device)
+
+        if method.needs_teacher and teacher_cfg is None:
+            raise TrainingError(f"method {type(method).registry_name!r} needs a teacher, but teacher is null")
+        for spec, role in ((student_cfg, "student"), (teacher_cfg, "teacher")):
+            if spec is not None:
+                check_model_path(spec, role)  # both paths checked before either model loads
+        self.tokenizer = load_tokenizer(student_cfg, "student")
+        self.student = load_model(student_cfg, "student", self.device)
+        self.student.train()
+        self.teacher = None
+        if teacher_cfg is not None:
+            teacher_tokenizer = load_tokenizer(teacher_cfg, "teacher")
+            self.teacher = load_model(teacher_cfg, "teacher", self.device)
+            self.teacher.eval().requires_grad_(False)
+            check_same_vocabulary(teacher_tokenizer, self.tokenizer, self.teacher, self.student)
+
+        self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=trainer_cfg.lr, weight_decay=trainer_cfg.weight_decay,
+                                           betas=(trainer_cfg.adam_beta1, trainer_cfg.adam_beta2))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(trainer_cfg))
+        self.prompts = PromptIterator(task.train, trainer_cfg.batch_size, seed)
+        self.coin = random.Random(seed)
+        self.eval_examples = task.eval[: trainer_cfg.eval_examples] if trainer_cfg.eval_examples else task.eval
+        self.step = 0
+        self.tokens_trained = 0
+        self.skipped_in_a_row = 0
+        self.skipped_total = 0
+
+    # ------------------------------------------------------------------ rollouts
+    def collect(self, examples: list[Example]) -> RolloutBatch:
+        """Completions for ``examples`` from the method's behaviour policy for this micro-batch."""
+        source = self.method.behaviour(self.coin)
+        if source == "student":
+            return self.sampler.generate(self.student, self.tokenizer, examples)
+        if source == "teacher":
+            batch = self.sampler.generate(self.teacher, self.tokenizer, examples)
+            batch.source = "teacher"
+            return batch
+        if source == "dataset":
+            return encode_targets(self.tokenizer, examples, self.device)
+        raise TrainingError(f"method returned unknown behaviour policy {source!r}")
+
+    # ------------------------------------------------------------------ one optimizer step
+    def train_step(self) -> dict[str, float]:
+        """Rollouts for every micro-batch, then forward/backward per micro-batch, then one update."""
+        started = time.perf_counter()
+        batches = [self.collect(next(self.prompts)) for _ in range(self.cfg.grad_accum)]
+        rollout_time = time.perf_counter() - started
+        num_tokens = sum(b.num_tokens for b in batches)  # normaliser over the whole step
+
+        metrics: dict[str, float] = collections.defaultdict(float)
+        loss_total = 0.0
+        for batch in batches:
+            teacher_logits = None
+            if self.method.needs_teacher:
+                with torch.no_grad():
+                    teacher_logits = completion_logits(self.teacher, batch)
+            student_logits = completion_logits(self.student, batch)
+            out = self.method.loss(batch, student_logits, teacher_logits, num_tokens)
+            out.loss.backward()
+            loss_total += out.loss.item()
+            for key, value in out.metrics.items():
+                metrics[key] += value
+
+        params = [p for p in self.student.parameters() if p.grad is not None]
+        max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item() if params else 0.0
+        if not (math.isfinite(loss_total) and math.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped_in_a_row += 1
+            self.skipped_total += 1
+            if self.skipped_in_a_row > self.cfg.max_skipped_steps:
+                raise TrainingError(f"{self.skipped_in_a_row} optimizer steps in a row had a non-finite loss or gradient "
+                                    f"(loss={loss_total}, grad_norm={grad_norm}) at step {self.step + 1}; stopping. "
+                                    "Lower trainer.lr, check the data, or raise trainer.max_skipped_steps.")
+        else:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped_in_a_row = 0
+        self.scheduler.step()
+        self.step += 1
+        self.tokens_trained += num_tokens
+
+        elapsed = time.perf_counter() - started
+        student_batches = [b for b in batches if b.source == "student"]
+        metrics.update({
+            "train/loss": loss_total,
+            "train/lr": self.scheduler.get_last_lr()[0],
+            "train/grad_norm": grad_norm,
+            "train/tokens": num_tokens,
+            "train/tokens_per_s": num_tokens / elapsed,
+            "train/skipped_steps": self.skipped_total,
+            "time/rollout_s": rollout_time,
+            "time/step_s": elapsed,
+        })
+        if student_batches:
+            metrics["rollout/mean_length"] = sum(b.num_tokens for b in student_batches) / sum(
+                len(b.examples) for b in student_batches)
+        return dict(metrics)
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, model: torch.nn.Module, desc: str) -> EvalResult:
+        return evaluate_accuracy(model, self.tokenizer, self.task, self.eval_examples, batch_size=self.cfg.eval_batch_size,
+                                 max_new_tokens=self.sampler.max_new_tokens, num_samples=self.num_samples, desc=desc,
+                                 progress=self.cfg.progress)
+
+    def _log_eval(self, result: EvalResult) -> None:
+        self.logger.log({"eval/accuracy": result.accuracy, "eval/mean_length": result.mean_length}, self.step)
+        self.logger.log_samples(result.samples, self.step)
+
+    # ------------------------------------------------------------------ checkpoints
+    def trainer_state(self) -> dict[str, Any]:
+        return {"step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "rng": ckpt.rng_state(), "coin": self.coin.getstate(), "data": self.prompts.state_dict(),
+                "tokens_trained": self.tokens_trained, "skipped_total": self.skipped_total}
+
+    def save(self) -> Path:
+        return ckpt.save_checkpoint(self.run_dir, self.step, self.student, self.tokenizer, self.trainer_state(),
+                                    self.cfg.keep_checkpoints)
+
+    # ------------------------------------------------------------------ the run
+    def fit(self) -> dict[str, Any]:
+        """Evaluate, train ``max_steps`` steps with periodic evaluation and checkpoints, evaluate; return the summary."""
+        started = time.perf_counter()
+        teacher_result = self.evaluate(self.teacher, "eval teacher") if self.teacher is not None else None
+        before = self.evaluate(self.student, "eval student")
+        if teacher_result is not None:
+            self.logger.log({"eval/teacher_accuracy": teacher_result.accuracy}, self.step)
+        self._log_eval(before)
+        after = before
+
+        bar = tqdm(total=self.cfg.max_steps, desc=f"train {type(self.method).registry_name}", unit="step",
+                   disable=not self.cfg.progress, dynamic_ncols=True)
+        last_eval_step = 0
+        while self.step < self.cfg.max_steps:
+            metrics = self.train_step()
+            self.logger.log(metrics, self.step)
+            bar.update(1)
+            postfix = {"loss": f"{metrics['train/loss']:.4f}", "acc": f"{after.accuracy:.3f}"}
+            if "rollout/mean_length" in metrics:
+                postfix["len"] = f"{metrics['rollout/mean_length']:.1f}"
+            bar.set_postfix(postfix)
+            if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and self.step < self.cfg.max_steps:
+                after = self.evaluate(self.student, "eval student")
+                self._log_eval(after)
+                last_eval_step = self.step
+            if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.cfg.max_steps:
+                self.save()
+        bar.close()
+        if last_eval_step != self.step or self.step == 0:
+            after = self.evaluate(self.student, "eval student")
+            self._log_eval(after)
+        checkpoint = self.save()
+
+        summary = {
+            "method": type(self.method).registry_name,
+            "seed": self.seed,
+            "teacher_accuracy": teacher_result.accuracy if teacher_result else None,
+            "student_accuracy_before": before.accuracy,
+            "student_accuracy_after": after.accuracy,
+            "eval_examples": after.num_examples,
+            "steps": self.step,
+            "tokens": self.tokens_trained,
+            "skipped_steps": self.skipped_total,
+            "wall_time_s": round(time.perf_counter() - started, 2),
+            "checkpoint": str(checkpoint),
+        }
+        return summary

@@ -1,0 +1,21 @@
+"""Exceptions that the command line turns into one clear line instead of a traceback."""
+
+
+class OPDError(Exception):
+    """Base class: a problem the user can fix (bad config, missing file, bad data)."""
+
+
+class ConfigError(OPDError, ValueError):
+    """A config value is unknown, ill-typed, out of range or inconsistent with another."""
+
+
+class ModelLoadError(OPDError):
+    """A model or tokenizer could not be loaded (missing directory, offline hub, mismatch)."""
+
+
+class DataError(OPDError):
+    """A dataset could not be loaded or has malformed rows."""
+
+
+class TrainingError(OPDError):
+    """Training cannot go on (e.g. repeated non-finite losses)."""

@@ -1,0 +1,83 @@
+"""Divergences between teacher and student next-token distributions, and one masked reduction.
+
+Every divergence takes ``student_logits`` and ``teacher_logits`` of shape ``[..., V]`` and returns
+the divergence at each position, shape ``[...]`` (summed over the vocabulary, not over positions).
+Logits are divided by ``temperature`` and normalised in float32 whatever their input dtype, so
+bfloat16 inputs are safe. Vocabulary entries with ``-inf`` logits (masked tokens) contribute 0 where
+the distribution in front of the log has no mass there.
+
+Notation: T = teacher distribution p_T, S = student distribution q_θ, KL(P‖Q) = Σ_v P (log P − log Q).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Float32 log-softmax of ``logits / temperature``."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    return torch.log_softmax(logits.float() / temperature, dim=-1)
+
+
+def _kl_from_log_probs(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(P‖Q) per position from log-probabilities ``[..., V]``; terms with P = 0 count as 0."""
+    p = log_p.exp()
+    terms = p * (log_p - log_q)
+    return torch.where(p > 0, terms, torch.zeros_like(terms)).sum(dim=-1)
+
+
+def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Forward KL(T‖S), the mode-covering direction of word-level KD (Hinton et al. 2015)."""
+    return _kl_from_log_probs(_log_probs(teacher_logits, temperature), _log_probs(student_logits, temperature))
+
+
+def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Reverse KL(S‖T), the mode-seeking direction (MiniLLM, on-policy distillation)."""
+    return _kl_from_log_probs(_log_probs(student_logits, temperature), _log_probs(teacher_logits, temperature))
+
+
+def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float = 0.5,
+                    temperature: float = 1.0) -> torch.Tensor:
+    """Generalized Jensen-Shannon divergence, GKD (Agarwal et al. 2024, arXiv:2306.13649) Eq. 1.
+
+    JSD(β) = β·KL(T‖M) + (1−β)·KL(S‖M) with M = β·T + (1−β)·S, the mixture formed in log space.
+    As in TRL, the endpoints are the plain KLs: β = 0 returns forward KL(T‖S) exactly and β = 1
+    reverse KL(S‖T) (the unscaled JSD itself tends to 0 at both ends).
+    """
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    if beta == 0.0:
+        return forward_kl(student_logits, teacher_logits, temperature)
+    if beta == 1.0:
+        return reverse_kl(student_logits, teacher_logits, temperature)
+    log_s = _log_probs(student_logits, temperature)
+    log_t = _log_probs(teacher_logits, temperature)
+    log_m = torch.logsumexp(torch.stack([log_t + math.log(beta), log_s + math.log(1.0 - beta)]), dim=0)
+    return beta * _kl_from_log_probs(log_t, log_m) + (1.0 - beta) * _kl_from_log_probs(log_s, log_m)
+
+
+def masked_reduce(values: torch.Tensor, mask: torch.Tensor, num_tokens: int | float | torch.Tensor | None = None
+                  ) -> torch.Tensor:
+    """Sum ``values`` over positions where ``mask`` is set, divided by ``num_tokens``.
+
+    Passing the number of completion tokens in the *whole optimizer step* (all micro-batches, all
+    ranks) as ``num_tokens`` makes the summed micro-batch losses equal the token mean of one big
+    batch, so gradient accumulation and world size do not change the loss.
+
+    Args:
+        values: ``[...]`` per-position values.
+        mask: ``[...]`` 1 where the position counts, 0 elsewhere (padding, prompt).
+        num_tokens: the normaliser; ``mask.sum()`` (this batch's own count) when None.
+    Returns:
+        A scalar tensor.
+    """
+    mask = mask.to(values.dtype)
+    total = (torch.where(mask > 0, values, torch.zeros_like(values)) * mask).sum()
+    denom = mask.sum() if num_tokens is None else num_tokens
+    if isinstance(denom, torch.Tensor):
+        return total / denom.clamp(min=1)
+    return total / max(float(denom), 1.0)

@@ -1,0 +1,39 @@
+"""SFT: the supervised baseline every distillation method is compared with."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+import torch.nn.functional as F
+
+from opd.losses.divergences import masked_reduce
+from opd.methods.base import LossOutput, Method
+from opd.registry import METHODS
+from opd.sampling.base import RolloutBatch
+
+
+@METHODS.register("sft")
+class SFT(Method):
+    """Supervised fine-tuning: token-level cross-entropy on the dataset's reference completions (no teacher).
+
+    Args:
+        label_smoothing: cross-entropy label smoothing in [0, 1).
+    """
+
+    needs_teacher = False
+
+    def __init__(self, label_smoothing: float = 0.0) -> None:
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.label_smoothing = label_smoothing
+
+    def behaviour(self, rng: random.Random) -> str:
+        return "dataset"
+
+    def loss(self, batch: RolloutBatch, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None,
+             num_tokens: int) -> LossOutput:
+        per_token = F.cross_entropy(student_logits.float().transpose(1, 2), batch.completion_ids, reduction="none",
+                                    label_smoothing=self.label_smoothing)
+        loss = masked_reduce(per_token, batch.completion_mask, num_tokens)
+        return LossOutput(loss, {"loss/ce": loss.item()})

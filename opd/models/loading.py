@@ -1,0 +1,107 @@
+"""Loading teacher and student: one code path for shipped toy checkpoints and hub models."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from opd.config import ModelConfig
+from opd.errors import ModelLoadError
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" -> cuda if available, else cpu; anything else is passed to ``torch.device``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith(("/", "./", "../", "~")) or os.path.exists(path)
+
+
+def check_model_path(spec: ModelConfig, role: str) -> None:
+    """A local ``name_or_path`` must be a saved model directory (hub ids are checked when loaded).
+
+    Raises:
+        ModelLoadError: naming ``<role>.name_or_path`` and the path.
+    """
+    path = os.path.expanduser(spec.name_or_path)
+    if _looks_local(path):
+        if not Path(path).is_dir():
+            raise ModelLoadError(f"{role}.name_or_path: no model directory at {path!r}")
+        if not (Path(path) / "config.json").is_file():
+            raise ModelLoadError(f"{role}.name_or_path: {path!r} has no config.json (not a saved model directory)")
+
+
+def load_tokenizer(spec: ModelConfig, role: str):
+    """The tokenizer for ``spec`` (``spec.tokenizer`` or the model path), left-padded, with a pad token."""
+    from transformers import AutoTokenizer
+
+    check_model_path(spec, role)
+    source = os.path.expanduser(spec.tokenizer or spec.name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    except Exception as err:  # noqa: BLE001 - hub/offline/format errors arrive as many types
+        raise ModelLoadError(_load_message(role, source, err)) from None
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(spec: ModelConfig, role: str, device: torch.device):
+    """``AutoModelForCausalLM.from_pretrained`` with checks and one-line errors.
+
+    Args:
+        spec: the ``teacher`` or ``student`` config node.
+        role: "teacher" or "student" (for messages).
+        device: where to put the model.
+    """
+    from transformers import AutoModelForCausalLM
+
+    check_model_path(spec, role)
+    path = os.path.expanduser(spec.name_or_path)
+    kwargs = {"dtype": _DTYPES[spec.dtype] if spec.dtype in _DTYPES else spec.dtype}
+    if spec.attn_implementation:
+        kwargs["attn_implementation"] = spec.attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, revision=spec.revision, trust_remote_code=spec.trust_remote_code,
+                                                     use_safetensors=spec.use_safetensors, **kwargs)
+    except Exception as err:  # noqa: BLE001
+        raise ModelLoadError(_load_message(role, path, err)) from None
+    return model.to(device)
+
+
+def _load_message(role: str, source: str, err: Exception) -> str:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    hint = ""
+    if not _looks_local(source):
+        hint = (" Hub models need network access to huggingface.co or a local cache (HF_HUB_OFFLINE=1 uses the cache "
+                "only); offline, point name_or_path at a local directory.")
+    return f"{role}: could not load {source!r}: {first}.{hint}"
+
+
+def check_same_vocabulary(teacher_tokenizer, student_tokenizer, teacher, student) -> None:
+    """Teacher and student must share a tokenizer for token-level distillation.
+
+    Raises:
+        ModelLoadError: naming the first difference found.
+    """
+    t_vocab, s_vocab = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
+    if t_vocab != s_vocab:
+        only_t = sorted(set(t_vocab) - set(s_vocab))[:5]
+        only_s = sorted(set(s_vocab) - set(t_vocab))[:5]
+        detail = f"tokens only in the teacher's: {only_t}, only in the student's: {only_s}" if (only_t or only_s) \
+            else "the same tokens map to different ids"
+        raise ModelLoadError(f"teacher and student tokenizers differ ({len(t_vocab)} vs {len(s_vocab)} entries; {detail}). "
+                             "Token-level distillation needs one shared vocabulary.")
+    t_rows = teacher.get_output_embeddings().weight.shape[0]
+    s_rows = student.get_output_embeddings().weight.shape[0]
+    if t_rows != s_rows:
+        raise ModelLoadError(f"teacher and student output layers differ in size ({t_rows} vs {s_rows} rows) although "
+                             "their tokenizers match; resize one of them so the logits line up.")

@@ -1,0 +1,152 @@
+"""Registries: one place that maps config names to the classes that implement them.
+
+Every pluggable component (methods, samplers, datasets) registers itself with a decorator::
+
+    @METHODS.register("gkd")
+    class GKD(Method): ...
+
+and is built from its config node with ``METHODS.build(cfg.method)``: the node's ``name`` picks the
+class, the remaining keys are checked against the class's ``__init__`` signature (name *and* type),
+so a misspelled or ill-typed key fails at start-up with a message that names it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import typing
+from typing import Any, Callable, Generic, Iterator, TypeVar
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from opd.errors import ConfigError
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """A name -> class mapping with signature-checked construction.
+
+    Args:
+        kind: what the registry holds ("method", "sampler", ...), used in messages and as the
+            config group name.
+    """
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._entries: dict[str, type[T] | str] = {}
+
+    def register(self, name: str) -> Callable[[type[T]], type[T]]:
+        """Class decorator adding ``cls`` under ``name``; a second class with the same name raises."""
+
+        def decorator(cls: type[T]) -> type[T]:
+            existing = self._entries.get(name)
+            if existing is not None and existing is not cls and not isinstance(existing, str):
+                raise ValueError(f"{self.kind} {name!r} is already registered by {existing.__module__}.{existing.__qualname__}")
+            self._entries[name] = cls
+            cls.registry_name = name  # type: ignore[attr-defined]
+            return cls
+
+        return decorator
+
+    def register_lazy(self, name: str, target: str) -> None:
+        """Register ``"package.module:Class"`` without importing it (for heavy optional extras)."""
+        if name in self._entries:
+            raise ValueError(f"{self.kind} {name!r} is already registered")
+        self._entries[name] = target
+
+    def get(self, name: str) -> type[T]:
+        """The class registered as ``name``; unknown names list the known ones."""
+        if name not in self._entries:
+            known = ", ".join(sorted(self._entries)) or "(none)"
+            raise ConfigError(f"{self.kind}: unknown name {name!r}; known {self.kind}s: {known}")
+        entry = self._entries[name]
+        if isinstance(entry, str):
+            module, _, attr = entry.partition(":")
+            try:
+                entry = getattr(importlib.import_module(module), attr)
+            except ImportError as err:
+                raise ConfigError(f"{self.kind} {name!r} needs an optional dependency that is not installed ({err}). "
+                                  f"Install the matching extra, e.g. `pip install -e .[{name}]`.") from err
+            self._entries[name] = entry
+        return entry  # type: ignore[return-value]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self._entries))
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def describe(self) -> list[tuple[str, str]]:
+        """(name, first docstring line) for every entry, for ``make methods`` and ``--help``."""
+        rows = []
+        for name in self:
+            cls = self.get(name)
+            doc = (inspect.getdoc(cls) or "").strip().splitlines()
+            rows.append((name, doc[0] if doc else ""))
+        return rows
+
+    def schema(self, name: str) -> type:
+        """A dataclass whose fields mirror ``cls.__init__``'s keyword arguments (types and defaults)."""
+        cls = self.get(name)
+        hints = typing.get_type_hints(cls.__init__)
+        fields: list[tuple[str, Any, Any]] = [("name", str, dataclasses.field(default=name))]
+        for param in list(inspect.signature(cls.__init__).parameters.values())[1:]:
+            if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+                continue
+            default = dataclasses.MISSING if param.default is param.empty else param.default
+            annotation = hints.get(param.name, Any)
+            if isinstance(default, (list, dict)):
+                fields.append((param.name, annotation, dataclasses.field(default_factory=lambda d=default: type(d)(d))))
+            else:
+                fields.append((param.name, annotation, dataclasses.field(default=default)))
+        return dataclasses.make_dataclass(f"{cls.__name__}Config", fields)
+
+    def validate(self, node: DictConfig | dict, key: str | None = None) -> dict[str, Any]:
+        """Check ``node`` against the schema of ``node.name``; return the constructor kwargs.
+
+        Raises:
+            ConfigError: naming the offending key (``method.betta``) for unknown keys, wrong
+                types and missing required values.
+        """
+        key = key or self.kind
+        if node is None or "name" not in node:
+            raise ConfigError(f"{key}: missing `name`; choose one of: {', '.join(self)}")
+        name = node["name"]
+        schema = OmegaConf.structured(self.schema(name))
+        try:
+            merged = OmegaConf.merge(schema, node)
+            kwargs = OmegaConf.to_container(merged, resolve=True, throw_on_missing=True)
+        except OmegaConfBaseException as err:
+            full_key = getattr(err, "full_key", None) or getattr(err, "key", None) or "?"
+            msg = str(err).splitlines()[0]
+            raise ConfigError(f"{key}.{full_key}: {msg} (valid keys for {self.kind} {name!r}: "
+                              f"{', '.join(f.name for f in dataclasses.fields(self.schema(name)))})") from None
+        kwargs.pop("name")
+        return kwargs
+
+    def build(self, node: DictConfig | dict, key: str | None = None, **extra: Any) -> T:
+        """Validate ``node`` and construct the registered class with its kwargs plus ``extra``."""
+        kwargs = self.validate(node, key)
+        cls = self.get(node["name"])
+        try:
+            return cls(**kwargs, **extra)
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"{key or self.kind} ({node['name']}): {err}") from None
+
+
+METHODS: Registry = Registry("method")
+SAMPLERS: Registry = Registry("sampler")
+DATASETS: Registry = Registry("data")
+
+
+def load_builtin_components() -> None:
+    """Import the packages whose modules register the built-in components."""
+    importlib.import_module("opd.methods")
+    importlib.import_module("opd.sampling")
+    importlib.import_module("opd.data")

@@ -1,0 +1,7 @@
+"""Behaviour policies that write rollouts. ``hf`` is built in; ``vllm`` is an optional extra, imported lazily."""
+
+from opd.registry import SAMPLERS
+from opd.sampling import hf  # noqa: F401  (registration)
+from opd.sampling.base import RolloutBatch, Sampler
+
+__all__ = ["RolloutBatch", "Sampler"]

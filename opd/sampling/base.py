@@ -1,0 +1,78 @@
+"""Rollout batches and the sampler interface shared by every behaviour policy."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Protocol, Sequence
+
+import torch
+
+from opd.data.base import Example
+
+
+@dataclasses.dataclass
+class RolloutBatch:
+    """Prompts and completions, laid out so that ``cat(prompt_ids, completion_ids)`` is the sequence.
+
+    Attributes:
+        prompt_ids: ``[B, P]`` left-padded prompt tokens.
+        prompt_mask: ``[B, P]`` 1 on real prompt tokens, 0 on left padding.
+        completion_ids: ``[B, T]`` right-padded completion tokens (EOS included when produced).
+        completion_mask: ``[B, T]`` 1 on completion tokens the loss sees, 0 on padding after EOS.
+        examples: the task examples the prompts came from (answers, reference solutions).
+        source: who wrote the completions: "student", "teacher" or "dataset".
+    """
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    completion_ids: torch.Tensor
+    completion_mask: torch.Tensor
+    examples: list[Example]
+    source: str
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        """``[B, P+T]`` the full sequences."""
+        return torch.cat([self.prompt_ids, self.completion_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """``[B, P+T]``: prompt padding masked, completion padding kept visible (it is never a query that counts)."""
+        return torch.cat([self.prompt_mask, torch.ones_like(self.completion_mask)], dim=1)
+
+    @property
+    def num_tokens(self) -> int:
+        """Completion tokens that the loss counts."""
+        return int(self.completion_mask.sum().item())
+
+    def to(self, device: torch.device | str) -> "RolloutBatch":
+        move = {f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
+                if isinstance(getattr(self, f.name), torch.Tensor)}
+        return dataclasses.replace(self, **move)
+
+
+def truncate_after_eos(completion_ids: torch.Tensor, eos_token_id: int | Sequence[int], pad_token_id: int
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask everything after each row's first EOS.
+
+    Args:
+        completion_ids: ``[B, T]`` generated tokens.
+    Returns:
+        ``(ids, mask)``, both ``[B, T]``: ids with pad after the first EOS; mask 1 up to and including it.
+    """
+    eos_ids = torch.as_tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id),
+                              device=completion_ids.device)
+    is_eos = torch.isin(completion_ids, eos_ids)
+    after_eos = (is_eos.cumsum(dim=1) - is_eos.long()) > 0  # strictly after the first EOS
+    mask = (~after_eos).long()
+    return completion_ids.masked_fill(after_eos, pad_token_id), mask
+
+
+class Sampler(Protocol):
+    """Writes completions for prompts with the current student (the on-policy behaviour policy)."""
+
+    max_new_tokens: int
+
+    def generate(self, model: torch.nn.Module, tokenizer, examples: list[Example], greedy: bool = False) -> RolloutBatch:
+        """Sample one completion per example (greedy when ``greedy``)."""
+        ...

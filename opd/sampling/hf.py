@@ -1,0 +1,51 @@
+"""Rollouts with Hugging Face ``generate``: batched, left-padded prompts, KV cache, per-row EOS stop."""
+
+from __future__ import annotations
+
+import torch
+
+from opd.data.base import Example
+from opd.registry import SAMPLERS
+from opd.sampling.base import RolloutBatch, truncate_after_eos
+from opd.sampling.tokenize import encode_prompts
+
+
+@SAMPLERS.register("hf")
+class HFSampler:
+    """Batched ``model.generate`` with KV cache; sampling temperature, top-p and top-k from config.
+
+    Args:
+        temperature: sampling temperature of the rollouts (separate from any loss temperature).
+        top_p: nucleus sampling threshold; 1.0 disables it.
+        top_k: keep the k most likely tokens; 0 disables it.
+        max_new_tokens: completion length cap.
+    """
+
+    def __init__(self, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, max_new_tokens: int = 64) -> None:
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0 (use greedy evaluation for argmax), got {temperature}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {top_k}")
+        if max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be > 0, got {max_new_tokens}")
+        self.temperature, self.top_p, self.top_k, self.max_new_tokens = temperature, top_p, top_k, max_new_tokens
+
+    @torch.no_grad()
+    def generate(self, model: torch.nn.Module, tokenizer, examples: list[Example], greedy: bool = False) -> RolloutBatch:
+        """One completion per example from ``model`` (eval mode during generation, restored after)."""
+        device = next(model.parameters()).device
+        prompt_ids, prompt_mask = encode_prompts(tokenizer, [ex.prompt for ex in examples], device)
+        sampling = {} if greedy else {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k or None}
+        was_training = model.training
+        model.eval()
+        try:
+            sequences = model.generate(
+                input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=not greedy, max_new_tokens=self.max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, use_cache=True, **sampling)
+        finally:
+            model.train(was_training)
+        completion_ids, completion_mask = truncate_after_eos(sequences[:, prompt_ids.shape[1]:], tokenizer.eos_token_id,
+                                                             tokenizer.pad_token_id)
+        return RolloutBatch(prompt_ids, prompt_mask, completion_ids, completion_mask, list(examples), "student")

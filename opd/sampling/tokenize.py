@@ -1,0 +1,34 @@
+"""Turning examples into token tensors, shared by every sampler and by dataset (off-policy) batches."""
+
+from __future__ import annotations
+
+import torch
+
+from opd.data.base import Example
+from opd.sampling.base import RolloutBatch
+
+
+def encode_prompts(tokenizer, prompts: list[str], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompt ids and mask, both ``[B, P]`` (the tokenizer adds BOS if it is set up to)."""
+    tokenizer.padding_side = "left"
+    enc = tokenizer(prompts, padding=True, return_tensors="pt")
+    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+
+
+def encode_targets(tokenizer, examples: list[Example], device: torch.device | str = "cpu", source: str = "dataset",
+                   targets: list[str] | None = None) -> RolloutBatch:
+    """A batch whose completions are given texts (reference solutions by default) followed by EOS.
+
+    Args:
+        targets: completion texts; ``example.target`` for each example when None.
+    """
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, [ex.prompt for ex in examples], device)
+    texts = targets if targets is not None else [ex.target for ex in examples]
+    rows = [tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for text in texts]
+    width = max(len(r) for r in rows)
+    completion_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    completion_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        completion_ids[i, : len(row)] = torch.tensor(row)
+        completion_mask[i, : len(row)] = 1
+    return RolloutBatch(prompt_ids, prompt_mask, completion_ids.to(device), completion_mask.to(device), list(examples), source)

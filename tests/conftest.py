@@ -1,0 +1,50 @@
+"""Shared fixtures: tiny random models built from a config (no downloads) and config composition."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from transformers import LlamaForCausalLM
+
+from opd.models.toy import build_char_tokenizer, tiny_llama_config
+from opd.train import CONF_DIR
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+torch.set_num_threads(1)  # tiny models: one thread is fastest and avoids oversubscribing CI's 2 cores
+
+
+def make_tiny_lm(directory: Path, hidden_size: int = 32, num_layers: int = 2, seed: int = 0) -> Path:
+    """Save a randomly initialised tiny Llama + the char tokenizer to ``directory``."""
+    torch.manual_seed(seed)
+    tokenizer = build_char_tokenizer()
+    model = LlamaForCausalLM(tiny_llama_config(tokenizer, hidden_size, num_layers, num_heads=4, max_positions=128))
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
+    """{"teacher": dir, "student": dir}: random tiny Llamas sharing the char tokenizer."""
+    root = tmp_path_factory.mktemp("tiny_models")
+    return {"teacher": make_tiny_lm(root / "teacher", hidden_size=48, seed=1),
+            "student": make_tiny_lm(root / "student", hidden_size=32, seed=2)}
+
+
+@pytest.fixture
+def compose_cfg(tiny_model_dirs, tmp_path):
+    """compose_cfg(*overrides) -> the composed run config with tiny random models and ``debug=tiny``."""
+
+    def _compose(*overrides: str, tiny_models: bool = True):
+        base = ["debug=tiny", f"output_dir={tmp_path / 'run'}", "trainer.num_threads=1"]
+        if tiny_models:
+            base += [f"teacher.name_or_path={tiny_model_dirs['teacher']}", f"student.name_or_path={tiny_model_dirs['student']}"]
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            return compose(config_name="train", overrides=base + list(overrides))
+
+    return _compose
