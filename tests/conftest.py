@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import os
+
+# Before transformers / huggingface_hub are imported: they read these once. Tests never touch the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
 from pathlib import Path
 
 import pytest
@@ -13,8 +18,6 @@ from transformers import LlamaForCausalLM
 from opd.models.toy import build_char_tokenizer, tiny_llama_config
 from opd.train import CONF_DIR
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("WANDB_MODE", "offline")
 torch.set_num_threads(1)  # tiny models: one thread is fastest and avoids oversubscribing CI's 2 cores
 
 

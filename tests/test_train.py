@@ -96,3 +96,19 @@ def test_bad_config_values_fail_before_training_with_a_clear_message(compose_cfg
     with pytest.raises((ConfigError, ModelLoadError)) as info:
         build_trainer(compose_cfg(override))
     assert message in str(info.value)
+
+
+def test_hub_model_offline_fails_with_a_clear_message(compose_cfg, monkeypatch, tiny_model_dirs):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match=r"student: could not load 'gpt2'.*network access"):
+        build_trainer(compose_cfg("student=gpt2", f"teacher.name_or_path={tiny_model_dirs['teacher']}", tiny_models=False))
+
+
+def test_wandb_logger_works_offline_and_groups_by_experiment(compose_cfg, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    summary = run(compose_cfg("logger=wandb", "name=wandbtest", "trainer.max_steps=2"))
+    run_files = list((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(run_files) == 1 and run_files[0].stat().st_size > 0
+    assert summary["steps"] == 2
+    assert (tmp_path / "run" / "metrics.jsonl").exists()  # the local file is written as well
