@@ -68,8 +68,8 @@ def test_loss_and_gradient_do_not_depend_on_gradient_accumulation(compose_cfg):
 
 def test_lambda_coin_mixes_student_and_dataset_batches(compose_cfg):
     trainer = build_trainer(compose_cfg("method.lmbda=0.5", "trainer.batch_size=2"))
-    sources = [trainer.method.behaviour(trainer.coin) for _ in range(400)]
-    assert 150 < sources.count("student") < 250 and set(sources) == {"student", "dataset"}
+    sources = [trainer.collect(next(trainer.prompts)).source for _ in range(200)]
+    assert 70 < sources.count("student") < 130 and set(sources) == {"student", "dataset"}
 
 
 def test_teacher_vocabulary_mismatch_is_refused(compose_cfg, tmp_path):

@@ -13,6 +13,7 @@ Greedy exact-match evaluation runs before training, every ``eval_every`` steps a
 from __future__ import annotations
 
 import collections
+import copy
 import math
 import random
 import time
@@ -32,6 +33,7 @@ from opd.errors import TrainingError
 from opd.methods.base import Method
 from opd.models.loading import check_model_path, check_same_vocabulary, load_model, load_tokenizer, resolve_device
 from opd.sampling.base import RolloutBatch
+from opd.sampling.behaviour import RolloutContext
 from opd.sampling.tokenize import encode_targets
 from opd.tracking.loggers import JsonlLogger
 
@@ -80,7 +82,7 @@ class Trainer:
         seed_everything(seed)
         self.device = resolve_device(trainer_cfg.device)
 
-        if method.needs_teacher and teacher_cfg is None:
+        if method.needs_teacher and teacher_cfg is None and not method.teacher_is_initial_student:
             raise TrainingError(f"method {type(method).registry_name!r} needs a teacher, but teacher is null")
         for spec, role in ((student_cfg, "student"), (teacher_cfg, "teacher")):
             if spec is not None:
@@ -89,36 +91,38 @@ class Trainer:
         self.student = load_model(student_cfg, "student", self.device)
         self.student.train()
         self.teacher = None
-        if teacher_cfg is not None:
+        if method.teacher_is_initial_student:  # self-distillation: the frozen step-0 student is the teacher
+            self.teacher = copy.deepcopy(self.student)
+        elif teacher_cfg is not None:
             teacher_tokenizer = load_tokenizer(teacher_cfg, "teacher")
             self.teacher = load_model(teacher_cfg, "teacher", self.device)
-            self.teacher.eval().requires_grad_(False)
             check_same_vocabulary(teacher_tokenizer, self.tokenizer, self.teacher, self.student)
+        if self.teacher is not None:
+            self.teacher.eval().requires_grad_(False)
 
         self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=trainer_cfg.lr, weight_decay=trainer_cfg.weight_decay,
                                            betas=(trainer_cfg.adam_beta1, trainer_cfg.adam_beta2))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(trainer_cfg))
         self.prompts = PromptIterator(task.train, trainer_cfg.batch_size, seed)
-        self.coin = random.Random(seed)
+        self.rollout_ctx = RolloutContext(self.student, self.teacher, self.tokenizer, sampler, self.device,
+                                          rng=random.Random(seed), max_steps=trainer_cfg.max_steps)
         self.eval_examples = task.eval[: trainer_cfg.eval_examples] if trainer_cfg.eval_examples else task.eval
         self.step = 0
         self.tokens_trained = 0
         self.skipped_in_a_row = 0
         self.skipped_total = 0
 
-    # ------------------------------------------------------------------ rollouts
+    # ------------------------------------------------------------------ rollouts and scoring
     def collect(self, examples: list[Example]) -> RolloutBatch:
         """Completions for ``examples`` from the method's behaviour policy for this micro-batch."""
-        source = self.method.behaviour(self.coin)
-        if source == "student":
-            return self.sampler.generate(self.student, self.tokenizer, examples)
-        if source == "teacher":
-            batch = self.sampler.generate(self.teacher, self.tokenizer, examples)
-            batch.source = "teacher"
-            return batch
-        if source == "dataset":
-            return encode_targets(self.tokenizer, examples, self.device)
-        raise TrainingError(f"method returned unknown behaviour policy {source!r}")
+        self.rollout_ctx.step = self.step
+        return self.method.policy.collect(self.rollout_ctx, examples)
+
+    @torch.no_grad()
+    def teacher_logits(self, batch: RolloutBatch) -> torch.Tensor:
+        """``[B, T, V]`` teacher logits on the batch's completion tokens (its own prompt or the method's)."""
+        prompt = self.method.teacher_prompt(batch, self.tokenizer)
+        return completion_logits(self.teacher, batch, *(prompt or ()))
 
     # ------------------------------------------------------------------ one optimizer step
     def train_step(self) -> dict[str, float]:
@@ -131,10 +135,7 @@ class Trainer:
         metrics: dict[str, float] = collections.defaultdict(float)
         loss_total = 0.0
         for batch in batches:
-            teacher_logits = None
-            if self.method.needs_teacher:
-                with torch.no_grad():
-                    teacher_logits = completion_logits(self.teacher, batch)
+            teacher_logits = self.teacher_logits(batch) if self.method.needs_teacher else None
             student_logits = completion_logits(self.student, batch)
             out = self.method.loss(batch, student_logits, teacher_logits, num_tokens)
             out.loss.backward()
@@ -162,7 +163,7 @@ class Trainer:
         self.tokens_trained += num_tokens
 
         elapsed = time.perf_counter() - started
-        student_batches = [b for b in batches if b.source == "student"]
+        student_batches = [b for b in batches if b.source in ("student", "mixed")]
         metrics.update({
             "train/loss": loss_total,
             "train/lr": self.scheduler.get_last_lr()[0],
@@ -184,14 +185,26 @@ class Trainer:
                                  max_new_tokens=self.sampler.max_new_tokens, num_samples=self.num_samples, desc=desc,
                                  progress=self.cfg.progress)
 
+    @torch.no_grad()
+    def validation_loss(self) -> float:
+        """The method's loss on held-out reference completions (DistiLLM's adaptive schedule reads it)."""
+        examples = self.eval_examples[: self.cfg.eval_batch_size]
+        batch = encode_targets(self.tokenizer, examples, self.device)
+        teacher_logits = self.teacher_logits(batch) if self.method.needs_teacher else None
+        return self.method.loss(batch, completion_logits(self.student, batch), teacher_logits, batch.num_tokens).loss.item()
+
     def _log_eval(self, result: EvalResult) -> None:
-        self.logger.log({"eval/accuracy": result.accuracy, "eval/mean_length": result.mean_length}, self.step)
+        metrics = {"eval/accuracy": result.accuracy, "eval/mean_length": result.mean_length}
+        if self.method.needs_validation_loss:
+            metrics.update(self.method.on_evaluate(self.validation_loss()))
+        self.logger.log(metrics, self.step)
         self.logger.log_samples(result.samples, self.step)
 
     # ------------------------------------------------------------------ checkpoints
     def trainer_state(self) -> dict[str, Any]:
         return {"step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "rng": ckpt.rng_state(), "coin": self.coin.getstate(), "data": self.prompts.state_dict(),
+                "rng": ckpt.rng_state(), "policy_rng": self.rollout_ctx.rng.getstate(), "data": self.prompts.state_dict(),
+                "method": self.method.state_dict(),
                 "tokens_trained": self.tokens_trained, "skipped_total": self.skipped_total}
 
     def save(self) -> Path:

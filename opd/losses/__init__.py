@@ -1,5 +1,16 @@
 """Loss building blocks: divergences between teacher and student and the masked reduction."""
 
-from opd.losses.divergences import forward_kl, generalized_jsd, masked_reduce, reverse_kl
+from opd.losses.divergences import (
+    clipped_forward_kl,
+    entropy,
+    forward_kl,
+    generalized_jsd,
+    masked_reduce,
+    reverse_kl,
+    skew_forward_kl,
+    skew_reverse_kl,
+    total_variation,
+)
 
-__all__ = ["forward_kl", "generalized_jsd", "masked_reduce", "reverse_kl"]
+__all__ = ["clipped_forward_kl", "entropy", "forward_kl", "generalized_jsd", "masked_reduce", "reverse_kl",
+           "skew_forward_kl", "skew_reverse_kl", "total_variation"]

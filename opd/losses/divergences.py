@@ -60,6 +60,58 @@ def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     return beta * _kl_from_log_probs(log_t, log_m) + (1.0 - beta) * _kl_from_log_probs(log_s, log_m)
 
 
+def _skew_kl(log_p: torch.Tensor, log_q: torch.Tensor, alpha: float) -> torch.Tensor:
+    """KL(P‖α·P + (1−α)·Q), the mixture formed in log space; gradients flow through both arguments."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if alpha == 0.0:
+        return _kl_from_log_probs(log_p, log_q)
+    if alpha == 1.0:
+        return torch.zeros(log_p.shape[:-1], device=log_p.device)
+    log_mix = torch.logsumexp(torch.stack([log_p + math.log(alpha), log_q + math.log(1.0 - alpha)]), dim=0)
+    return _kl_from_log_probs(log_p, log_mix)
+
+
+def skew_forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, alpha: float = 0.1,
+                    temperature: float = 1.0) -> torch.Tensor:
+    """Skew forward KL, KL(T‖α·T + (1−α)·S) (DistiLLM, Ko et al. 2024, Eq. 4); α = 0 is forward KL.
+
+    Gradients flow through S inside the mixture, as in the official code.
+    """
+    return _skew_kl(_log_probs(teacher_logits, temperature), _log_probs(student_logits, temperature), alpha)
+
+
+def skew_reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, alpha: float = 0.1,
+                    temperature: float = 1.0) -> torch.Tensor:
+    """Skew reverse KL, KL(S‖α·S + (1−α)·T) (DistiLLM, Ko et al. 2024, Eq. 5); α = 0 is reverse KL."""
+    return _skew_kl(_log_probs(student_logits, temperature), _log_probs(teacher_logits, temperature), alpha)
+
+
+def total_variation(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Total variation distance ½·Σ_v |T(v) − S(v)| (in [0, 1])."""
+    diff = _log_probs(teacher_logits, temperature).exp() - _log_probs(student_logits, temperature).exp()
+    return 0.5 * diff.abs().sum(dim=-1)
+
+
+def clipped_forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, clip: float = 0.05,
+                       temperature: float = 1.0) -> torch.Tensor:
+    """Forward KL with each vocabulary entry's term T(v)·(log T(v) − log S(v)) clipped above at ``clip``
+    before the sum (OPSD, arXiv 2601.18734, official code's ``jsd_token_clip``); entries at the cap pass no gradient."""
+    if clip <= 0:
+        raise ValueError(f"clip must be > 0, got {clip}")
+    log_t, log_s = _log_probs(teacher_logits, temperature), _log_probs(student_logits, temperature)
+    t = log_t.exp()
+    terms = torch.where(t > 0, t * (log_t - log_s), torch.zeros_like(t))
+    return terms.clamp(max=clip).sum(dim=-1)
+
+
+def entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Shannon entropy −Σ_v P(v) log P(v) of ``softmax(logits / temperature)`` per position, in nats."""
+    log_p = _log_probs(logits, temperature)
+    p = log_p.exp()
+    return -torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(dim=-1)
+
+
 def masked_reduce(values: torch.Tensor, mask: torch.Tensor, num_tokens: int | float | torch.Tensor | None = None
                   ) -> torch.Tensor:
     """Sum ``values`` over positions where ``mask`` is set, divided by ``num_tokens``.

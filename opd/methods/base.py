@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import random
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
 from opd.sampling.base import RolloutBatch
+from opd.sampling.behaviour import BehaviourPolicy, StudentPolicy
 
 
 @dataclasses.dataclass
@@ -26,18 +26,26 @@ class LossOutput:
 
 
 class Method:
-    """A distillation method: who writes the completions (behaviour policy) and the loss on them.
+    """A distillation method: a behaviour policy (who writes the completions) and a loss on them.
 
     Subclasses register with ``@METHODS.register("<name>")``; their ``__init__`` keyword arguments
     are the method's config keys (``conf/method/<name>.yaml``), checked by name and type at start-up.
+    ``__init__`` sets ``self.policy`` (on-policy student sampling unless it says otherwise).
     """
 
     #: whether the loss needs teacher logits (SFT does not).
     needs_teacher: ClassVar[bool] = True
+    #: the teacher is a frozen copy of the student at step 0 instead of the ``teacher`` model (OPSD).
+    teacher_is_initial_student: ClassVar[bool] = False
+    #: the trainer computes a validation loss at each evaluation and passes it to ``on_evaluate``.
+    needs_validation_loss: ClassVar[bool] = False
 
-    def behaviour(self, rng: random.Random) -> str:
-        """Who writes this micro-batch's completions: "student", "teacher" or "dataset"."""
-        return "student"
+    policy: BehaviourPolicy = StudentPolicy()
+
+    def teacher_prompt(self, batch: RolloutBatch, tokenizer) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``([B, P'], [B, P'])`` left-padded prompt the teacher is conditioned on instead of the batch's own
+        (privileged information, OPSD); None = the same prompt as the student."""
+        return None
 
     def loss(self, batch: RolloutBatch, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None,
              num_tokens: int) -> LossOutput:
@@ -51,3 +59,14 @@ class Method:
             num_tokens: completion tokens in the whole optimizer step (the normaliser).
         """
         raise NotImplementedError
+
+    def on_evaluate(self, validation_loss: float | None) -> dict[str, float]:
+        """Called after each evaluation; returns metrics to log. Forwards to the behaviour policy."""
+        return self.policy.on_evaluate(validation_loss) if validation_loss is not None else {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs (replay buffers, schedules)."""
+        return {"policy": self.policy.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.policy.load_state_dict(state.get("policy", {}))

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import random
-
 import torch
 
 from opd.losses.divergences import generalized_jsd, masked_reduce
 from opd.methods.base import LossOutput, Method
 from opd.registry import METHODS
 from opd.sampling.base import RolloutBatch
+from opd.sampling.behaviour import DatasetPolicy, LambdaMixture, TeacherPolicy
 
 
 @METHODS.register("gkd")
@@ -42,11 +41,8 @@ class GKD(Method):
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if off_policy_source not in ("dataset", "teacher"):
             raise ValueError(f"off_policy_source must be 'dataset' or 'teacher', got {off_policy_source!r}")
-        self.beta, self.lmbda, self.temperature, self.off_policy_source = beta, lmbda, temperature, off_policy_source
-
-    def behaviour(self, rng: random.Random) -> str:
-        """Student with probability λ, else the off-policy source (one coin per micro-batch)."""
-        return "student" if rng.random() < self.lmbda else self.off_policy_source
+        self.beta, self.lmbda, self.temperature = beta, lmbda, temperature
+        self.policy = LambdaMixture(lmbda, DatasetPolicy() if off_policy_source == "dataset" else TeacherPolicy())
 
     def loss(self, batch: RolloutBatch, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None,
              num_tokens: int) -> LossOutput:

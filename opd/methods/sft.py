@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import random
-
 import torch
 import torch.nn.functional as F
 
@@ -11,6 +9,7 @@ from opd.losses.divergences import masked_reduce
 from opd.methods.base import LossOutput, Method
 from opd.registry import METHODS
 from opd.sampling.base import RolloutBatch
+from opd.sampling.behaviour import DatasetPolicy
 
 
 @METHODS.register("sft")
@@ -27,9 +26,7 @@ class SFT(Method):
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         self.label_smoothing = label_smoothing
-
-    def behaviour(self, rng: random.Random) -> str:
-        return "dataset"
+        self.policy = DatasetPolicy()
 
     def loss(self, batch: RolloutBatch, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None,
              num_tokens: int) -> LossOutput:

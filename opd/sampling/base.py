@@ -20,7 +20,11 @@ class RolloutBatch:
         completion_ids: ``[B, T]`` right-padded completion tokens (EOS included when produced).
         completion_mask: ``[B, T]`` 1 on completion tokens the loss sees, 0 on padding after EOS.
         examples: the task examples the prompts came from (answers, reference solutions).
-        source: who wrote the completions: "student", "teacher" or "dataset".
+        source: who wrote the completions: "student", "teacher", "dataset", "mixed" or "replay".
+        temperature: the sampling temperature the completions were drawn at (1.0 for given text).
+        sampler_logprobs: ``[B, T]`` log-probability of each completion token under the student's
+            sampling distribution at generation time (q_old for importance ratios), when known.
+        extras: policy-specific per-token tensors (e.g. ``mix_logprobs`` of teacher-mixed sampling).
     """
 
     prompt_ids: torch.Tensor
@@ -29,6 +33,9 @@ class RolloutBatch:
     completion_mask: torch.Tensor
     examples: list[Example]
     source: str
+    sampler_logprobs: torch.Tensor | None = None
+    temperature: float = 1.0
+    extras: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -48,7 +55,7 @@ class RolloutBatch:
     def to(self, device: torch.device | str) -> "RolloutBatch":
         move = {f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
                 if isinstance(getattr(self, f.name), torch.Tensor)}
-        return dataclasses.replace(self, **move)
+        return dataclasses.replace(self, **move, extras={k: v.to(device) for k, v in self.extras.items()})
 
 
 def truncate_after_eos(completion_ids: torch.Tensor, eos_token_id: int | Sequence[int], pad_token_id: int

@@ -48,4 +48,5 @@ class HFSampler:
             model.train(was_training)
         completion_ids, completion_mask = truncate_after_eos(sequences[:, prompt_ids.shape[1]:], tokenizer.eos_token_id,
                                                              tokenizer.pad_token_id)
-        return RolloutBatch(prompt_ids, prompt_mask, completion_ids, completion_mask, list(examples), "student")
+        return RolloutBatch(prompt_ids, prompt_mask, completion_ids, completion_mask, list(examples), "student",
+                            temperature=1.0 if greedy else self.temperature)

@@ -16,15 +16,19 @@ def encode_prompts(tokenizer, prompts: list[str], device: torch.device | str = "
 
 
 def encode_targets(tokenizer, examples: list[Example], device: torch.device | str = "cpu", source: str = "dataset",
-                   targets: list[str] | None = None) -> RolloutBatch:
-    """A batch whose completions are given texts (reference solutions by default) followed by EOS.
+                   targets: list[str] | None = None, completion_tokens: list[list[int]] | None = None) -> RolloutBatch:
+    """A batch whose completions are given (reference solutions by default).
 
     Args:
-        targets: completion texts; ``example.target`` for each example when None.
+        targets: completion texts, each followed by EOS; ``example.target`` for each example when None.
+        completion_tokens: completion token ids used as they are (e.g. replayed rollouts); overrides ``targets``.
     """
     prompt_ids, prompt_mask = encode_prompts(tokenizer, [ex.prompt for ex in examples], device)
-    texts = targets if targets is not None else [ex.target for ex in examples]
-    rows = [tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for text in texts]
+    if completion_tokens is not None:
+        rows = [list(ids) or [tokenizer.eos_token_id] for ids in completion_tokens]
+    else:
+        texts = targets if targets is not None else [ex.target for ex in examples]
+        rows = [tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for text in texts]
     width = max(len(r) for r in rows)
     completion_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
     completion_mask = torch.zeros((len(rows), width), dtype=torch.long)

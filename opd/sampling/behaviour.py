@@ -1,0 +1,249 @@
+"""Behaviour policies: who writes the completions a method trains on (the first axis of METHODS.md).
+
+A method holds one policy; the trainer calls ``policy.collect(ctx, examples)`` for every micro-batch.
+
+| policy            | completions come from                                    | used by          |
+|-------------------|----------------------------------------------------------|------------------|
+| ``DatasetPolicy`` | the dataset's reference answers (off-policy)             | sft, kd          |
+| ``StudentPolicy`` | the current student, through the configured sampler      | on-policy methods|
+| ``TeacherPolicy`` | the teacher, through the sampler                         | seqkd            |
+| ``LambdaMixture`` | student with probability λ per batch, else another policy| gkd              |
+| ``TeacherMixedPolicy`` | each token from α·p_T + (1−α)·q_θ (joint decoding)  | minillm          |
+| ``AdaptiveReplayPolicy`` | fresh student samples, a replay buffer, or data, by an adaptive threshold | distillm |
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import random
+from typing import Any
+
+import torch
+
+from opd.data.base import Example
+from opd.sampling.base import RolloutBatch, truncate_after_eos
+from opd.sampling.tokenize import encode_prompts, encode_targets
+
+
+@dataclasses.dataclass
+class RolloutContext:
+    """What a policy may use to write completions (filled by the trainer)."""
+
+    student: torch.nn.Module
+    teacher: torch.nn.Module | None
+    tokenizer: Any
+    sampler: Any
+    device: torch.device
+    rng: random.Random
+    step: int = 0
+    max_steps: int = 1
+
+
+class BehaviourPolicy:
+    """Base class: ``collect`` writes completions; optional state for resumption and evaluation feedback."""
+
+    def collect(self, ctx: RolloutContext, examples: list[Example]) -> RolloutBatch:
+        raise NotImplementedError
+
+    def on_evaluate(self, validation_loss: float) -> dict[str, float]:
+        """Feedback after each evaluation (DistiLLM's adaptive schedule); returns metrics to log."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class DatasetPolicy(BehaviourPolicy):
+    """The dataset's reference completions (off-policy, teacher-forced)."""
+
+    def collect(self, ctx: RolloutContext, examples: list[Example]) -> RolloutBatch:
+        return encode_targets(ctx.tokenizer, examples, ctx.device)
+
+
+class StudentPolicy(BehaviourPolicy):
+    """Samples from the current student with the configured sampler (on-policy)."""
+
+    def collect(self, ctx: RolloutContext, examples: list[Example]) -> RolloutBatch:
+        return ctx.sampler.generate(ctx.student, ctx.tokenizer, examples)
+
+
+class TeacherPolicy(BehaviourPolicy):
+    """Samples from the teacher with the configured sampler (sequence-level KD)."""
+
+    def collect(self, ctx: RolloutContext, examples: list[Example]) -> RolloutBatch:
+        batch = ctx.sampler.generate(ctx.teacher, ctx.tokenizer, examples)
+        batch.source = "teacher"
+        return batch
+
+
+class LambdaMixture(BehaviourPolicy):
+    """GKD's coin: with probability ``lmbda`` the student samples this batch, otherwise ``off_policy`` writes it.
+
+    Args:
+        lmbda: probability of a student-sampled batch, in [0, 1].
+        off_policy: the policy used otherwise (dataset or teacher).
+    """
+
+    def __init__(self, lmbda: float, off_policy: BehaviourPolicy) -> None:
+        if not 0.0 <= lmbda <= 1.0:
+            raise ValueError(f"lmbda must be in [0, 1], got {lmbda}")
+        self.lmbda, self.off_policy, self.student = lmbda, off_policy, StudentPolicy()
+
+    def collect(self, ctx: RolloutContext, examples: list[Example]) -> RolloutBatch:
+        chosen = self.student if ctx.rng.random() < self.lmbda else self.off_policy
+        return chosen.collect(ctx, examples)
+
+
+class TeacherMixedPolicy(BehaviourPolicy):
+    """MiniLLM's teacher-mixed sampling (Gu et al. 2024, Eq. 4): each token from p̃ = α·p_T + (1−α)·q_θ.
+
+    Student and teacher decode jointly, each with its own KV cache. The batch records, per completion
+    token, the student's log-probability at sampling time (``sampler_logprobs``, the q_old of the
+    importance ratio) and the mixture's (``extras["mix_logprobs"]``), so the single-step importance
+    weight q_θ/p̃ can be formed by the method.
+
+    Args:
+        alpha: teacher weight α of the mixture (0.2 in all MiniLLM experiments).
+    """
+
+    def __init__(self, alpha: float = 0.2) -> None:
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        self.alpha = alpha
+
+    @torch.no_grad()
+    def collect(self, ctx: RolloutContext, examples: list[Example]) -> RolloutBatch:
+        tok, sampler = ctx.tokenizer, ctx.sampler
+        prompt_ids, prompt_mask = encode_prompts(tok, [ex.prompt for ex in examples], ctx.device)
+        was_training = ctx.student.training
+        ctx.student.eval()
+        try:
+            tokens, student_lp, mix_lp = joint_decode(ctx.student, ctx.teacher, prompt_ids, prompt_mask,
+                                                      sampler.max_new_tokens, self.alpha, sampler.temperature,
+                                                      tok.eos_token_id, tok.pad_token_id)
+        finally:
+            ctx.student.train(was_training)
+        completion_ids, completion_mask = truncate_after_eos(tokens, tok.eos_token_id, tok.pad_token_id)
+        batch = RolloutBatch(prompt_ids, prompt_mask, completion_ids, completion_mask, list(examples), "mixed")
+        batch.sampler_logprobs = student_lp
+        batch.extras["mix_logprobs"] = mix_lp
+        return batch
+
+
+def joint_decode(student: torch.nn.Module, teacher: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                 max_new_tokens: int, alpha: float, temperature: float, eos_token_id: int, pad_token_id: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sample from α·p_T + (1−α)·q token by token with a KV cache per model.
+
+    Args:
+        prompt_ids, prompt_mask: ``[B, P]`` left-padded prompts.
+    Returns:
+        ``(tokens, student_logprobs, mixture_logprobs)``, each ``[B, T]`` with T ≤ max_new_tokens;
+        log-probabilities are of the sampled token under q (at ``temperature``) and under the mixture.
+    """
+    batch_size = prompt_ids.shape[0]
+    mask = prompt_mask.clone()
+    position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    caches: list[Any] = [None, None]
+    inputs = prompt_ids
+    finished = torch.zeros(batch_size, dtype=torch.bool, device=prompt_ids.device)
+    tokens, student_lps, mix_lps = [], [], []
+    log_alpha, log_one_minus = math.log(alpha) if alpha > 0 else -math.inf, math.log1p(-alpha) if alpha < 1 else -math.inf
+    for _ in range(max_new_tokens):
+        log_probs = []
+        for i, model in enumerate((student, teacher)):
+            out = model(input_ids=inputs, attention_mask=mask, position_ids=position_ids, past_key_values=caches[i],
+                        use_cache=True)
+            caches[i] = out.past_key_values
+            log_probs.append(torch.log_softmax(out.logits[:, -1].float() / temperature, dim=-1))
+        log_q, log_p = log_probs
+        log_mix = torch.logsumexp(torch.stack([log_p + log_alpha, log_q + log_one_minus]), dim=0)
+        next_token = torch.multinomial(log_mix.exp(), 1).squeeze(1)
+        next_token = torch.where(finished, torch.full_like(next_token, pad_token_id), next_token)
+        tokens.append(next_token)
+        student_lps.append(log_q.gather(1, next_token[:, None]).squeeze(1))
+        mix_lps.append(log_mix.gather(1, next_token[:, None]).squeeze(1))
+        finished |= next_token == eos_token_id
+        if finished.all():
+            break
+        inputs = next_token[:, None]
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        position_ids = position_ids[:, -1:] + 1
+    return torch.stack(tokens, 1), torch.stack(student_lps, 1), torch.stack(mix_lps, 1)
+
+
+class AdaptiveReplayPolicy(BehaviourPolicy):
+    """DistiLLM's adaptive off-policy schedule with a replay buffer of student outputs (Ko et al. 2024, Sec. 3.2).
+
+    Per micro-batch draw r ~ U(0, 1); with threshold θ and step fraction f:
+    ``samp = θ·(1−f)`` ("decreasing", the official default), ``θ·f`` ("increasing") or ``θ/2`` ("constant").
+    If r < samp (or r < θ while the buffer is not full) the student generates fresh completions,
+    which are pushed to the FIFO buffer; else if r < θ a random buffer batch is replayed; else the
+    dataset batch is used. After each evaluation, if the validation loss rose by at least ``loss_eps``
+    over the last recorded one, θ ← min(θ + 0.1, 1) (the official code's schedule).
+
+    Args:
+        init_threshold: starting θ (official default 0.0: start off-policy).
+        capacity: replay buffer size in sequences.
+        loss_eps: validation-loss rise that triggers a threshold increase.
+        replay_ratio: "decreasing", "increasing" or "constant".
+        threshold_step: how much θ rises per trigger.
+    """
+
+    def __init__(self, init_threshold: float = 0.0, capacity: int = 1000, loss_eps: float = 0.1,
+                 replay_ratio: str = "decreasing", threshold_step: float = 0.1) -> None:
+        if not 0.0 <= init_threshold <= 1.0:
+            raise ValueError(f"init_threshold must be in [0, 1], got {init_threshold}")
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        if replay_ratio not in ("decreasing", "increasing", "constant"):
+            raise ValueError(f"replay_ratio must be decreasing, increasing or constant, got {replay_ratio!r}")
+        self.threshold, self.capacity, self.loss_eps = init_threshold, capacity, loss_eps
+        self.replay_ratio, self.threshold_step = replay_ratio, threshold_step
+        self.buffer: collections.deque[tuple[Example, list[int]]] = collections.deque(maxlen=capacity)
+        self.previous_loss: float | None = None
+        self.student, self.dataset = StudentPolicy(), DatasetPolicy()
+
+    def sample_probability(self, fraction: float) -> float:
+        if self.replay_ratio == "decreasing":
+            return self.threshold * (1 - fraction)
+        if self.replay_ratio == "increasing":
+            return self.threshold * fraction
+        return self.threshold * 0.5
+
+    def collect(self, ctx: RolloutContext, examples: list[Example]) -> RolloutBatch:
+        r = ctx.rng.random()
+        fresh = r < self.sample_probability(ctx.step / max(ctx.max_steps, 1)) or (
+            r < self.threshold and len(self.buffer) < self.capacity)
+        if fresh:
+            batch = self.student.collect(ctx, examples)
+            for example, ids, mask in zip(batch.examples, batch.completion_ids.tolist(), batch.completion_mask.tolist()):
+                self.buffer.append((example, [t for t, m in zip(ids, mask) if m]))
+            return batch
+        if r < self.threshold and self.buffer:
+            picked = ctx.rng.sample(list(self.buffer), min(len(examples), len(self.buffer)))
+            batch = encode_targets(ctx.tokenizer, [e for e, _ in picked], ctx.device, source="replay",
+                                   completion_tokens=[ids for _, ids in picked])
+            return batch
+        return self.dataset.collect(ctx, examples)
+
+    def on_evaluate(self, validation_loss: float) -> dict[str, float]:
+        if self.previous_loss is not None and validation_loss >= self.previous_loss + self.loss_eps:
+            self.threshold = min(self.threshold + self.threshold_step, 1.0)
+        self.previous_loss = validation_loss
+        return {"distillm/threshold": self.threshold, "distillm/buffer_size": float(len(self.buffer)),
+                "distillm/validation_loss": validation_loss}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"threshold": self.threshold, "previous_loss": self.previous_loss,
+                "buffer": [(dataclasses.asdict(e), ids) for e, ids in self.buffer]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.threshold, self.previous_loss = state["threshold"], state["previous_loss"]
+        self.buffer.clear()
+        self.buffer.extend((Example(**e), ids) for e, ids in state["buffer"])
