@@ -23,11 +23,23 @@ def _log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.log_softmax(logits.float() / temperature, dim=-1)
 
 
+def _log_mixture(log_p: torch.Tensor, log_q: torch.Tensor, weight_p: float) -> torch.Tensor:
+    """log(w·P + (1−w)·Q) for 0 < w < 1, in log space.
+
+    Entries that are −inf in both (masked vocabulary) stay −inf in value, but logsumexp's backward
+    would be NaN there, so such entries are fed to it as a finite floor (their gradient is unused).
+    """
+    both_masked = torch.isneginf(log_p) & torch.isneginf(log_q)
+    floor = torch.finfo(log_p.dtype).min / 4
+    log_p, log_q = (torch.where(both_masked, torch.full_like(x, floor), x) for x in (log_p, log_q))
+    return torch.logsumexp(torch.stack([log_p + math.log(weight_p), log_q + math.log(1.0 - weight_p)]), dim=0)
+
+
 def _kl_from_log_probs(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     """KL(P‖Q) per position from log-probabilities ``[..., V]``; terms with P = 0 count as 0."""
     p = log_p.exp()
-    terms = p * (log_p - log_q)
-    return torch.where(p > 0, terms, torch.zeros_like(terms)).sum(dim=-1)
+    # mask inside the product: 0 * (-inf - x) would be NaN in the backward pass even when masked after
+    return (p * torch.where(p > 0, log_p - log_q, torch.zeros_like(log_p))).sum(dim=-1)
 
 
 def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -56,7 +68,7 @@ def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
         return reverse_kl(student_logits, teacher_logits, temperature)
     log_s = _log_probs(student_logits, temperature)
     log_t = _log_probs(teacher_logits, temperature)
-    log_m = torch.logsumexp(torch.stack([log_t + math.log(beta), log_s + math.log(1.0 - beta)]), dim=0)
+    log_m = _log_mixture(log_t, log_s, beta)
     return beta * _kl_from_log_probs(log_t, log_m) + (1.0 - beta) * _kl_from_log_probs(log_s, log_m)
 
 
@@ -68,8 +80,7 @@ def _skew_kl(log_p: torch.Tensor, log_q: torch.Tensor, alpha: float) -> torch.Te
         return _kl_from_log_probs(log_p, log_q)
     if alpha == 1.0:
         return torch.zeros(log_p.shape[:-1], device=log_p.device)
-    log_mix = torch.logsumexp(torch.stack([log_p + math.log(alpha), log_q + math.log(1.0 - alpha)]), dim=0)
-    return _kl_from_log_probs(log_p, log_mix)
+    return _kl_from_log_probs(log_p, _log_mixture(log_p, log_q, alpha))
 
 
 def skew_forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, alpha: float = 0.1,
@@ -101,7 +112,7 @@ def clipped_forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tenso
         raise ValueError(f"clip must be > 0, got {clip}")
     log_t, log_s = _log_probs(teacher_logits, temperature), _log_probs(student_logits, temperature)
     t = log_t.exp()
-    terms = torch.where(t > 0, t * (log_t - log_s), torch.zeros_like(t))
+    terms = t * torch.where(t > 0, log_t - log_s, torch.zeros_like(t))
     return terms.clamp(max=clip).sum(dim=-1)
 
 
@@ -109,7 +120,7 @@ def entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Shannon entropy −Σ_v P(v) log P(v) of ``softmax(logits / temperature)`` per position, in nats."""
     log_p = _log_probs(logits, temperature)
     p = log_p.exp()
-    return -torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(dim=-1)
+    return -(p * torch.where(p > 0, log_p, torch.zeros_like(p))).sum(dim=-1)
 
 
 def masked_reduce(values: torch.Tensor, mask: torch.Tensor, num_tokens: int | float | torch.Tensor | None = None
