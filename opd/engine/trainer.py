@@ -82,9 +82,9 @@ class Trainer:
         seed_everything(seed)
         self.device = resolve_device(trainer_cfg.device)
 
-        if method.needs_teacher and teacher_cfg is None and not method.teacher_is_initial_student:
-            raise TrainingError(f"method {type(method).registry_name!r} needs a teacher, but teacher is null")
-        for spec, role in ((student_cfg, "student"), (teacher_cfg, "teacher")):
+        if method.requires_teacher_model and teacher_cfg is None:
+            raise TrainingError(f"method {type(method).registry_name!r} needs a teacher model, but teacher is null")
+        for spec, role in ((student_cfg, "student"), (None if method.teacher_is_initial_student else teacher_cfg, "teacher")):
             if spec is not None:
                 check_model_path(spec, role)  # both paths checked before either model loads
         self.tokenizer = load_tokenizer(student_cfg, "student")
@@ -93,7 +93,7 @@ class Trainer:
         self.teacher = None
         if method.teacher_is_initial_student:  # self-distillation: the frozen step-0 student is the teacher
             self.teacher = copy.deepcopy(self.student)
-        elif teacher_cfg is not None:
+        elif teacher_cfg is not None:  # loaded even for teacher-free losses (SFT): the summary reports its accuracy
             teacher_tokenizer = load_tokenizer(teacher_cfg, "teacher")
             self.teacher = load_model(teacher_cfg, "teacher", self.device)
             check_same_vocabulary(teacher_tokenizer, self.tokenizer, self.teacher, self.student)

@@ -42,6 +42,11 @@ class Method:
 
     policy: BehaviourPolicy = StudentPolicy()
 
+    @property
+    def requires_teacher_model(self) -> bool:
+        """Whether the ``teacher`` model must be loaded: for the loss or for sampling, unless it is the student's copy."""
+        return (self.needs_teacher or self.policy.uses_teacher) and not self.teacher_is_initial_student
+
     def teacher_prompt(self, batch: RolloutBatch, tokenizer) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``([B, P'], [B, P'])`` left-padded prompt the teacher is conditioned on instead of the batch's own
         (privileged information, OPSD); None = the same prompt as the student."""

@@ -44,6 +44,9 @@ class RolloutContext:
 class BehaviourPolicy:
     """Base class: ``collect`` writes completions; optional state for resumption and evaluation feedback."""
 
+    #: whether ``collect`` samples from the teacher model (the trainer then requires one at start-up).
+    uses_teacher: bool = False
+
     def collect(self, ctx: RolloutContext, examples: list[Example]) -> RolloutBatch:
         raise NotImplementedError
 
@@ -75,6 +78,8 @@ class StudentPolicy(BehaviourPolicy):
 class TeacherPolicy(BehaviourPolicy):
     """Samples from the teacher with the configured sampler (sequence-level KD)."""
 
+    uses_teacher = True
+
     def collect(self, ctx: RolloutContext, examples: list[Example]) -> RolloutBatch:
         batch = ctx.sampler.generate(ctx.teacher, ctx.tokenizer, examples)
         batch.source = "teacher"
@@ -93,6 +98,7 @@ class LambdaMixture(BehaviourPolicy):
         if not 0.0 <= lmbda <= 1.0:
             raise ValueError(f"lmbda must be in [0, 1], got {lmbda}")
         self.lmbda, self.off_policy, self.student = lmbda, off_policy, StudentPolicy()
+        self.uses_teacher = off_policy.uses_teacher
 
     def collect(self, ctx: RolloutContext, examples: list[Example]) -> RolloutBatch:
         chosen = self.student if ctx.rng.random() < self.lmbda else self.off_policy
@@ -110,6 +116,8 @@ class TeacherMixedPolicy(BehaviourPolicy):
     Args:
         alpha: teacher weight α of the mixture (0.2 in all MiniLLM experiments).
     """
+
+    uses_teacher = True
 
     def __init__(self, alpha: float = 0.2) -> None:
         if not 0.0 <= alpha <= 1.0:
@@ -185,7 +193,8 @@ class AdaptiveReplayPolicy(BehaviourPolicy):
     If r < samp (or r < θ while the buffer is not full) the student generates fresh completions,
     which are pushed to the FIFO buffer; else if r < θ a random buffer batch is replayed; else the
     dataset batch is used. After each evaluation, if the validation loss rose by at least ``loss_eps``
-    over the last recorded one, θ ← min(θ + 0.1, 1) (the official code's schedule).
+    over the previous evaluation's, θ ← min(θ + 0.1, 1). (The official code compares with the loss
+    recorded at the last increase instead; ``opd.methods.distillm`` offers both.)
 
     Args:
         init_threshold: starting θ (official default 0.0: start off-policy).

@@ -1,0 +1,58 @@
+"""KD: word-level knowledge distillation on the dataset's reference completions (off-policy baseline)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from opd.losses.divergences import forward_kl, masked_reduce
+from opd.methods.base import LossOutput, Method
+from opd.registry import METHODS
+from opd.sampling.base import RolloutBatch
+from opd.sampling.behaviour import DatasetPolicy
+
+
+@METHODS.register("kd")
+class KD(Method):
+    """Word-level KD (Hinton et al. 2015, arXiv:1503.02531; Kim & Rush 2016 Sec. 3.1) on dataset answers.
+
+    Objective, per completion token of the dataset's reference answer (teacher forcing):
+        L = (1 − w)·τ²·KL(p_T^τ ‖ q_θ^τ) + w·CE(y_t, q_θ)
+    where ``p^τ = softmax(z/τ)`` is Hinton et al.'s softened distribution (Sec. 2, Eq. 1) and the
+    soft-target term is multiplied by τ² because its gradients scale as 1/τ² (Sec. 2, end); at the
+    default τ = 1 the factor is 1. The cross-entropy term is on the hard reference tokens at τ = 1.
+    Reduction: token mean over all completion tokens of the optimizer step.
+
+    Default w = 0: pure KD, which is what the divergence axis of the other methods is compared with.
+    MiniLLM's KD baseline (Gu et al. 2024, Sec. 4.1; ``--kd-ratio 0.5`` in its ``kd_base.sh``) mixes
+    0.5·CE + 0.5·KD, i.e. ``ce_weight: 0.5`` here. That code writes the soft-target term as the
+    teacher cross-entropy −Σ p_T log q_θ, which differs from KL(p_T‖q_θ) only by the teacher's entropy
+    (a constant: the same gradient), and has no τ² factor (it trains at τ = 1 where the two agree).
+
+    Args:
+        temperature: loss temperature τ on both logits (> 0).
+        ce_weight: w in [0, 1], the weight of the hard-label cross-entropy (1 = SFT).
+        scale_by_t2: multiply the soft-target term by τ² (Hinton et al.); irrelevant at τ = 1.
+    """
+
+    def __init__(self, temperature: float = 1.0, ce_weight: float = 0.0, scale_by_t2: bool = True) -> None:
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not 0.0 <= ce_weight <= 1.0:
+            raise ValueError(f"ce_weight must be in [0, 1], got {ce_weight}")
+        self.temperature, self.ce_weight, self.scale_by_t2 = temperature, ce_weight, scale_by_t2
+        self.policy = DatasetPolicy()
+
+    def loss(self, batch: RolloutBatch, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None,
+             num_tokens: int) -> LossOutput:
+        mask = batch.completion_mask
+        scale = self.temperature ** 2 if self.scale_by_t2 else 1.0
+        fkl = masked_reduce(forward_kl(student_logits, teacher_logits, self.temperature), mask, num_tokens) * scale
+        metrics = {"loss/fkl": fkl.item()}
+        loss = (1.0 - self.ce_weight) * fkl
+        if self.ce_weight > 0:
+            ce_tokens = F.cross_entropy(student_logits.float().transpose(1, 2), batch.completion_ids, reduction="none")
+            ce = masked_reduce(ce_tokens, mask, num_tokens)
+            loss = loss + self.ce_weight * ce
+            metrics["loss/ce"] = ce.item()
+        return LossOutput(loss, metrics)
