@@ -19,3 +19,15 @@ class DataError(OPDError):
 
 class TrainingError(OPDError):
     """Training cannot go on (e.g. repeated non-finite losses)."""
+
+
+class TrainingInterrupted(OPDError):
+    """A stop signal (SIGTERM/SIGINT) ended training after a checkpoint was written.
+
+    Attributes:
+        signum: the signal number; the command line exits with 128 + signum.
+    """
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum

@@ -22,7 +22,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from opd.config import register_configs, typed_sections
-from opd.errors import OPDError
+from opd.errors import ConfigError, OPDError, TrainingInterrupted
 from opd.registry import DATASETS, METHODS, SAMPLERS, load_builtin_components
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -46,14 +46,41 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path | None = None):
     DATASETS.validate(cfg.data, "data")
 
     run_dir = Path(run_dir or cfg.output_dir or hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
+    resume_from = None
+    if trainer_cfg.resume:
+        run_dir, resume_from = resolve_resume(trainer_cfg.resume, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     task = DATASETS.build(cfg.data, "data")
 
     flat_config = _flatten(OmegaConf.to_container(cfg, resolve=True))
     logger = build_logger(logger_cfg, run_dir, run_name=run_dir.name, group=cfg.name, config=flat_config)
-    return Trainer(method, sampler, task, teacher_cfg, student_cfg, trainer_cfg, logger, run_dir, seed=cfg.seed,
-                   logger_cfg=logger_cfg)
+    trainer = Trainer(method, sampler, task, teacher_cfg, student_cfg, trainer_cfg, logger, run_dir, seed=cfg.seed,
+                      logger_cfg=logger_cfg)
+    if resume_from is not None:
+        trainer.restore(resume_from)
+    return trainer
+
+
+def resolve_resume(resume: str, run_dir: Path) -> tuple[Path, Path | None]:
+    """(run directory to write into, checkpoint to restore or None) for ``trainer.resume``.
+
+    "auto" looks in ``run_dir`` (a fixed ``output_dir`` makes a relaunch find it) and starts fresh
+    when there is no checkpoint; a path may be a run directory or one of its checkpoints.
+    """
+    from opd.engine.checkpoint import COMPLETE_MARKER, latest_valid_checkpoint
+
+    if resume == "auto":
+        return run_dir, latest_valid_checkpoint(run_dir)
+    path = Path(resume).expanduser()
+    if (path / COMPLETE_MARKER).exists():  # a checkpoint directory: .../checkpoints/step_N
+        return path.parent.parent, path
+    if not path.is_dir():
+        raise ConfigError(f"trainer.resume: no run directory or checkpoint at {str(path)!r}")
+    checkpoint = latest_valid_checkpoint(path)
+    if checkpoint is None:
+        raise ConfigError(f"trainer.resume: {str(path)!r} has no complete, readable checkpoint to resume from")
+    return path, checkpoint
 
 
 def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
@@ -101,6 +128,9 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 def _hydra_main(cfg: DictConfig) -> float | None:
     try:
         summary = run(cfg)
+    except TrainingInterrupted as err:
+        print(f"opd-train: {err}", file=sys.stderr)
+        sys.exit(128 + err.signum)
     except OPDError as err:
         print(f"opd-train: error: {err}", file=sys.stderr)
         sys.exit(2)

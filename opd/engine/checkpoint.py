@@ -33,12 +33,40 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
+    random.setstate(as_python_rng_state(state["python"]))
     name, keys, *rest = state["numpy"]
     np.random.set_state((name, keys.numpy(), *rest))
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def as_python_rng_state(state: Any) -> tuple:
+    """``random.setstate`` wants nested tuples; a round trip through ``torch.load`` may give lists."""
+    version, internal, gauss = state
+    return (version, tuple(internal), gauss)
+
+
+def load_model_weights(model: torch.nn.Module, checkpoint: Path) -> None:
+    """Load ``model.safetensors`` of a checkpoint into ``model`` in place (tied weights may be absent from the file).
+
+    Raises:
+        ValueError: if the file's tensors do not match the model.
+    """
+    from safetensors.torch import load_file
+
+    files = sorted(Path(checkpoint).glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{checkpoint} has no .safetensors weights")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(str(file)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - {
+        name for name, _ in model.named_parameters()}
+    if unexpected or set(missing) - tied:
+        raise ValueError(f"checkpoint {checkpoint} does not match the model: missing {sorted(set(missing) - tied)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]}")
 
 
 def save_checkpoint(run_dir: Path, step: int, model, tokenizer, trainer_state: dict[str, Any], keep: int) -> Path:

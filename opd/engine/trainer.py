@@ -16,6 +16,7 @@ import collections
 import copy
 import math
 import random
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from opd.data.base import Example, PromptIterator, Task
 from opd.engine import checkpoint as ckpt
 from opd.engine.evaluate import EvalResult, evaluate_accuracy
 from opd.engine.scoring import completion_logits
-from opd.errors import TrainingError
+from opd.errors import TrainingError, TrainingInterrupted
 from opd.methods.base import Method
 from opd.models.loading import check_model_path, check_same_vocabulary, load_model, load_tokenizer, resolve_device
 from opd.sampling.base import RolloutBatch
@@ -111,6 +112,8 @@ class Trainer:
         self.tokens_trained = 0
         self.skipped_in_a_row = 0
         self.skipped_total = 0
+        self.initial_results: dict[str, float | None] = {}  # teacher and step-0 student accuracy, kept across resumes
+        self.stop_signal: int | None = None
 
     # ------------------------------------------------------------------ rollouts and scoring
     def collect(self, examples: list[Example]) -> RolloutBatch:
@@ -202,7 +205,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def trainer_state(self) -> dict[str, Any]:
-        return {"step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+        return {"step": self.step, "initial_results": self.initial_results, "skipped_in_a_row": self.skipped_in_a_row, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "rng": ckpt.rng_state(), "policy_rng": self.rollout_ctx.rng.getstate(), "data": self.prompts.state_dict(),
                 "method": self.method.state_dict(),
                 "tokens_trained": self.tokens_trained, "skipped_total": self.skipped_total}
@@ -211,45 +214,67 @@ class Trainer:
         return ckpt.save_checkpoint(self.run_dir, self.step, self.student, self.tokenizer, self.trainer_state(),
                                     self.cfg.keep_checkpoints)
 
+    def restore(self, checkpoint: Path) -> None:
+        """Continue from ``checkpoint``: weights, optimizer, schedule, every RNG, data position, method state.
+
+        Metric rows logged after the checkpoint's step (by the run that was interrupted) are dropped
+        from ``metrics.jsonl``, since those steps are trained again.
+        """
+        state = ckpt.load_trainer_state(checkpoint)
+        ckpt.load_model_weights(self.student, checkpoint)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        ckpt.set_rng_state(state["rng"])
+        self.rollout_ctx.rng.setstate(ckpt.as_python_rng_state(state["policy_rng"]))
+        self.prompts.load_state_dict(state["data"])
+        self.method.load_state_dict(state["method"])
+        self.step, self.tokens_trained = state["step"], state["tokens_trained"]
+        self.skipped_total, self.skipped_in_a_row = state["skipped_total"], state["skipped_in_a_row"]
+        self.initial_results = dict(state["initial_results"])
+        self.logger.truncate_after(self.step)
+        print(f"opd-train: resumed from {checkpoint} at step {self.step}")
+
+    def _handle_stop_signal(self, signum: int, frame: Any) -> None:
+        """SIGTERM / SIGINT (preemption, Ctrl-C): finish the current step, checkpoint, then exit."""
+        if self.stop_signal is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.stop_signal = signum
+
     # ------------------------------------------------------------------ the run
     def fit(self) -> dict[str, Any]:
-        """Evaluate, train ``max_steps`` steps with periodic evaluation and checkpoints, evaluate; return the summary."""
-        started = time.perf_counter()
-        teacher_result = self.evaluate(self.teacher, "eval teacher") if self.teacher is not None else None
-        before = self.evaluate(self.student, "eval student")
-        if teacher_result is not None:
-            self.logger.log({"eval/teacher_accuracy": teacher_result.accuracy}, self.step)
-        self._log_eval(before)
-        after = before
+        """Evaluate, train ``max_steps`` steps with periodic evaluation and checkpoints, evaluate; return the summary.
 
-        bar = tqdm(total=self.cfg.max_steps, desc=f"train {type(self.method).registry_name}", unit="step",
-                   disable=not self.cfg.progress, dynamic_ncols=True)
-        last_eval_step = 0
-        while self.step < self.cfg.max_steps:
-            metrics = self.train_step()
-            self.logger.log(metrics, self.step)
-            bar.update(1)
-            postfix = {"loss": f"{metrics['train/loss']:.4f}", "acc": f"{after.accuracy:.3f}"}
-            if "rollout/mean_length" in metrics:
-                postfix["len"] = f"{metrics['rollout/mean_length']:.1f}"
-            bar.set_postfix(postfix)
-            if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and self.step < self.cfg.max_steps:
-                after = self.evaluate(self.student, "eval student")
-                self._log_eval(after)
-                last_eval_step = self.step
-            if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.cfg.max_steps:
-                self.save()
-        bar.close()
-        if last_eval_step != self.step or self.step == 0:
+        Raises:
+            TrainingInterrupted: after SIGTERM/SIGINT, once the current step is done and checkpointed.
+        """
+        started = time.perf_counter()
+        if not self.initial_results:  # a fresh run (a resumed one restored these)
+            teacher_result = self.evaluate(self.teacher, "eval teacher") if self.teacher is not None else None
+            before = self.evaluate(self.student, "eval student")
+            self.initial_results = {"teacher_accuracy": teacher_result.accuracy if teacher_result else None,
+                                    "student_accuracy_before": before.accuracy}
+            if teacher_result is not None:
+                self.logger.log({"eval/teacher_accuracy": teacher_result.accuracy}, self.step)
+            self._log_eval(before)
+
+        previous_handlers = {sig: signal.signal(sig, self._handle_stop_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            after = self._train_loop()
+        finally:
+            for sig, handler in previous_handlers.items():
+                signal.signal(sig, handler)
+        if self.stop_signal is not None:
+            checkpoint = self.save()
+            raise TrainingInterrupted(f"stopped by signal {self.stop_signal} at step {self.step}; checkpoint saved to "
+                                      f"{checkpoint}. Continue with trainer.resume={self.run_dir}", self.stop_signal)
+        if after is None:  # the last step was not evaluated inside the loop
             after = self.evaluate(self.student, "eval student")
             self._log_eval(after)
         checkpoint = self.save()
-
-        summary = {
+        return {
             "method": type(self.method).registry_name,
             "seed": self.seed,
-            "teacher_accuracy": teacher_result.accuracy if teacher_result else None,
-            "student_accuracy_before": before.accuracy,
+            **self.initial_results,
             "student_accuracy_after": after.accuracy,
             "eval_examples": after.num_examples,
             "steps": self.step,
@@ -258,4 +283,26 @@ class Trainer:
             "wall_time_s": round(time.perf_counter() - started, 2),
             "checkpoint": str(checkpoint),
         }
-        return summary
+
+    def _train_loop(self) -> EvalResult | None:
+        """Steps until ``max_steps`` or a stop signal; returns the evaluation of the final step if one ran."""
+        bar = tqdm(total=self.cfg.max_steps, initial=self.step, desc=f"train {type(self.method).registry_name}",
+                   unit="step", disable=not self.cfg.progress, dynamic_ncols=True)
+        accuracy, last = self.initial_results["student_accuracy_before"], None
+        with bar:
+            while self.step < self.cfg.max_steps and self.stop_signal is None:
+                metrics = self.train_step()
+                self.logger.log(metrics, self.step)
+                bar.update(1)
+                postfix = {"loss": f"{metrics['train/loss']:.4f}", "acc": f"{accuracy:.3f}"}
+                if "rollout/mean_length" in metrics:
+                    postfix["len"] = f"{metrics['rollout/mean_length']:.1f}"
+                bar.set_postfix(postfix)
+                last = None
+                if self.cfg.eval_every and self.step % self.cfg.eval_every == 0:
+                    last = self.evaluate(self.student, "eval student")
+                    self._log_eval(last)
+                    accuracy = last.accuracy
+                if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.cfg.max_steps:
+                    self.save()
+        return last

@@ -26,6 +26,18 @@ class JsonlLogger:
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
 
+    def truncate_after(self, step: int) -> None:
+        """Drop rows logged after ``step`` (a resumed run trains those steps again)."""
+        self._file.close()
+        for path in (self.path, self.path.with_name("samples.jsonl")):
+            if path.exists():
+                rows = path.read_text(encoding="utf-8").splitlines(keepends=True)
+                kept = [r for r in rows if r.strip() and _row_step(r) <= step]
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text("".join(kept), encoding="utf-8")
+                tmp.replace(path)
+        self._file = self.path.open("a", encoding="utf-8")
+
     def log_samples(self, samples: list[tuple[str, str, bool]], step: int) -> None:
         path = self.path.with_name("samples.jsonl")
         with path.open("a", encoding="utf-8") as f:
@@ -67,6 +79,13 @@ class WandbLogger(JsonlLogger):
         super().finish(summary)
         self.run.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
         self.run.finish()
+
+
+def _row_step(line: str) -> int:
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return 1 << 62  # a half-written last line from a killed run: dropped
 
 
 def _has_wandb_key() -> bool:

@@ -1,0 +1,92 @@
+"""Runs survive kills: SIGKILL mid-run then resume gives the uninterrupted result; SIGTERM checkpoints first."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from opd.engine.checkpoint import latest_valid_checkpoint, list_checkpoints
+from opd.train import run
+
+
+def launch(tiny_model_dirs, out: Path, *extra: str) -> subprocess.Popen:
+    args = [f"teacher.name_or_path={tiny_model_dirs['teacher']}", f"student.name_or_path={tiny_model_dirs['student']}",
+            "debug=tiny", "trainer.num_threads=1", "data.num_train=64", "data.num_eval=16", "trainer.max_steps=10",
+            "trainer.save_every=2", "trainer.keep_checkpoints=10", "trainer.eval_every=5", "trainer.batch_size=4",
+            f"output_dir={out}", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "opd.train", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_checkpoint(out: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not (out / "checkpoints" / f"step_{step:06d}" / "COMPLETE").exists():
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_model_dirs, tmp_path):
+    full = launch(tiny_model_dirs, tmp_path / "full")
+    assert full.wait(timeout=300) == 0, full.stderr.read()
+
+    killed = launch(tiny_model_dirs, tmp_path / "killed")
+    wait_for_checkpoint(tmp_path / "killed", 4, killed)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert not (tmp_path / "killed" / "summary.json").exists()
+
+    resumed = launch(tiny_model_dirs, tmp_path / "killed", "trainer.resume=auto")
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert "resumed from" in out
+
+    a = json.loads((tmp_path / "full" / "summary.json").read_text())
+    b = json.loads((tmp_path / "killed" / "summary.json").read_text())
+    for key in ("teacher_accuracy", "student_accuracy_before", "student_accuracy_after", "steps", "tokens"):
+        assert a[key] == b[key], key
+    # bitwise-equal final weights on CPU
+    wa = torch.load(Path(a["checkpoint"]) / "trainer_state.pt", weights_only=True)["optimizer"]["state"]
+    wb = torch.load(Path(b["checkpoint"]) / "trainer_state.pt", weights_only=True)["optimizer"]["state"]
+    for key in wa:
+        assert torch.equal(wa[key]["exp_avg"], wb[key]["exp_avg"])
+    # metrics.jsonl holds each step once, in order
+    steps = [json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
+             if "train/loss" in line]
+    assert steps == list(range(1, 11))
+
+
+def test_sigterm_saves_a_checkpoint_before_exiting(tiny_model_dirs, tmp_path):
+    proc = launch(tiny_model_dirs, tmp_path / "run", "trainer.max_steps=1000", "trainer.save_every=0")
+    deadline = time.time() + 120
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    while not (metrics.exists() and "train/loss" in metrics.read_text()):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "checkpoint saved" in err and "trainer.resume=" in err
+    assert latest_valid_checkpoint(tmp_path / "run") is not None
+
+
+def test_corrupt_newest_checkpoint_is_skipped_with_a_warning(compose_cfg, tmp_path):
+    run(compose_cfg("trainer.max_steps=4", "trainer.save_every=2", "trainer.keep_checkpoints=5"))
+    run_dir = tmp_path / "run"
+    newest = list_checkpoints(run_dir)[-1]
+    (newest / "trainer_state.pt").write_bytes(b"not a checkpoint")
+    with pytest.warns(UserWarning, match="skipping unreadable checkpoint"):
+        chosen = latest_valid_checkpoint(run_dir)
+    assert chosen == list_checkpoints(run_dir)[-2]
+    # a half-written checkpoint directory (no COMPLETE marker) is never listed
+    (run_dir / "checkpoints" / "step_000099.tmp").mkdir()
+    assert all(not p.name.endswith(".tmp") for p in list_checkpoints(run_dir))
