@@ -137,7 +137,8 @@ class TeacherMixedPolicy(BehaviourPolicy):
         finally:
             ctx.student.train(was_training)
         completion_ids, completion_mask = truncate_after_eos(tokens, tok.eos_token_id, tok.pad_token_id)
-        batch = RolloutBatch(prompt_ids, prompt_mask, completion_ids, completion_mask, list(examples), "mixed")
+        batch = RolloutBatch(prompt_ids, prompt_mask, completion_ids, completion_mask, list(examples), "mixed",
+                             temperature=sampler.temperature)
         batch.sampler_logprobs = student_lp
         batch.extras["mix_logprobs"] = mix_lp
         return batch

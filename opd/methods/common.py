@@ -1,0 +1,117 @@
+"""Pieces shared by the sampled-token and token-selecting OPD methods (no method is registered here).
+
+Temperature convention of the policy-gradient methods (minillm, tm_opd, eopd, reopold, aopd): the
+policy being trained is the distribution the completions were sampled from, so the current and the
+old log-probabilities of a sampled token, log q_θ(y_t) and log q_old(y_t), are both taken at the
+batch's sampling temperature (``batch.temperature``); then the importance ratio is exactly 1 on
+fresh rollouts, as it should be with one update per rollout batch. A method's own ``temperature``
+(the loss temperature) applies to the teacher and to every full-vocabulary divergence term.
+Both are 1 by default, where the two conventions coincide.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from opd.engine.scoring import token_logprobs
+from opd.sampling.base import RolloutBatch
+
+NORMALIZATIONS = ("kept", "all")
+
+
+def behaviour_logprobs(batch: RolloutBatch, student_logits: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` detached log q_old(y_t): the student's log-probability of each sampled token when it was sampled.
+
+    The sampler's record (``batch.sampler_logprobs``) when the behaviour policy kept one, else the
+    student's current logits at the batch's sampling temperature: with one update per rollout batch
+    the student that is scored now is the one that sampled.
+
+    Args:
+        batch: the rollouts.
+        student_logits: ``[B, T, V]`` student logits at completion positions.
+    """
+    if batch.sampler_logprobs is not None:
+        return batch.sampler_logprobs.detach().float()
+    return token_logprobs(student_logits.detach(), batch.completion_ids, batch.temperature)
+
+
+def policy_logprobs(batch: RolloutBatch, student_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log q_θ(y_t), log q_old(y_t))``, both ``[B, T]`` at the sampling temperature; the first has gradient.
+
+    At masked (padding) positions q_old is replaced by the detached current value, so the ratio there
+    is 1: a padding token's sampler log-probability can never produce an infinite ratio whose
+    zero-weighted gradient would still be NaN.
+    """
+    logq = token_logprobs(student_logits, batch.completion_ids, batch.temperature)
+    old = behaviour_logprobs(batch, student_logits)
+    return logq, torch.where(batch.completion_mask.bool(), old, logq.detach())
+
+
+def top_fraction_mask(scores: torch.Tensor, mask: torch.Tensor, fraction: float, per_sequence: bool) -> torch.Tensor:
+    """``[B, T]`` bool: the ⌊fraction·m⌋ (at least 1) highest-scoring masked positions.
+
+    m counts the real positions of each row (``per_sequence``) or of the whole batch. Ties keep the
+    earlier position. A row (or batch) without real positions keeps nothing.
+
+    Args:
+        scores: ``[B, T]`` selection scores (no gradient needed).
+        mask: ``[B, T]`` 1 on real positions.
+        fraction: kept fraction in (0, 1].
+        per_sequence: select within each row, or over all real positions of the batch.
+    """
+    real = mask.bool()
+    flat = not per_sequence
+    s = scores.detach().float().masked_fill(~real, float("-inf"))
+    r = real
+    if flat:
+        s, r = s.reshape(1, -1), r.reshape(1, -1)
+    m = r.sum(dim=1)
+    # the small epsilon keeps floor(0.29 * 100) at 29 despite float rounding
+    n = torch.where(m > 0, torch.floor(fraction * m.double() + 1e-9).long().clamp(min=1), torch.zeros_like(m))
+    order = torch.sort(s, dim=1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(s.shape[1], device=s.device).expand_as(order))
+    keep = (rank < n[:, None]) & r
+    return keep.reshape(mask.shape)
+
+
+def selected_mean(values: torch.Tensor, keep: torch.Tensor, num_tokens: int, fraction: float, normalize: str
+                  ) -> torch.Tensor:
+    """Sum of ``values`` over the kept positions, divided by ``num_tokens·fraction`` ("kept") or ``num_tokens`` ("all").
+
+    "kept" approximates the mean over the kept tokens of the whole optimizer step (exact up to the
+    floor and at-least-one rounding of the per-sequence selection): the method only sees the step's
+    total completion-token count, not how many tokens the other micro-batches keep. "all" is the
+    token mean over all completion tokens, dropped tokens counting as 0.
+    """
+    total = torch.where(keep, values, torch.zeros_like(values)).sum()
+    denom = num_tokens * (fraction if normalize == "kept" else 1.0)
+    return total / max(denom, 1e-12)  # no tokens: total is 0
+
+
+def check_positive(name: str, value: float | None, allow_none: bool = False) -> None:
+    """ValueError unless ``value`` > 0 (or None where allowed)."""
+    if value is None and allow_none:
+        return
+    if value is None or not value > 0:
+        raise ValueError(f"{name} must be > 0{' or null' if allow_none else ''}, got {value}")
+
+
+def check_unit(name: str, value: float, low_open: bool = False, high_open: bool = False) -> None:
+    """ValueError unless ``value`` is in [0, 1] (with the chosen ends open)."""
+    lo_ok = value > 0 if low_open else value >= 0
+    hi_ok = value < 1 if high_open else value <= 1
+    if not (lo_ok and hi_ok):
+        interval = f"{'(' if low_open else '['}0, 1{')' if high_open else ']'}"
+        raise ValueError(f"{name} must be in {interval}, got {value}")
+
+
+def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+def check_k_fits(k: int, vocab_size: int) -> None:
+    """The top-K support must fit the vocabulary; only known at the first loss (it is not a config value)."""
+    if k > vocab_size:
+        raise ValueError(f"method.k = {k} exceeds the vocabulary size V = {vocab_size}; set method.k <= {vocab_size}")
+

@@ -1,0 +1,123 @@
+"""MiniLLM: sequence-level reverse KL by policy gradient on teacher-mixed samples."""
+
+from __future__ import annotations
+
+import torch
+
+from opd.engine.scoring import token_logprobs
+from opd.losses.divergences import masked_reduce, reverse_kl
+from opd.losses.sampled import discounted_returns, masked_whiten, policy_gradient_loss
+from opd.methods.base import LossOutput, Method
+from opd.methods.common import check_positive, check_unit, policy_logprobs
+from opd.registry import METHODS
+from opd.sampling.base import RolloutBatch
+from opd.sampling.behaviour import TeacherMixedPolicy
+
+
+@METHODS.register("minillm")
+class MiniLLM(Method):
+    """MiniLLM (Gu et al., ICLR 2024, arXiv:2306.08543): reverse KL(q_θ‖p_T) minimised by policy gradient.
+
+    Per completion token t of a rollout drawn from the teacher-mixed p̃ = α·p_T + (1−α)·q_θ (Eq. 4,
+    :class:`TeacherMixedPolicy`), with q_old the student when it sampled:
+        r_t      = log p_T(y_t) − log q_old(y_t)                          (reward, Eq. 2)
+        R_{t+1}  = (1/n) Σ_{t'>t} γ^{t'−t−1} r_{t'}, n = tokens summed    (length-normalised return, Eq. 6)
+        A_t      = whiten(R_{t+1}) over the batch's real tokens, detached
+        w_t      = q_old(y_t) / p̃(y_t)                                   (single-step importance weight, after Eq. 4)
+        ρ_t      = exp(log q_θ(y_t) − log q_old(y_t)) · w_t
+        L_pg     = max(−A_t·ρ_t, −A_t·clip(ρ_t, 1−ε, 1+ε))               (PPO clip ε = 0.2)
+        L_reg    = w_t · Σ_v q_θ(v)(log q_θ(v) − log p_T(v))              (exact single-step term, Eq. 3)
+    summed over real completion tokens and divided by the step's token count (the code's token mean).
+
+    Paper (default) vs official code (``microsoft/LMOps/minillm``), each code behaviour an option:
+      * γ: Eq. 6 has no discount (``gamma: 1.0``); the code uses ``--gamma 0.95``.
+      * return: the paper's R_{t+1} excludes r_t (whose gradient the exact single-step term carries);
+        the code sums from r_t itself (``include_current_reward: true``).
+      * single-step term: the paper's final gradient multiplies it by w_t; the code does not
+        (``reg_importance_weighted: false``).
+      * rewards: the paper uses them as they are; the scripts divide by ``--reward-scaling 0.5`` and clip
+        to ±``--cliprange-reward 100`` (``reward_scaling: 0.5``, ``reward_clip: 100``). With whitening on,
+        the scaling cancels (up to the whitening epsilon).
+      * whitening: the code whitens the advantage (not stated in the paper; on here, over real tokens
+        only, which also removes the code's leak of padding positions into the statistics).
+      * L_PT: the paper adds a pretraining LM loss on a plain-text corpus, the code 0.5·CE + 0.5·word-level
+        KD on it with ``--lm-coef 1``. Not supported yet: the loss contract hands the method one rollout
+        batch and its logits, so a second forward pass on other text is impossible; ``lm_coef`` must be 0.
+    Not reproduced: the code's 4 PPO epochs over a 256-rollout store; here each rollout batch is used
+    for one update (so ρ_t = w_t up to sampling-time vs training-time numerics).
+
+    Args:
+        alpha: teacher weight α of the sampling mixture, in [0, 1] (0.2 in all experiments).
+        gamma: discount γ in [0, 1].
+        include_current_reward: the return at t includes r_t (code) or starts at t+1 (paper).
+        length_normalize: divide each return by the number of rewards it sums (Eq. 6; always on in the code).
+        whiten_advantages: whiten the returns over the micro-batch's real tokens.
+        clip_eps: PPO clip range ε > 0, or null for the unclipped importance-weighted surrogate.
+        single_step_reg: add the exact single-step reverse-KL term L_reg.
+        reg_importance_weighted: multiply L_reg by w_t (paper) or not (code).
+        reward_scaling: rewards are divided by it (> 0).
+        reward_clip: rewards are clipped to ±reward_clip after scaling, or null for no clip.
+        lm_coef: weight of the pretraining LM term; must be 0 (not supported, see above).
+        temperature: loss temperature for the teacher log-probs and L_reg (the code divides all logits by
+            the sampling temperature: keep it equal to ``sampler.temperature``).
+    """
+
+    def __init__(self, alpha: float = 0.2, gamma: float = 1.0, include_current_reward: bool = False,
+                 length_normalize: bool = True, whiten_advantages: bool = True, clip_eps: float | None = 0.2,
+                 single_step_reg: bool = True, reg_importance_weighted: bool = True, reward_scaling: float = 1.0,
+                 reward_clip: float | None = None, lm_coef: float = 0.0, temperature: float = 1.0) -> None:
+        check_unit("alpha", alpha)
+        check_unit("gamma", gamma)
+        check_positive("clip_eps", clip_eps, allow_none=True)
+        check_positive("reward_scaling", reward_scaling)
+        check_positive("reward_clip", reward_clip, allow_none=True)
+        check_positive("temperature", temperature)
+        if lm_coef != 0:
+            raise ValueError(f"lm_coef = {lm_coef}: the pretraining LM term is not supported yet (the loss only sees the "
+                             "rollout batch, so it cannot score a separate pretraining batch); set method.lm_coef=0")
+        self.alpha, self.gamma, self.include_current_reward = alpha, gamma, include_current_reward
+        self.length_normalize, self.whiten_advantages, self.clip_eps = length_normalize, whiten_advantages, clip_eps
+        self.single_step_reg, self.reg_importance_weighted = single_step_reg, reg_importance_weighted
+        self.reward_scaling, self.reward_clip, self.temperature = reward_scaling, reward_clip, temperature
+        self.policy = TeacherMixedPolicy(alpha)
+
+    @staticmethod
+    def importance_weights(batch: RolloutBatch) -> torch.Tensor:
+        """``[B, T]`` w_t = q_old(y_t)/p̃(y_t) from the sampler's records; 1 at padding or without a mixture record."""
+        mask = batch.completion_mask.bool()
+        mix = batch.extras.get("mix_logprobs")
+        if mix is None or batch.sampler_logprobs is None:
+            return torch.ones(mask.shape, device=mask.device)
+        w = torch.exp(batch.sampler_logprobs.float() - mix.float())
+        return torch.where(mask, w, torch.ones_like(w))
+
+    def advantages(self, rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``[B, T]`` detached advantages from per-token rewards (returns, then optional whitening); 0 at padding."""
+        returns = discounted_returns(rewards, mask, gamma=self.gamma, length_normalize=self.length_normalize,
+                                     include_current=self.include_current_reward)
+        return (masked_whiten(returns, mask) if self.whiten_advantages else returns).detach()
+
+    def loss(self, batch: RolloutBatch, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None,
+             num_tokens: int) -> LossOutput:
+        mask = batch.completion_mask
+        logq, logq_old = policy_logprobs(batch, student_logits)
+        logp_teacher = token_logprobs(teacher_logits, batch.completion_ids, self.temperature)
+        raw_rewards = logp_teacher - logq_old
+        rewards = raw_rewards / self.reward_scaling
+        if self.reward_clip is not None:
+            rewards = rewards.clamp(-self.reward_clip, self.reward_clip)
+        adv = self.advantages(rewards, mask)
+        w = self.importance_weights(batch)
+
+        pg_loss = masked_reduce(policy_gradient_loss(logq, logq_old, adv, self.clip_eps, w), mask, num_tokens)
+        reg = reverse_kl(student_logits, teacher_logits, self.temperature)
+        if self.reg_importance_weighted:
+            reg = reg * w
+        reg_loss = masked_reduce(reg, mask, num_tokens)
+        loss = pg_loss + reg_loss if self.single_step_reg else pg_loss
+        return LossOutput(loss, {
+            "minillm/pg_loss": pg_loss.item(),
+            "minillm/reg_loss": reg_loss.item(),
+            "minillm/reward_mean": masked_reduce(raw_rewards.detach(), mask, num_tokens).item(),
+            "minillm/is_weight_mean": masked_reduce(w, mask, num_tokens).item(),
+        })
