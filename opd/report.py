@@ -1,0 +1,548 @@
+"""Compare finished runs: one table row per swept configuration (mean ± std over seeds) and learning curves.
+
+Usage:
+    opd-report logs/default/multiruns/2026-11-25_15-30-00      # a sweep: every run directory below it
+    opd-report runs/gkd-1 runs/gkd-2 runs/sft-1 --out reports   # any run directories
+    opd-report logs/ --group-by method.name method.beta         # choose the grouping keys yourself
+    opd-report logs/ --metric eval/accuracy loss/jsd --smooth 10
+
+A run directory is any directory holding ``summary.json`` (written by ``opd-train``); its
+``metrics.jsonl``, ``resolved_config.yaml`` and ``.hydra/overrides.yaml`` are read when present.
+Config keys are the dotted keys of the W&B run config (``method.beta``, ``trainer.lr``, ...).
+
+Grouping: by default runs are grouped by every config key whose value differs between them, except
+the seed key and bookkeeping keys (``name``, ``output_dir``, ``hydra.*``, directory and resume
+keys, and values that contain the run's own directory). Runs that differ only in the seed form one
+group. A group is labelled by the fewest of those keys that still tell the groups apart, preferring
+keys named in the sweep's overrides and ``*.name`` keys, so ``-m method=gkd,sft`` gives the rows
+``method.name=gkd`` and ``method.name=sft`` rather than every method knob. When nothing differs,
+the single group is labelled by ``method.name``. ``--group-by`` replaces all of this.
+
+Outputs (in ``--out``; default: the path given, or the working directory when several are given):
+    report.md           the table (also printed to stdout), the run list and the plots
+    report.json         the same numbers, machine-readable
+    <metric>.png        per ``--metric`` (default ``eval_accuracy.png``): mean over seeds per group
+    train_loss.png      train/loss, moving average over ``--smooth`` steps
+
+Statistics: accuracies are percentages with one decimal; "mean ± std" uses the sample standard
+deviation over the group's runs; a group of one run shows the mean alone (its std is undefined and
+``null`` in report.json). Tokens and wall time are means. The "teacher" and "initial student" rows
+pool every run's ``teacher_accuracy`` and ``student_accuracy_before``; when runs use different
+teachers or students, read the per-group columns instead. Curves are interpolated onto the union
+of the group's logged steps (each run only inside its own step range); the band spans min..max
+over the runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import math
+import statistics
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import OmegaConf
+
+from opd.errors import OPDError
+from opd.train import _flatten
+
+PROG = "opd-report"
+SUMMARY = "summary.json"
+_UNSET = "(unset)"  # shown for a key a run's config does not have (e.g. method.beta for sft)
+_IGNORED_KEYS = {"name", "output_dir", "run_dir", "trainer.resume"}
+_IGNORED_LEAVES = {"output_dir", "run_dir", "dir", "log_dir", "logging_dir", "save_dir", "checkpoint", "checkpoints",
+                   "checkpoint_dir", "resume"}
+_COLUMNS = (  # (summary key, column header, kind)
+    ("teacher_accuracy", "teacher acc. (%)", "pct"),
+    ("student_accuracy_before", "student acc. before (%)", "pct"),
+    ("student_accuracy_after", "student acc. after (%)", "pct"),
+    ("tokens", "tokens", "int"),
+    ("wall_time_s", "wall time (s)", "float"),
+)
+
+
+class ReportError(OPDError):
+    """Nothing to report on, or an option that does not fit the runs; the CLI prints one line and exits 2."""
+
+
+@dataclass
+class Run:
+    """One finished run, as read from its directory.
+
+    Attributes:
+        path: the run directory.
+        summary: ``summary.json``.
+        config: the resolved config flattened to dotted keys.
+        metrics: metric name -> {step: value} from ``metrics.jsonl`` (the last value logged at a step wins).
+        overrides: the dotted keys named in ``.hydra/overrides.yaml`` (empty outside Hydra).
+    """
+
+    path: Path
+    summary: dict[str, Any]
+    config: dict[str, Any]
+    metrics: dict[str, dict[int, float]] = field(default_factory=dict)
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Group:
+    """Runs that share the values of the group keys (usually: the same configuration, different seeds)."""
+
+    values: dict[str, Any]
+    runs: list[Run]
+
+    @property
+    def label(self) -> str:
+        """``key=value`` pairs joined by spaces, e.g. ``method.name=gkd method.beta=0.5``; unset keys left out."""
+        pairs = [f"{key}={_display(value)}" for key, value in self.values.items() if value != _UNSET]
+        return " ".join(pairs or [f"{key}={_UNSET}" for key in self.values]) or "all runs"
+
+
+# ---------------------------------------------------------------------------------------------- finding and reading
+
+
+def find_run_dirs(paths: Sequence[Path]) -> list[Path]:
+    """Every directory at or below ``paths`` that holds a ``summary.json``, sorted and without duplicates.
+
+    Raises:
+        ReportError: a path does not exist, or none holds a run.
+    """
+    found: set[Path] = set()
+    for path in paths:
+        if not path.exists():
+            raise ReportError(f"no such file or directory: {str(path)!r}")
+        found.update(p.parent.resolve() for p in path.rglob(SUMMARY) if p.is_file())  # rglob includes path itself
+    if not found:
+        raise ReportError(f"no run directories (with {SUMMARY}) under {', '.join(repr(str(p)) for p in paths)}")
+    return sorted(found)
+
+
+def read_summary(run_dir: Path) -> dict[str, Any]:
+    """The run's ``summary.json``.
+
+    Raises:
+        ReportError: it cannot be read or is not a JSON object.
+    """
+    try:
+        summary = json.loads((run_dir / SUMMARY).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ReportError(f"unreadable {SUMMARY} in {run_dir} ({err})") from err
+    if not isinstance(summary, dict):
+        raise ReportError(f"unreadable {SUMMARY} in {run_dir} (not a JSON object)")
+    return summary
+
+
+def read_metrics(run_dir: Path) -> dict[str, dict[int, float]]:
+    """``metrics.jsonl`` as metric -> {step: value}; malformed lines (e.g. cut by a kill) are skipped."""
+    path = run_dir / "metrics.jsonl"
+    metrics: dict[str, dict[int, float]] = {}
+    if not path.is_file():
+        return metrics
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+            step = int(row["step"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            continue
+        for key, value in row.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                metrics.setdefault(key, {})[step] = float(value)
+    return metrics
+
+
+def read_config(run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
+    """The flattened ``resolved_config.yaml``; without one, the method name and seed from the summary."""
+    path = run_dir / "resolved_config.yaml"
+    try:
+        return _flatten(OmegaConf.to_container(OmegaConf.load(path), resolve=True))
+    except Exception as err:  # noqa: BLE001 - missing or malformed YAML: fall back, with a warning
+        warn(f"{run_dir}: no readable resolved_config.yaml ({type(err).__name__}); using method and seed from {SUMMARY}")
+        return {"method.name": summary.get("method"), "seed": summary.get("seed")}
+
+
+def read_overrides(run_dir: Path, config: dict[str, Any]) -> list[str]:
+    """Dotted config keys set on the command line (``method=gkd`` -> ``method.name``, ``+a.b=1`` -> ``a.b``)."""
+    path = run_dir / ".hydra" / "overrides.yaml"
+    try:
+        overrides = OmegaConf.to_container(OmegaConf.load(path)) if path.is_file() else []
+    except Exception:  # noqa: BLE001 - the overrides only order the label keys; ignore a bad file
+        return []
+    keys = []
+    for override in overrides if isinstance(overrides, list) else []:
+        key = str(override).split("=", 1)[0].lstrip("+~")
+        keys += [k for k in (key, f"{key}.name") if k in config][:1]
+    return keys
+
+
+def load_runs(run_dirs: Sequence[Path]) -> list[Run]:
+    """Read every run; a run whose summary cannot be read is skipped with a warning.
+
+    Raises:
+        ReportError: no run could be read.
+    """
+    runs = []
+    for run_dir in run_dirs:
+        try:
+            summary = read_summary(run_dir)
+        except ReportError as err:
+            warn(f"skipping run: {err}")
+            continue
+        config = read_config(run_dir, summary)
+        runs.append(Run(run_dir, summary, config, read_metrics(run_dir), read_overrides(run_dir, config)))
+    if not runs:
+        raise ReportError(f"none of the {len(run_dirs)} run directories has a readable {SUMMARY}")
+    return runs
+
+
+# ---------------------------------------------------------------------------------------------- grouping
+
+
+def _canonical(value: Any) -> str:
+    """A hashable, comparable form of a config value (lists and dicts included)."""
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _value(run: Run, key: str) -> Any:
+    return run.config.get(key, _UNSET)
+
+
+def is_bookkeeping_key(key: str, seed_key: str) -> bool:
+    """True for keys that differ between runs without describing what was run (seed, run dirs, names)."""
+    leaf = key.rsplit(".", 1)[-1]
+    return (key == seed_key or key in _IGNORED_KEYS or key.startswith("hydra.") or leaf in _IGNORED_LEAVES
+            or leaf.endswith("_dir"))
+
+
+def _is_run_specific(key: str, runs: Sequence[Run]) -> bool:
+    """True when every run's value is a string that contains that run's own directory (a per-run path)."""
+    def inside(run: Run) -> bool:
+        value = run.config.get(key)
+        homes = [str(run.path), *[d for d in [str(run.summary.get("run_dir", ""))] if Path(d).is_absolute()]]
+        return isinstance(value, str) and any(home in value for home in homes)
+
+    return all(inside(run) for run in runs)
+
+
+def differing_keys(runs: Sequence[Run], seed_key: str) -> list[str]:
+    """Config keys whose values are not the same in every run, bookkeeping keys excluded."""
+    keys = sorted({key for run in runs for key in run.config})
+    return [key for key in keys
+            if len({_canonical(_value(run, key)) for run in runs}) > 1
+            and not is_bookkeeping_key(key, seed_key) and not _is_run_specific(key, runs)]
+
+
+def _blocks(runs: Sequence[Run], keys: Sequence[str]) -> int:
+    """How many groups ``keys`` split ``runs`` into."""
+    return len({tuple(_canonical(_value(run, key)) for key in keys) for run in runs})
+
+
+def label_keys(runs: Sequence[Run], keys: Sequence[str]) -> list[str]:
+    """The fewest of ``keys`` (greedily, preferred first) that split ``runs`` as finely as all of ``keys``.
+
+    Preferred, and returned in this order: keys every run has (not e.g. ``method.beta``, which only
+    some methods have), keys named in the overrides (in command-line order), ``*.name`` keys,
+    shallow keys, then alphabetical.
+    """
+    overridden = list(dict.fromkeys(key for run in runs for key in run.overrides))
+    ranked = sorted(keys, key=lambda k: (any(k not in run.config for run in runs),
+                                         overridden.index(k) if k in overridden else len(overridden),
+                                         k.rsplit(".", 1)[-1] != "name", k.count("."), k))
+    target, chosen = _blocks(runs, keys), []
+    for key in ranked:
+        if _blocks(runs, chosen) == target:
+            break
+        if _blocks(runs, [*chosen, key]) > _blocks(runs, chosen):
+            chosen.append(key)
+    return chosen
+
+
+def default_group_keys(runs: Sequence[Run], seed_key: str) -> list[str]:
+    """The label keys of the swept configuration; ``method.name`` when only seeds (or nothing) differ."""
+    keys = label_keys(runs, differing_keys(runs, seed_key))
+    if not keys and all("method.name" in run.config for run in runs):
+        return ["method.name"]
+    return keys
+
+
+def check_group_keys(runs: Sequence[Run], keys: Sequence[str]) -> None:
+    """Raises ReportError for a ``--group-by`` key that no run's config has, with the closest known keys."""
+    known = sorted({key for run in runs for key in run.config})
+    for key in keys:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ReportError(f"unknown --group-by key {key!r}: no run's config has it{hint}")
+
+
+def _sort_key(value: Any) -> tuple:
+    """Numbers numerically, then strings, then unset values."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (0, float(value), "")
+    return (2, 0.0, "") if value == _UNSET else (1, 0.0, _canonical(value))
+
+
+def group_runs(runs: Sequence[Run], keys: Sequence[str]) -> list[Group]:
+    """Runs grouped by their values of ``keys``, groups in natural order of those values, runs by seed."""
+    groups: dict[str, Group] = {}
+    for run in runs:
+        values = {key: _value(run, key) for key in keys}
+        groups.setdefault(_canonical(list(values.values())), Group(values, [])).runs.append(run)
+    for group in groups.values():
+        group.runs.sort(key=lambda r: (_sort_key(r.summary.get("seed")), str(r.path)))
+    return sorted(groups.values(), key=lambda g: [_sort_key(v) for v in g.values.values()])
+
+
+def warn_mixed_groups(groups: Sequence[Group], seed_key: str) -> None:
+    """Warn about a group whose runs differ in more than the seed (possible with ``--group-by``)."""
+    for group in groups:
+        mixed = differing_keys(group.runs, seed_key)
+        if mixed:
+            warn(f"group {group.label!r} mixes runs that also differ in: {', '.join(mixed)}")
+
+
+# ---------------------------------------------------------------------------------------------- statistics
+
+
+def describe(values: Sequence[Any]) -> dict[str, Any]:
+    """Mean and sample std of the numeric, finite ``values`` (std None below two values; mean None for none)."""
+    numbers = [float(v) for v in values
+               if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+    return {"mean": statistics.fmean(numbers) if numbers else None,
+            "std": statistics.stdev(numbers) if len(numbers) > 1 else None,
+            "n": len(numbers), "values": list(values)}
+
+
+def group_row(group: Group, seed_key: str) -> dict[str, Any]:
+    """One table row: the group's values, its runs and seeds, and the statistics of each summary column."""
+    return {"label": group.label, "values": group.values, "n": len(group.runs),
+            "seeds": [run.config.get(seed_key, run.summary.get("seed")) for run in group.runs],
+            "run_dirs": [str(run.path) for run in group.runs],
+            **{key: describe([run.summary.get(key) for run in group.runs]) for key, _, _ in _COLUMNS}}
+
+
+def reference_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
+    """The "teacher" and "initial student" rows, pooled over every run's summary."""
+    rows = []
+    for label, key in (("teacher", "teacher_accuracy"), ("initial student", "student_accuracy_before")):
+        stat = describe([run.summary.get(key) for run in runs])
+        rows.append({"label": label, "column": key, "n": stat["n"], key: stat})
+    return rows
+
+
+def build_report(runs: Sequence[Run], groups: Sequence[Group], keys: Sequence[str], seed_key: str) -> dict[str, Any]:
+    """The content of ``report.json``: grouping, reference rows and one row per group."""
+    return {"group_keys": list(keys), "differing_keys": differing_keys(runs, seed_key), "seed_key": seed_key,
+            "num_runs": len(runs), "columns": {key: header for key, header, _ in _COLUMNS},
+            "reference": reference_rows(runs), "groups": [group_row(group, seed_key) for group in groups]}
+
+
+# ---------------------------------------------------------------------------------------------- markdown
+
+
+def _display(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, default=str)
+
+
+def format_stat(stat: dict[str, Any], kind: str) -> str:
+    """``12.5 ± 3.1`` (percent for accuracies); the mean alone with fewer than two values; ``n/a`` with none."""
+    if stat["mean"] is None:
+        return "n/a"
+    scale, spec = {"pct": (100.0, ".1f"), "int": (1.0, ",.0f"), "float": (1.0, ".1f")}[kind]
+    text = format(scale * stat["mean"], spec)
+    return text if stat["std"] is None or kind != "pct" else f"{text} ± {format(scale * stat['std'], spec)}"
+
+
+def _md_row(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(str(cell).replace("|", "\\|") for cell in cells) + " |"
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The markdown table: the teacher and initial-student rows, then one row per group."""
+    headers = ["run", "n seeds", *(header for _, header, _ in _COLUMNS)]
+    lines = [_md_row(headers), _md_row(["---"] * len(headers))]
+    for ref in report["reference"]:
+        cells = [format_stat(ref[key], kind) if key == ref["column"] else "–" for key, _, kind in _COLUMNS]
+        lines.append(_md_row([ref["label"], ref["n"], *cells]))
+    for row in report["groups"]:
+        lines.append(_md_row([row["label"], row["n"], *(format_stat(row[key], kind) for key, _, kind in _COLUMNS)]))
+    return "\n".join(lines)
+
+
+def format_markdown(report: dict[str, Any], table: str, plots: Sequence[Path], out_dir: Path) -> str:
+    """The whole ``report.md``: table, how to read it, the runs of each group and the plots."""
+    keys = ", ".join(f"`{k}`" for k in report["group_keys"]) or "(none)"
+    lines = ["# Run report", "", table, "",
+             (f"{report['num_runs']} runs, grouped by {keys}; seeds from `{report['seed_key']}`. Accuracies in %, "
+              "mean ± sample std over seeds (mean alone for one seed); tokens and wall time are means."),
+             "", "## Runs", "", _md_row(["group", "seed", "student acc. after (%)", "run directory"]),
+             _md_row(["---"] * 4)]
+    for row in report["groups"]:
+        for seed, run_dir, after in zip(row["seeds"], row["run_dirs"], row["student_accuracy_after"]["values"]):
+            lines.append(_md_row([row["label"], seed, format_stat(describe([after]), "pct"), f"`{run_dir}`"]))
+    lines += ["", "## Curves", ""] + [f"![{p.stem}]({_relative(p, out_dir)})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def _relative(path: Path, base: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(base.resolve()))
+    except ValueError:
+        return str(path)
+
+
+# ---------------------------------------------------------------------------------------------- curves and plots
+
+
+def moving_average(values: np.ndarray, window: int) -> np.ndarray:
+    """Trailing mean over ``window`` points (fewer at the start); ``window`` <= 1 leaves ``values`` as they are."""
+    if window <= 1 or len(values) == 0:
+        return values
+    sums = np.cumsum(np.insert(values, 0, 0.0))
+    starts = np.maximum(np.arange(1, len(values) + 1) - window, 0)
+    return (sums[1:] - sums[starts]) / (np.arange(1, len(values) + 1) - starts)
+
+
+def group_curve(runs: Sequence[Run], metric: str, smooth: int = 1) -> tuple[np.ndarray, ...] | None:
+    """(steps, mean, low, high) of ``metric`` over ``runs`` on the union of their steps; None when no run logged it.
+
+    Each run is (optionally smoothed and) linearly interpolated onto the union of steps inside its own
+    step range only; mean, min and max are taken over the runs present at each step.
+    """
+    series = [sorted(run.metrics[metric].items()) for run in runs if run.metrics.get(metric)]
+    if not series:
+        return None
+    steps = np.array(sorted({step for s in series for step, _ in s}), dtype=float)
+    grid = np.full((len(series), len(steps)), np.nan)
+    for row, points in zip(grid, series):
+        x, y = np.array(points, dtype=float).T
+        inside = (steps >= x[0]) & (steps <= x[-1])
+        row[inside] = np.interp(steps[inside], x, moving_average(y, smooth))
+    return steps, np.nanmean(grid, axis=0), np.nanmin(grid, axis=0), np.nanmax(grid, axis=0)
+
+
+def plot_metric(groups: Sequence[Group], metric: str, path: Path, smooth: int = 1) -> bool:
+    """Write a PNG of ``metric`` vs step, one line (mean) and band (min..max) per group; False if nothing logged it."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    scale = 100.0 if "accuracy" in metric else 1.0
+    fig = Figure(figsize=(7.5, 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    drawn = 0
+    for group in groups:
+        curve = group_curve(group.runs, metric, smooth)
+        if curve is None:
+            continue
+        steps, mean, low, high = (curve[0], *(scale * c for c in curve[1:]))
+        (line,) = ax.plot(steps, mean, marker="o" if len(steps) <= 25 else None, markersize=3,
+                          label=f"{group.label} (n={len(group.runs)})")
+        ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+        drawn += 1
+    if not drawn:
+        return False
+    smoothing = f", moving average over {smooth} steps" if smooth > 1 else ""
+    ax.set_title(f"{metric}: mean over seeds (band: min–max{smoothing})")
+    ax.set_xlabel("step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel(f"{metric} (%)" if scale != 1.0 else metric)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def write_plots(groups: Sequence[Group], metrics: Sequence[str], smooth: int, out_dir: Path) -> list[Path]:
+    """The PNGs that could be drawn: each of ``metrics`` as logged, then ``train/loss`` smoothed; warnings for the rest."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        warn("matplotlib is not installed (pip install 'opd[report]'); no plots")
+        return []
+    wanted = [(metric, 1) for metric in dict.fromkeys(metrics) if metric != "train/loss"] + [("train/loss", smooth)]
+    written = []
+    for metric, window in wanted:
+        path = out_dir / f"{metric.replace('/', '_')}.png"
+        if plot_metric(groups, metric, path, window):
+            written.append(path)
+        else:
+            warn(f"no run logged {metric!r}; no {path.name}")
+    return written
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+
+def warn(message: str) -> None:
+    """One warning line on stderr."""
+    print(f"{PROG}: warning: {message}", file=sys.stderr)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command-line options (see the module docstring)."""
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    parser.add_argument("paths", nargs="+", type=Path, help="run directories or directories above them (sweeps, logs/)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where report.md, report.json and the plots go (default: the path given, or . for several)")
+    parser.add_argument("--group-by", nargs="+", default=None, metavar="KEY",
+                        help="config keys to group by (default: the keys that differ between runs, seed excluded)")
+    parser.add_argument("--seed-key", default="seed", help="config key of the seed, never a group key (default: seed)")
+    parser.add_argument("--metric", nargs="+", default=["eval/accuracy"], metavar="NAME",
+                        help="metrics to plot vs step, one PNG each (default: eval/accuracy); train/loss is always plotted")
+    parser.add_argument("--smooth", type=int, default=5, metavar="N",
+                        help="moving-average window of the train/loss curve in steps; 1 = raw (default: 5)")
+    return parser.parse_args(argv)
+
+
+def make_report(paths: Sequence[Path], out_dir: Path, group_by: Sequence[str] | None = None, seed_key: str = "seed",
+           metrics: Sequence[str] = ("eval/accuracy",), smooth: int = 5) -> tuple[dict[str, Any], str]:
+    """Find, read and group the runs below ``paths``; write report.md, report.json and the plots into ``out_dir``.
+
+    Returns:
+        (the report.json content, the markdown table).
+
+    Raises:
+        ReportError: no runs, no readable run, or a ``group_by`` key no run has.
+    """
+    runs = load_runs(find_run_dirs(paths))
+    if group_by:
+        check_group_keys(runs, group_by)
+    keys = list(group_by) if group_by else default_group_keys(runs, seed_key)
+    groups = group_runs(runs, keys)
+    warn_mixed_groups(groups, seed_key)
+    data = build_report(runs, groups, keys, seed_key)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plots = write_plots(groups, metrics, smooth, out_dir)
+    data["plots"] = [path.name for path in plots]
+    table = format_table(data)
+    (out_dir / "report.json").write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+    (out_dir / "report.md").write_text(format_markdown(data, table, plots, out_dir), encoding="utf-8")
+    return data, table
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point ``opd-report``: prints the table; returns 0, or 2 after a one-line error."""
+    args = parse_args(argv)
+    out_dir = args.out or (args.paths[0] if len(args.paths) == 1 else Path.cwd())
+    try:
+        data, table = make_report(args.paths, out_dir, args.group_by, args.seed_key, args.metric, args.smooth)
+    except ReportError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2
+    print(table)
+    print(f"{PROG}: {data['num_runs']} runs in {len(data['groups'])} groups; wrote report.md, report.json"
+          f"{''.join(', ' + name for name in data['plots'])} to {out_dir}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

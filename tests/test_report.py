@@ -1,0 +1,160 @@
+"""``opd-report`` on real runs: grouping by the swept keys, mean ± std over seeds, markdown, JSON and plots."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from opd.report import Run, describe, format_stat, group_runs, label_keys, main, moving_average
+from opd.train import run
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+METHODS, SEEDS = ("gkd", "sft"), (1, 2)
+SHORT = ("trainer.max_steps=2", "trainer.eval_every=1")
+
+
+@pytest.fixture
+def four_runs(compose_cfg, tmp_path) -> Path:
+    """runs/<method>/<seed>/: gkd and sft, seeds 1 and 2, two steps each, evaluated every step."""
+    root = tmp_path / "runs"
+    for method in METHODS:
+        for seed in SEEDS:
+            run(compose_cfg(f"method={method}", f"seed={seed}", f"output_dir={root / method / str(seed)}", *SHORT))
+    return root
+
+
+def summaries_by_method(root: Path) -> dict[str, list[dict]]:
+    """The runs' own summary.json files, per method, in seed order."""
+    found: dict[str, list[dict]] = {}
+    for path in sorted(root.rglob("summary.json")):
+        summary = json.loads(path.read_text())
+        found.setdefault(summary["method"], []).append(summary)
+    return {method: sorted(rows, key=lambda s: s["seed"]) for method, rows in found.items()}
+
+
+def expected_cell(values: list[float], percent: bool = True) -> str:
+    """What the table should show, computed here independently: mean ± sample std in percent."""
+    mean, std = 100 * statistics.mean(values), 100 * statistics.stdev(values)
+    return f"{mean:.1f} ± {std:.1f}" if percent else f"{statistics.mean(values):,.0f}"
+
+
+def assert_png(path: Path) -> None:
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC, path
+    assert len(data) > 5_000, (path, len(data))  # axes, lines, legend and text: not an empty canvas
+
+
+def test_report_groups_by_method_and_averages_over_seeds(four_runs, tmp_path, capsys):
+    out = tmp_path / "report"
+    assert main([str(four_runs), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    data = json.loads((out / "report.json").read_text())
+
+    assert data["group_keys"] == ["method.name"] and "seed" not in data["differing_keys"]
+    assert [g["label"] for g in data["groups"]] == ["method.name=gkd", "method.name=sft"]
+    summaries = summaries_by_method(four_runs)
+    markdown = (out / "report.md").read_text()
+    for group, method in zip(data["groups"], METHODS):
+        assert group["n"] == 2 and group["seeds"] == list(SEEDS)
+        for key in ("teacher_accuracy", "student_accuracy_before", "student_accuracy_after", "tokens", "wall_time_s"):
+            values = [s[key] for s in summaries[method]]
+            assert group[key]["values"] == values
+            assert group[key]["mean"] == pytest.approx(statistics.mean(values))
+            assert group[key]["std"] == pytest.approx(statistics.stdev(values))
+        cells = [expected_cell([s[k] for s in summaries[method]])
+                 for k in ("teacher_accuracy", "student_accuracy_before", "student_accuracy_after")]
+        tokens = expected_cell([s["tokens"] for s in summaries[method]], percent=False)
+        assert f"| method.name={method} | 2 | {' | '.join(cells)} | {tokens} | " in markdown
+
+    everyone = [s for rows in summaries.values() for s in rows]
+    assert f"| teacher | 4 | {expected_cell([s['teacher_accuracy'] for s in everyone])} |" in markdown
+    assert f"| initial student | 4 | – | {expected_cell([s['student_accuracy_before'] for s in everyone])} |" in markdown
+    assert printed.strip() in markdown and printed.count("\n") == 6  # header, rule, 2 reference rows, 2 groups
+    for name in ("eval_accuracy.png", "train_loss.png"):
+        assert_png(out / name)
+        assert f"]({name})" in markdown
+
+
+def test_group_by_seed_key_and_unreadable_summary(four_runs, tmp_path, capsys):
+    broken = four_runs / "broken"
+    broken.mkdir()
+    (broken / "summary.json").write_text("{not json")
+    out = tmp_path / "by-seed"
+    assert main([str(four_runs), "--out", str(out), "--group-by", "method.name", "seed", "--smooth", "1"]) == 0
+    captured = capsys.readouterr()
+    assert "warning: skipping run: unreadable summary.json" in captured.err and str(broken) in captured.err
+    data = json.loads((out / "report.json").read_text())
+    assert data["num_runs"] == 4 and [g["n"] for g in data["groups"]] == [1, 1, 1, 1]
+    assert [g["label"] for g in data["groups"]][:2] == ["method.name=gkd seed=1", "method.name=gkd seed=2"]
+    assert all(g["student_accuracy_after"]["std"] is None for g in data["groups"])  # one seed: the mean alone
+    assert " ± " not in captured.out.splitlines()[-1]
+
+    assert main([str(four_runs), "--out", str(out), "--group-by", "method.bta"]) == 2
+    error = capsys.readouterr().err.splitlines()[-1]  # after the warning about the broken run
+    assert error.startswith("opd-report: error: unknown --group-by key 'method.bta'") and "method.beta" in error
+
+
+def test_errors_are_one_line_and_exit_2(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main([str(empty)]) == 2
+    assert capsys.readouterr().err == f"opd-report: error: no run directories (with summary.json) under '{empty}'\n"
+    assert main([str(tmp_path / "missing")]) == 2
+    assert "no such file or directory" in capsys.readouterr().err
+    (empty / "run").mkdir()
+    (empty / "run" / "summary.json").write_text("[1, 2]")
+    assert main([str(empty)]) == 2
+    err = capsys.readouterr().err
+    assert "not a JSON object" in err and err.endswith("has a readable summary.json\n")
+    assert not (empty / "report.md").exists()
+
+
+def test_sweep_directory_from_opd_train_multirun(tmp_path, tiny_model_dirs, capsys):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    args = ["-m", "method=gkd,sft", "seed=1,2", *SHORT, "debug=tiny", "trainer.num_threads=1", "name=report",
+            f"teacher.name_or_path={tiny_model_dirs['teacher']}", f"student.name_or_path={tiny_model_dirs['student']}"]
+    done = subprocess.run([sys.executable, "-m", "opd.train", *args], cwd=tmp_path, env=env, capture_output=True, check=False,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (sweep,) = (tmp_path / "logs" / "report" / "multiruns").iterdir()
+
+    assert main([str(sweep)]) == 0  # --out defaults to the one path given
+    data = json.loads((sweep / "report.json").read_text())
+    assert data["group_keys"] == ["method.name"]
+    assert [(g["label"], g["seeds"]) for g in data["groups"]] == [("method.name=gkd", [1, 2]), ("method.name=sft", [1, 2])]
+    assert "| method.name=sft | 2 |" in capsys.readouterr().out
+    for name in ("report.md", "eval_accuracy.png", "train_loss.png"):
+        assert (sweep / name).is_file()
+
+
+def _run(**config) -> Run:
+    return Run(Path(f"/runs/{len(config)}"), {}, {"seed": 0, **config})
+
+
+def test_label_keys_prefer_names_and_keep_only_what_splits_the_runs():
+    runs = [_run(**{"method.name": "gkd", "method.beta": 0.5}), _run(**{"method.name": "gkd", "method.beta": 1.0}),
+            _run(**{"method.name": "sft", "method.label_smoothing": 0.0})]
+    keys = ["method.beta", "method.label_smoothing", "method.name"]
+    assert label_keys(runs, keys) == ["method.name", "method.beta"]
+    assert [g.label for g in group_runs(runs, label_keys(runs, keys))] == [
+        "method.name=gkd method.beta=0.5", "method.name=gkd method.beta=1.0", "method.name=sft"]  # unset keys left out
+    runs = [_run(**{"method.name": "gkd", "trainer.lr": lr, "sampler.temperature": t}) for lr, t in ((1, 0.5), (2, 1.0))]
+    assert label_keys(runs, ["sampler.temperature", "trainer.lr"]) == ["sampler.temperature"]
+    for r in runs:
+        r.overrides = ["trainer.lr", "seed"]  # swept on the command line: preferred
+    assert label_keys(runs, ["sampler.temperature", "trainer.lr"]) == ["trainer.lr"]
+
+
+def test_statistics_and_formatting():
+    stat = describe([0.5, 0.75, None])
+    assert stat["n"] == 2 and stat["mean"] == pytest.approx(0.625) and stat["std"] == pytest.approx(0.1767767)
+    assert format_stat(stat, "pct") == "62.5 ± 17.7"
+    assert format_stat(describe([0.25]), "pct") == "25.0" and format_stat(describe([None]), "pct") == "n/a"
+    assert format_stat(describe([1000, 2001]), "int") == "1,500" and format_stat(describe([2.0, 3.0]), "float") == "2.5"
+    assert moving_average([1.0, 3.0, 5.0, 7.0], 2).tolist() == [1.0, 2.0, 4.0, 6.0]
