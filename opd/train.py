@@ -35,7 +35,16 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path | None = None):
     """Validate ``cfg`` and build every component into a ready :class:`~opd.engine.trainer.Trainer`.
 
     Everything that can be checked without loading a model is checked first, so config mistakes
-    surface in a second, not after the teacher has loaded.
+    surface in a second, not after the teacher has loaded. Nothing is written into the run directory
+    (``resolved_config.yaml``, ``metrics.jsonl``, W&B files) until every check has passed and the
+    models have loaded, so a failed start leaves an earlier run's directory exactly as it was.
+
+    Args:
+        cfg: the composed run config.
+        run_dir: where the run writes; ``cfg.output_dir`` or Hydra's run directory when None.
+
+    Raises:
+        ConfigError, ModelLoadError, DataError, TrainingError: a problem the user can fix, in one line.
     """
     from opd.engine.trainer import Trainer
     from opd.tracking.loggers import build_logger
@@ -49,17 +58,47 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path | None = None):
     resume_from = None
     if trainer_cfg.resume:
         run_dir, resume_from = resolve_resume(trainer_cfg.resume, run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if resume_from is None:  # a fresh start, also for trainer.resume=auto without a checkpoint
+        check_fresh_run_dir(run_dir, resume_auto=trainer_cfg.resume == "auto")
     task = DATASETS.build(cfg.data, "data")
-
-    flat_config = _flatten(OmegaConf.to_container(cfg, resolve=True))
-    logger = build_logger(logger_cfg, run_dir, run_name=run_dir.name, group=cfg.name, config=flat_config)
-    trainer = Trainer(method, sampler, task, teacher_cfg, student_cfg, trainer_cfg, logger, run_dir, seed=cfg.seed,
+    trainer = Trainer(method, sampler, task, teacher_cfg, student_cfg, trainer_cfg, None, run_dir, seed=cfg.seed,
                       logger_cfg=logger_cfg)
     if resume_from is not None:
         trainer.restore(resume_from)
+
+    # Every check passed: from here on the run directory is written.
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    flat_config = _flatten(OmegaConf.to_container(cfg, resolve=True))
+    trainer.attach_logger(build_logger(logger_cfg, run_dir, run_name=run_dir.name, group=cfg.name, config=flat_config))
     return trainer
+
+
+def check_fresh_run_dir(run_dir: Path, resume_auto: bool = False) -> None:
+    """A fresh run must not write into an earlier run's directory.
+
+    Args:
+        run_dir: the directory the new run would write into.
+        resume_auto: the fresh start comes from ``trainer.resume=auto`` finding no readable checkpoint.
+
+    Raises:
+        ConfigError: if ``run_dir`` is a file, or holds a ``summary.json`` or a non-empty
+            ``checkpoints/`` (a finished or checkpointed run), suggesting ``trainer.resume=auto``.
+    """
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"output_dir: {str(run_dir)!r} is a file, not a directory; choose another output_dir")
+    found = [name for name in ("summary.json",) if (run_dir / name).exists()]
+    checkpoints = run_dir / "checkpoints"
+    if checkpoints.is_dir() and any(checkpoints.iterdir()):
+        found.append("checkpoints/")
+    if found and resume_auto:
+        raise ConfigError(f"trainer.resume=auto: {str(run_dir)!r} holds a run ({' and '.join(found)}) but no complete, "
+                          "readable checkpoint to continue from; a fresh run there would overwrite its results. "
+                          "Choose another output_dir.")
+    if found:
+        raise ConfigError(f"output_dir: {str(run_dir)!r} already holds a run ({' and '.join(found)}); a fresh run "
+                          "there would overwrite its results. Continue it with trainer.resume=auto, or choose another "
+                          "output_dir.")
 
 
 def resolve_resume(resume: str, run_dir: Path) -> tuple[Path, Path | None]:
@@ -67,6 +106,13 @@ def resolve_resume(resume: str, run_dir: Path) -> tuple[Path, Path | None]:
 
     "auto" looks in ``run_dir`` (a fixed ``output_dir`` makes a relaunch find it) and starts fresh
     when there is no checkpoint; a path may be a run directory or one of its checkpoints.
+
+    Args:
+        resume: ``trainer.resume``: "auto", a run directory or a checkpoint directory.
+        run_dir: the run directory the config names (used by "auto").
+
+    Raises:
+        ConfigError: if a given path is neither a run nor a checkpoint, or holds no readable checkpoint.
     """
     from opd.engine.checkpoint import COMPLETE_MARKER, latest_valid_checkpoint
 

@@ -6,8 +6,11 @@ Each optimizer step:
   2. the completion tokens of the whole step are counted (the loss normaliser);
   3. per micro-batch: teacher logits (no grad) and student logits on the same completion tokens ->
      ``method.loss`` -> backward;
-  4. gradient clipping, AdamW step, learning-rate schedule; non-finite steps are skipped.
+  4. gradient clipping, AdamW step, learning-rate schedule; non-finite steps are skipped, and the run
+     stops after more than ``max_skipped_steps`` of them in a row.
 Greedy exact-match evaluation runs before training, every ``eval_every`` steps and at the end.
+Prompts that cannot fit the models' context together with ``sampler.max_new_tokens`` are dropped at
+start-up (with a warning), and a checkpoint is never written from non-finite weights.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import math
 import random
 import signal
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +34,7 @@ from opd.data.base import Example, PromptIterator, Task
 from opd.engine import checkpoint as ckpt
 from opd.engine.evaluate import EvalResult, evaluate_accuracy
 from opd.engine.scoring import completion_logits
-from opd.errors import TrainingError, TrainingInterrupted
+from opd.errors import ConfigError, DataError, TrainingError, TrainingInterrupted
 from opd.methods.base import Method
 from opd.models.loading import check_model_path, check_same_vocabulary, load_model, load_tokenizer, resolve_device
 from opd.sampling.base import RolloutBatch
@@ -40,6 +44,7 @@ from opd.tracking.loggers import JsonlLogger
 
 
 def seed_everything(seed: int) -> None:
+    """Seed python's, numpy's and torch's global RNGs."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -60,6 +65,64 @@ def lr_lambda(cfg: TrainerConfig):
     return factor
 
 
+def context_limit(models: dict[str, torch.nn.Module | None]) -> tuple[int, str] | None:
+    """The smallest ``config.max_position_embeddings`` among ``models`` and the roles that have it.
+
+    Args:
+        models: role ("student", "teacher") -> model or None; models without the attribute are ignored.
+
+    Returns:
+        (limit, "student" / "teacher" / "student and teacher"), or None when no model declares a limit.
+    """
+    limits = {}
+    for role, model in models.items():
+        value = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        if isinstance(value, int) and value > 0:
+            limits[role] = value
+    if not limits:
+        return None
+    limit = min(limits.values())
+    return limit, " and ".join(role for role, value in limits.items() if value == limit)
+
+
+def fit_to_context(examples: list[Example], tokenizer, limit: tuple[int, str] | None, max_new_tokens: int,
+                   split: str) -> list[Example]:
+    """The examples whose tokenized prompt plus ``max_new_tokens`` fits in the models' context.
+
+    Prompts are tokenized as the samplers do (special tokens included). Those that do not fit are
+    dropped with one warning giving their count.
+
+    Args:
+        examples: a split of the task.
+        tokenizer: the student's tokenizer.
+        limit: (context length in tokens, whose it is) from :func:`context_limit`; None keeps every example.
+        max_new_tokens: the completion budget (``sampler.max_new_tokens``).
+        split: "training" or "evaluation", for messages.
+
+    Raises:
+        DataError: if the split is empty or none of its prompts fits, naming the limit and the longest prompt.
+    """
+    if not examples:
+        raise DataError(f"the task's {split} split is empty")
+    if limit is None:
+        return list(examples)
+    limit, limit_source = limit
+    lengths = [len(ids) for ids in tokenizer([ex.prompt for ex in examples])["input_ids"]]
+    budget = limit - max_new_tokens
+    kept = [ex for ex, length in zip(examples, lengths) if length <= budget]
+    longest = max(range(len(examples)), key=lengths.__getitem__)
+    arithmetic = (f"the {limit_source}'s context of {limit} tokens (max_position_embeddings) minus "
+                  f"sampler.max_new_tokens={max_new_tokens} leaves {max(budget, 0)} tokens for a prompt")
+    if not kept:
+        raise DataError(f"no {split} prompt fits: {arithmetic}, but the shortest prompt has {min(lengths)} tokens and "
+                        f"the longest {lengths[longest]} ({examples[longest].prompt[:80]!r}). "
+                        "Lower sampler.max_new_tokens or shorten the prompts.")
+    if len(kept) < len(examples):
+        warnings.warn(f"skipping {len(examples) - len(kept)} of {len(examples)} {split} prompts that do not fit: "
+                      f"{arithmetic}; the longest prompt has {lengths[longest]} tokens", UserWarning, stacklevel=3)
+    return kept
+
+
 class Trainer:
     """Distils ``teacher`` into ``student`` with ``method`` on ``task``.
 
@@ -67,13 +130,20 @@ class Trainer:
         method, sampler, task: built components (see ``opd.registry``).
         teacher_cfg: the teacher's model config, or None for teacher-free methods.
         student_cfg, trainer_cfg: typed config sections.
-        logger: a metrics sink (``metrics.jsonl`` at least).
+        logger: a metrics sink (``metrics.jsonl`` at least), or None to attach one later with
+            :meth:`attach_logger` (``build_trainer`` does, so nothing is written before every check passed).
         run_dir: where checkpoints and ``summary.json`` go.
         seed: seeds every RNG, including the behaviour-policy coin.
+        logger_cfg: the logger section (how many sample completions to log per evaluation).
+
+    Raises:
+        ModelLoadError: a model or tokenizer cannot be loaded, or teacher and student vocabularies differ.
+        DataError: a split is empty or none of its prompts fits the models' context.
+        TrainingError: the method needs a teacher model but none is configured.
     """
 
     def __init__(self, method: Method, sampler, task: Task, teacher_cfg: ModelConfig | None, student_cfg: ModelConfig,
-                 trainer_cfg: TrainerConfig, logger: JsonlLogger, run_dir: Path, seed: int = 0,
+                 trainer_cfg: TrainerConfig, logger: JsonlLogger | None, run_dir: Path, seed: int = 0,
                  logger_cfg: LoggerConfig | None = None) -> None:
         self.method, self.sampler, self.task, self.cfg = method, sampler, task, trainer_cfg
         self.logger, self.run_dir, self.seed = logger, Path(run_dir), seed
@@ -104,16 +174,21 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=trainer_cfg.lr, weight_decay=trainer_cfg.weight_decay,
                                            betas=(trainer_cfg.adam_beta1, trainer_cfg.adam_beta2))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(trainer_cfg))
-        self.prompts = PromptIterator(task.train, trainer_cfg.batch_size, seed)
+        # prompt + completion must fit the position embeddings of both models
+        limit = context_limit({"student": self.student, "teacher": self.teacher})
+        train_examples = fit_to_context(task.train, self.tokenizer, limit, sampler.max_new_tokens, "training")
+        eval_examples = fit_to_context(task.eval, self.tokenizer, limit, sampler.max_new_tokens, "evaluation")
+        self.prompts = PromptIterator(train_examples, trainer_cfg.batch_size, seed)
         self.rollout_ctx = RolloutContext(self.student, self.teacher, self.tokenizer, sampler, self.device,
                                           rng=random.Random(seed), max_steps=trainer_cfg.max_steps)
-        self.eval_examples = task.eval[: trainer_cfg.eval_examples] if trainer_cfg.eval_examples else task.eval
+        self.eval_examples = eval_examples[: trainer_cfg.eval_examples] if trainer_cfg.eval_examples else eval_examples
         self.step = 0
         self.tokens_trained = 0
         self.skipped_in_a_row = 0
         self.skipped_total = 0
         self.initial_results: dict[str, float | None] = {}  # teacher and step-0 student accuracy, kept across resumes
         self.stop_signal: int | None = None
+        self.restored_from: Path | None = None  # the checkpoint this run continues, if any
 
     # ------------------------------------------------------------------ rollouts and scoring
     def collect(self, examples: list[Example]) -> RolloutBatch:
@@ -129,7 +204,18 @@ class Trainer:
 
     # ------------------------------------------------------------------ one optimizer step
     def train_step(self) -> dict[str, float]:
-        """Rollouts for every micro-batch, then forward/backward per micro-batch, then one update."""
+        """Rollouts for every micro-batch, then forward/backward per micro-batch, then one update.
+
+        A step whose loss or gradient norm is not finite changes no weight and no optimizer moment;
+        it is counted in ``train/skipped_steps``.
+
+        Returns:
+            The step's metrics (also for a skipped step).
+
+        Raises:
+            TrainingError: when more than ``trainer.max_skipped_steps`` steps in a row were skipped;
+                that step's metrics are logged first, and no checkpoint is written.
+        """
         started = time.perf_counter()
         batches = [self.collect(next(self.prompts)) for _ in range(self.cfg.grad_accum)]
         rollout_time = time.perf_counter() - started
@@ -149,19 +235,16 @@ class Trainer:
         params = [p for p in self.student.parameters() if p.grad is not None]
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item() if params else 0.0
-        if not (math.isfinite(loss_total) and math.isfinite(grad_norm)):
-            self.optimizer.zero_grad(set_to_none=True)
+        if math.isfinite(loss_total) and math.isfinite(grad_norm):
+            self.optimizer.step()
+            self.skipped_in_a_row = 0
+        else:  # skip the update: the non-finite gradients are dropped below, weights and moments stay as they were
             self.skipped_in_a_row += 1
             self.skipped_total += 1
-            if self.skipped_in_a_row > self.cfg.max_skipped_steps:
-                raise TrainingError(f"{self.skipped_in_a_row} optimizer steps in a row had a non-finite loss or gradient "
-                                    f"(loss={loss_total}, grad_norm={grad_norm}) at step {self.step + 1}; stopping. "
-                                    "Lower trainer.lr, check the data, or raise trainer.max_skipped_steps.")
-        else:
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.skipped_in_a_row = 0
-        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():  # a skipped first step trips torch's "scheduler before optimizer" check
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+            self.scheduler.step()  # the schedule follows the step count, skipped steps included
         self.step += 1
         self.tokens_trained += num_tokens
 
@@ -180,6 +263,14 @@ class Trainer:
         if student_batches:
             metrics["rollout/mean_length"] = sum(b.num_tokens for b in student_batches) / sum(
                 len(b.examples) for b in student_batches)
+        if self.skipped_in_a_row > self.cfg.max_skipped_steps:
+            if self.logger is not None:  # the failing step's row, so metrics.jsonl shows what happened
+                self.logger.log(dict(metrics), self.step)
+            raise TrainingError(f"{self.skipped_in_a_row} optimizer steps in a row had a non-finite loss or gradient "
+                                f"(last: loss={loss_total}, grad_norm={grad_norm}) at step {self.step} "
+                                f"(trainer.max_skipped_steps={self.cfg.max_skipped_steps}); stopping without writing a "
+                                "checkpoint, so the last good one is kept. Lower trainer.lr, check the data, or raise "
+                                "trainer.max_skipped_steps.")
         return dict(metrics)
 
     # ------------------------------------------------------------------ evaluation
@@ -205,22 +296,47 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def trainer_state(self) -> dict[str, Any]:
+        """Everything besides the weights that a resumed run needs (``trainer_state.pt``)."""
         return {"step": self.step, "initial_results": self.initial_results, "skipped_in_a_row": self.skipped_in_a_row, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "rng": ckpt.rng_state(), "policy_rng": self.rollout_ctx.rng.getstate(), "data": self.prompts.state_dict(),
                 "method": self.method.state_dict(),
                 "tokens_trained": self.tokens_trained, "skipped_total": self.skipped_total}
 
     def save(self) -> Path:
+        """Write a checkpoint of the current step (older ones beyond ``keep_checkpoints`` are deleted).
+
+        Raises:
+            TrainingError: if a student weight is not finite; nothing is written, so the older
+                checkpoints stay as they are.
+        """
+        bad = next((name for name, p in self.student.named_parameters() if not torch.isfinite(p).all()), None)
+        if bad is not None:
+            raise TrainingError(f"student weight {bad!r} is not finite at step {self.step}; refusing to write a "
+                                f"checkpoint over the last good one in {self.run_dir / 'checkpoints'}")
         return ckpt.save_checkpoint(self.run_dir, self.step, self.student, self.tokenizer, self.trainer_state(),
                                     self.cfg.keep_checkpoints)
 
     def restore(self, checkpoint: Path) -> None:
         """Continue from ``checkpoint``: weights, optimizer, schedule, every RNG, data position, method state.
 
-        Metric rows logged after the checkpoint's step (by the run that was interrupted) are dropped
-        from ``metrics.jsonl``, since those steps are trained again.
+        Only reads; :meth:`attach_logger` then drops the metric rows the interrupted run logged after
+        the checkpoint's step, since those steps are trained again.
+
+        Raises:
+            ConfigError: if the checkpoint cannot be read or does not fit this run (another model,
+                method or optimizer).
         """
-        state = ckpt.load_trainer_state(checkpoint)
+        try:
+            self._load_state(checkpoint, ckpt.load_trainer_state(checkpoint))
+        except Exception as err:  # noqa: BLE001 - unpickling, shape and key errors arrive as many types
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ConfigError(f"trainer.resume: checkpoint {str(checkpoint)!r} cannot be restored into this run "
+                              f"({type(err).__name__}: {first[:300]})") from None
+        self.restored_from = checkpoint
+        print(f"opd-train: resumed from {checkpoint} at step {self.step}")
+
+    def _load_state(self, checkpoint: Path, state: dict[str, Any]) -> None:
+        """Load the weights of ``checkpoint`` and its trainer ``state`` into this trainer."""
         ckpt.load_model_weights(self.student, checkpoint)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -231,8 +347,12 @@ class Trainer:
         self.step, self.tokens_trained = state["step"], state["tokens_trained"]
         self.skipped_total, self.skipped_in_a_row = state["skipped_total"], state["skipped_in_a_row"]
         self.initial_results = dict(state["initial_results"])
-        self.logger.truncate_after(self.step)
-        print(f"opd-train: resumed from {checkpoint} at step {self.step}")
+
+    def attach_logger(self, logger: JsonlLogger) -> None:
+        """Use ``logger`` for metrics; after :meth:`restore`, rows past the restored step are dropped from it."""
+        self.logger = logger
+        if self.restored_from is not None:
+            logger.truncate_after(self.step)
 
     def _handle_stop_signal(self, signum: int, frame: Any) -> None:
         """SIGTERM / SIGINT (preemption, Ctrl-C): finish the current step, checkpoint, then exit."""

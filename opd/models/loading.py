@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from pathlib import Path
@@ -26,17 +27,34 @@ def _looks_local(path: str) -> bool:
 
 
 def check_model_path(spec: ModelConfig, role: str) -> None:
-    """A local ``name_or_path`` must be a saved model directory (hub ids are checked when loaded).
+    """A local ``name_or_path`` must be a saved model directory with a readable ``config.json``.
+
+    Hub ids are checked when loaded.
+
+    Args:
+        spec: the ``teacher`` or ``student`` config node.
+        role: "teacher" or "student" (for messages).
 
     Raises:
         ModelLoadError: naming ``<role>.name_or_path`` and the path.
     """
     path = os.path.expanduser(spec.name_or_path)
-    if _looks_local(path):
-        if not Path(path).is_dir():
-            raise ModelLoadError(f"{role}.name_or_path: no model directory at {path!r}")
-        if not (Path(path) / "config.json").is_file():
-            raise ModelLoadError(f"{role}.name_or_path: {path!r} has no config.json (not a saved model directory)")
+    if not _looks_local(path):
+        return
+    if not Path(path).is_dir():
+        raise ModelLoadError(f"{role}.name_or_path: no model directory at {path!r}")
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise ModelLoadError(f"{role}.name_or_path: {path!r} has no config.json (not a saved model directory)")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]
+        raise ModelLoadError(f"{role}.name_or_path: {str(config_file)!r} is not a readable JSON model config "
+                             f"({reason})") from None
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{role}.name_or_path: {str(config_file)!r} holds a JSON {type(config).__name__}, "
+                             "not a model config object")
 
 
 def load_tokenizer(spec: ModelConfig, role: str):
@@ -67,7 +85,7 @@ def load_model(spec: ModelConfig, role: str, device: torch.device):
 
     check_model_path(spec, role)
     path = os.path.expanduser(spec.name_or_path)
-    kwargs = {"dtype": _DTYPES[spec.dtype] if spec.dtype in _DTYPES else spec.dtype}
+    kwargs = {"dtype": _DTYPES.get(spec.dtype, spec.dtype)}
     if device.type == "cpu" and spec.dtype in ("bfloat16", "float16"):
         warnings.warn(f"{role}: {spec.dtype} on a CPU is far slower than float32 (about 60x for bf16 matmuls on "
                       f"common server CPUs); set {role}.dtype=float32 unless you need it.", stacklevel=2)
