@@ -58,7 +58,7 @@ class TrainerConfig:
     eval_batch_size: int = 128  # prompts per greedy evaluation batch
     save_every: int = 0  # checkpoint every N steps (and at the end); 0 = only at the end
     keep_checkpoints: int = 2  # keep the newest N checkpoints
-    resume: Optional[str] = None  # null = fresh run | auto = newest valid checkpoint of this run dir, if any | a run or checkpoint dir
+    resume: Optional[str] = None  # null = fresh | auto = this run dir's newest valid checkpoint, if any | a run/checkpoint dir
     device: str = "auto"  # auto | cpu | cuda | cuda:1 ...
     num_threads: Optional[int] = None  # torch CPU threads; torch's default when null
     progress: bool = True  # tqdm progress bars

@@ -25,7 +25,8 @@ def mixed_batch(seed: int = 0, vocab: int = 7):
     batch = RolloutBatch(torch.ones(b, 2, dtype=torch.long), torch.ones(b, 2, dtype=torch.long), ids, MASK.clone(), [],
                          "mixed")
     s, te = 2 * torch.randn(b, t, vocab, generator=g), 2 * torch.randn(b, t, vocab, generator=g)
-    batch.sampler_logprobs = torch.log_softmax(s, -1).gather(-1, ids[..., None]).squeeze(-1) + 0.1 * torch.randn(b, t, generator=g)
+    noise = 0.1 * torch.randn(b, t, generator=g)
+    batch.sampler_logprobs = torch.log_softmax(s, -1).gather(-1, ids[..., None]).squeeze(-1) + noise
     batch.extras["mix_logprobs"] = batch.sampler_logprobs + 0.3 * torch.randn(b, t, generator=g)
     return batch, s, te
 

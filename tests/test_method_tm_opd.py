@@ -53,7 +53,8 @@ def test_sampler_logprobs_are_the_old_policy_when_recorded():
     batch.sampler_logprobs = torch.log_softmax(s, -1).gather(-1, batch.completion_ids[..., None]).squeeze(-1) - 0.2
     out = TMOPD().loss(batch, s, t, num_tokens=7)
     # ratio = exp(0.2) at every real token, advantage from the sampler's log-probs
-    rkl = batch.sampler_logprobs.double() - torch.log_softmax(t.double(), -1).gather(-1, batch.completion_ids[..., None]).squeeze(-1)
+    teacher_lp = torch.log_softmax(t.double(), -1).gather(-1, batch.completion_ids[..., None]).squeeze(-1)
+    rkl = batch.sampler_logprobs.double() - teacher_lp
     assert out.loss.item() == pytest.approx(math.exp(0.2) * rkl[MASK.bool()].sum().item() / 7, rel=1e-5)
 
 

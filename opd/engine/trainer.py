@@ -297,7 +297,8 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def trainer_state(self) -> dict[str, Any]:
         """Everything besides the weights that a resumed run needs (``trainer_state.pt``)."""
-        return {"step": self.step, "initial_results": self.initial_results, "skipped_in_a_row": self.skipped_in_a_row, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+        return {"step": self.step, "initial_results": self.initial_results, "skipped_in_a_row": self.skipped_in_a_row,
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "rng": ckpt.rng_state(), "policy_rng": self.rollout_ctx.rng.getstate(), "data": self.prompts.state_dict(),
                 "method": self.method.state_dict(),
                 "tokens_trained": self.tokens_trained, "skipped_total": self.skipped_total}

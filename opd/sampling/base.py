@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 
@@ -52,7 +53,7 @@ class RolloutBatch:
         """Completion tokens that the loss counts."""
         return int(self.completion_mask.sum().item())
 
-    def to(self, device: torch.device | str) -> "RolloutBatch":
+    def to(self, device: torch.device | str) -> RolloutBatch:
         move = {f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
                 if isinstance(getattr(self, f.name), torch.Tensor)}
         return dataclasses.replace(self, **move, extras={k: v.to(device) for k, v in self.extras.items()})
