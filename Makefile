@@ -11,7 +11,7 @@ ARGS        ?=
 EXP         ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-all methods train debug toy-models lint clean-logs
+.PHONY: help install demo test test-all methods train debug table toy-models lint clean-logs bench
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -40,8 +40,16 @@ methods: $(STAMP)  ## list the registered methods, samplers and datasets
 train: $(STAMP)  ## a run from an experiment config: make train EXP=<name> [ARGS="key=value ..."]
 	$(BIN)/opd-train $(if $(EXP),experiment=$(EXP)) $(ARGS)
 
+table: $(STAMP)  ## the miniature table: every method x 3 seeds on the toy task, then opd-report (CPU, < 60 min)
+	$(BIN)/opd-train -m experiment=toy_table $(ARGS)
+	$(BIN)/opd-report $$(ls -d logs/toy_table/multiruns/* | tail -n 1)
+
 debug: $(STAMP)  ## a 3-step plumbing check (seconds)
 	$(BIN)/opd-train debug=tiny $(ARGS)
+
+bench: $(STAMP)  ## benchmarks (CPU, ~7 min): chunked vs full-logits loss, rollout throughput; see benchmarks/RESULTS.md
+	$(BIN)/python benchmarks/bench_loss.py
+	$(BIN)/python benchmarks/bench_rollout.py
 
 toy-models: $(STAMP)  ## re-make the shipped toy teacher and student checkpoints (opd/assets/toy)
 	$(BIN)/python scripts/make_toy_models.py $(ARGS)

@@ -56,7 +56,8 @@ def test_composes_and_validates(name):
     SAMPLERS.build(cfg.sampler, "sampler")
     DATASETS.validate(cfg.data, "data")
     method, data = name.split("_", 1)[0], name.rsplit("_", 1)[1]
-    assert cfg.method.name == method
+    if "_to_" in name:  # paper experiments are named <method>_<teacher>_to_<student>_<data>
+        assert cfg.method.name == method
     assert cfg.name == name  # runs of one experiment share a directory and W&B group
     if data == "dolly":
         assert cfg.data.train_path == "MiniLLM/dolly" and cfg.sampler.temperature == 1.0
@@ -68,7 +69,8 @@ def test_one_training_step_on_tiny_models(name, tiny_model_dirs, tmp_path):
                              f"student.name_or_path={tiny_model_dirs['student']}", f"output_dir={tmp_path / 'run'}")
     cfg.data = OmegaConf.create({"name": "arithmetic", "num_train": 16, "num_eval": 8})  # hub data cannot be downloaded
     trainer = build_trainer(cfg)
-    assert type(trainer.method).registry_name == name.split("_", 1)[0]
+    if "_to_" in name:
+        assert type(trainer.method).registry_name == name.split("_", 1)[0]
     metrics = trainer.train_step()
     assert math.isfinite(metrics["train/loss"])
 
