@@ -61,12 +61,15 @@ class TrainerConfig:
     resume: Optional[str] = None  # null = fresh | auto = this run dir's newest valid checkpoint, if any | a run/checkpoint dir
     device: str = "auto"  # auto | cpu | cuda | cuda:1 ...
     num_threads: Optional[int] = None  # torch CPU threads; torch's default when null
+    loss_chunk_size: Optional[int] = None  # loss from hidden states, N tokens of logits at a time: null = auto, 0 = off
     progress: bool = True  # tqdm progress bars
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "batch_size", "grad_accum", "eval_batch_size", "keep_checkpoints"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"trainer.{key} must be >= 1, got {getattr(self, key)}")
+        if self.loss_chunk_size is not None and self.loss_chunk_size < 0:
+            raise ConfigError(f"trainer.loss_chunk_size must be >= 0 or null, got {self.loss_chunk_size}")
         for key in ("warmup_steps", "eval_every", "save_every", "max_skipped_steps"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"trainer.{key} must be >= 0, got {getattr(self, key)}")

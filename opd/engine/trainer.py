@@ -35,6 +35,7 @@ from opd.engine import checkpoint as ckpt
 from opd.engine.evaluate import EvalResult, evaluate_accuracy
 from opd.engine.scoring import completion_logits
 from opd.errors import ConfigError, DataError, TrainingError, TrainingInterrupted
+from opd.losses.chunked import HeadInputs, completion_hidden_states, linear_head, resolve_loss_chunk_size
 from opd.methods.base import Method
 from opd.models.loading import check_model_path, check_same_vocabulary, load_model, load_tokenizer, resolve_device
 from opd.sampling.base import RolloutBatch
@@ -170,6 +171,7 @@ class Trainer:
             check_same_vocabulary(teacher_tokenizer, self.tokenizer, self.teacher, self.student)
         if self.teacher is not None:
             self.teacher.eval().requires_grad_(False)
+        self.loss_chunk_size = self._loss_chunk_size(trainer_cfg.loss_chunk_size)
 
         self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=trainer_cfg.lr, weight_decay=trainer_cfg.weight_decay,
                                            betas=(trainer_cfg.adam_beta1, trainer_cfg.adam_beta2))
@@ -190,6 +192,17 @@ class Trainer:
         self.stop_signal: int | None = None
         self.restored_from: Path | None = None  # the checkpoint this run continues, if any
 
+    def _loss_chunk_size(self, setting: int | None) -> int:
+        """Tokens per chunk of the hidden-state loss path, or 0 for the full-logits path (``trainer.loss_chunk_size``)."""
+        heads = [linear_head(self.student)] + ([linear_head(self.teacher)] if self.method.needs_teacher else [])
+        if not self.method.supports_hidden_loss or any(head is None for head in heads):
+            if setting:
+                warnings.warn(f"trainer.loss_chunk_size={setting} ignored: method {type(self.method).registry_name!r} "
+                              "or a model's output head does not support the hidden-state loss; using full logits",
+                              UserWarning, stacklevel=3)
+            return 0
+        return resolve_loss_chunk_size(setting, heads[0].out_features)
+
     # ------------------------------------------------------------------ rollouts and scoring
     def collect(self, examples: list[Example]) -> RolloutBatch:
         """Completions for ``examples`` from the method's behaviour policy for this micro-batch."""
@@ -201,6 +214,21 @@ class Trainer:
         """``[B, T, V]`` teacher logits on the batch's completion tokens (its own prompt or the method's)."""
         prompt = self.method.teacher_prompt(batch, self.tokenizer)
         return completion_logits(self.teacher, batch, *(prompt or ()))
+
+    @torch.no_grad()
+    def teacher_hidden(self, batch: RolloutBatch) -> HeadInputs:
+        """``[B, T, H_t]`` teacher hidden states and head on the batch's completion tokens (no grad)."""
+        prompt = self.method.teacher_prompt(batch, self.tokenizer)
+        return completion_hidden_states(self.teacher, batch, *(prompt or ()))
+
+    def micro_batch_loss(self, batch: RolloutBatch, num_tokens: int):
+        """The method's loss on one micro-batch: from chunked hidden states or from full logits."""
+        if self.loss_chunk_size:
+            teacher = self.teacher_hidden(batch) if self.method.needs_teacher else None
+            return self.method.loss_from_hidden(batch, completion_hidden_states(self.student, batch), teacher, num_tokens,
+                                                self.loss_chunk_size)
+        teacher_logits = self.teacher_logits(batch) if self.method.needs_teacher else None
+        return self.method.loss(batch, completion_logits(self.student, batch), teacher_logits, num_tokens)
 
     # ------------------------------------------------------------------ one optimizer step
     def train_step(self) -> dict[str, float]:
@@ -224,9 +252,7 @@ class Trainer:
         metrics: dict[str, float] = collections.defaultdict(float)
         loss_total = 0.0
         for batch in batches:
-            teacher_logits = self.teacher_logits(batch) if self.method.needs_teacher else None
-            student_logits = completion_logits(self.student, batch)
-            out = self.method.loss(batch, student_logits, teacher_logits, num_tokens)
+            out = self.micro_batch_loss(batch, num_tokens)
             out.loss.backward()
             loss_total += out.loss.item()
             for key, value in out.metrics.items():
@@ -284,8 +310,7 @@ class Trainer:
         """The method's loss on held-out reference completions (DistiLLM's adaptive schedule reads it)."""
         examples = self.eval_examples[: self.cfg.eval_batch_size]
         batch = encode_targets(self.tokenizer, examples, self.device)
-        teacher_logits = self.teacher_logits(batch) if self.method.needs_teacher else None
-        return self.method.loss(batch, completion_logits(self.student, batch), teacher_logits, batch.num_tokens).loss.item()
+        return self.micro_batch_loss(batch, batch.num_tokens).loss.item()
 
     def _log_eval(self, result: EvalResult) -> None:
         metrics = {"eval/accuracy": result.accuracy, "eval/mean_length": result.mean_length}

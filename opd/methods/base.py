@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from opd.losses.chunked import HeadInputs
 from opd.sampling.base import RolloutBatch
 from opd.sampling.behaviour import BehaviourPolicy, StudentPolicy
 
@@ -39,6 +40,8 @@ class Method:
     teacher_is_initial_student: ClassVar[bool] = False
     #: the trainer computes a validation loss at each evaluation and passes it to ``on_evaluate``.
     needs_validation_loss: ClassVar[bool] = False
+    #: :meth:`loss_from_hidden` computes the same loss from hidden states without full logits (``trainer.loss_chunk_size``).
+    supports_hidden_loss: ClassVar[bool] = False
 
     policy: BehaviourPolicy = StudentPolicy()
 
@@ -62,6 +65,17 @@ class Method:
             teacher_logits: ``[B, T, V]`` teacher logits at the same positions (no gradient), or
                 None when ``needs_teacher`` is False.
             num_tokens: completion tokens in the whole optimizer step (the normaliser).
+        """
+        raise NotImplementedError
+
+    def loss_from_hidden(self, batch: RolloutBatch, student: HeadInputs, teacher: HeadInputs | None, num_tokens: int,
+                         chunk_size: int) -> LossOutput:
+        """The same loss as :meth:`loss`, from final hidden states and output heads, ``chunk_size`` positions of
+        logits at a time (only called when ``supports_hidden_loss``).
+
+        Args:
+            student: ``[B, T, H]`` student hidden states at completion positions (with gradient) and its head.
+            teacher: the teacher's (no gradient), or None when ``needs_teacher`` is False.
         """
         raise NotImplementedError
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from opd.losses.chunked import HeadInputs, chunked_divergence_loss
 from opd.losses.divergences import generalized_jsd, masked_reduce
 from opd.methods.base import LossOutput, Method
 from opd.registry import METHODS
@@ -31,6 +32,8 @@ class GKD(Method):
         off_policy_source: where non-student batches come from: "dataset" or "teacher".
     """
 
+    supports_hidden_loss = True
+
     def __init__(self, beta: float = 0.5, lmbda: float = 1.0, temperature: float = 1.0,
                  off_policy_source: str = "dataset") -> None:
         if not 0.0 <= beta <= 1.0:
@@ -48,4 +51,11 @@ class GKD(Method):
              num_tokens: int) -> LossOutput:
         per_token = generalized_jsd(student_logits, teacher_logits, beta=self.beta, temperature=self.temperature)
         loss = masked_reduce(per_token, batch.completion_mask, num_tokens)
+        return LossOutput(loss, {"loss/jsd": loss.item(), f"gkd/{batch.source}_batches": 1.0})
+
+    def loss_from_hidden(self, batch: RolloutBatch, student: HeadInputs, teacher: HeadInputs | None, num_tokens: int,
+                         chunk_size: int) -> LossOutput:
+        loss = chunked_divergence_loss(student.hidden, student.weight, teacher.hidden, teacher.weight, batch.completion_mask,
+                                       generalized_jsd, num_tokens, chunk_size=chunk_size, temperature=self.temperature,
+                                       student_bias=student.bias, teacher_bias=teacher.bias, beta=self.beta)
         return LossOutput(loss, {"loss/jsd": loss.item(), f"gkd/{batch.source}_batches": 1.0})
