@@ -60,7 +60,7 @@ class TrainerConfig:
     keep_checkpoints: int = 2  # keep the newest N checkpoints
     resume: Optional[str] = None  # null = fresh | auto = this run dir's newest valid checkpoint, if any | a run/checkpoint dir
     device: str = "auto"  # auto | cpu | cuda | cuda:1 ...
-    num_threads: Optional[int] = None  # torch CPU threads; torch's default when null
+    num_threads: Optional[int] = None  # torch CPU threads; null = auto: 1 for tiny models on CPU, else torch's default
     loss_chunk_size: Optional[int] = None  # loss from hidden states, N tokens of logits at a time: null = auto, 0 = off
     progress: bool = True  # tqdm progress bars
 

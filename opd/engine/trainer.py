@@ -66,6 +66,22 @@ def lr_lambda(cfg: TrainerConfig):
     return factor
 
 
+#: below this many student parameters one CPU thread beats two: tiny matmuls lose more to thread sync than they gain
+TINY_MODEL_PARAMS = 10_000_000
+
+
+def set_cpu_threads(num_threads: int | None, device: torch.device, model: torch.nn.Module) -> None:
+    """``trainer.num_threads``, or the auto rule: 1 thread for tiny models on a CPU, else torch's default.
+
+    Measured on the 2-core CI machine (benchmarks/RESULTS.md): for the toy models two threads were
+    several times slower than one, and erratic whenever anything else was running.
+    """
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    elif device.type == "cpu" and sum(p.numel() for p in model.parameters()) < TINY_MODEL_PARAMS:
+        torch.set_num_threads(1)
+
+
 def context_limit(models: dict[str, torch.nn.Module | None]) -> tuple[int, str] | None:
     """The smallest ``config.max_position_embeddings`` among ``models`` and the roles that have it.
 
@@ -149,8 +165,6 @@ class Trainer:
         self.method, self.sampler, self.task, self.cfg = method, sampler, task, trainer_cfg
         self.logger, self.run_dir, self.seed = logger, Path(run_dir), seed
         self.num_samples = logger_cfg.num_completions if logger_cfg else 8
-        if trainer_cfg.num_threads:
-            torch.set_num_threads(trainer_cfg.num_threads)
         seed_everything(seed)
         self.device = resolve_device(trainer_cfg.device)
 
@@ -162,6 +176,7 @@ class Trainer:
         self.tokenizer = load_tokenizer(student_cfg, "student")
         self.student = load_model(student_cfg, "student", self.device)
         self.student.train()
+        set_cpu_threads(trainer_cfg.num_threads, self.device, self.student)
         self.teacher = None
         if method.teacher_is_initial_student:  # self-distillation: the frozen step-0 student is the teacher
             self.teacher = copy.deepcopy(self.student)
