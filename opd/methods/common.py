@@ -1,4 +1,5 @@
-"""Pieces shared by the sampled-token and token-selecting OPD methods (no method is registered here).
+"""Pieces shared by several methods (no method is registered here): the completion cross-entropy, and
+what the sampled-token and token-selecting OPD methods share.
 
 Temperature convention of the policy-gradient methods (minillm, tm_opd, eopd, reopold, aopd): the
 policy being trained is the distribution the completions were sampled from, so the current and the
@@ -12,11 +13,27 @@ Both are 1 by default, where the two conventions coincide.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from opd.engine.scoring import token_logprobs
+from opd.losses.divergences import masked_reduce
 from opd.sampling.base import RolloutBatch
 
 NORMALIZATIONS = ("kept", "all")
+
+
+def completion_cross_entropy(batch: RolloutBatch, student_logits: torch.Tensor, num_tokens: int,
+                             label_smoothing: float = 0.0) -> torch.Tensor:
+    """Token-level cross-entropy of the student on the batch's completion tokens, normalised by ``num_tokens``.
+
+    Args:
+        student_logits: ``[B, T, V]`` logits at the completion positions.
+    Returns:
+        A scalar: the masked sum over ``[B, T]`` divided by ``num_tokens`` (the step's completion-token count).
+    """
+    per_token = F.cross_entropy(student_logits.float().transpose(1, 2), batch.completion_ids, reduction="none",
+                                label_smoothing=label_smoothing)
+    return masked_reduce(per_token, batch.completion_mask, num_tokens)
 
 
 def behaviour_logprobs(batch: RolloutBatch, student_logits: torch.Tensor) -> torch.Tensor:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from opd.losses.divergences import forward_kl, masked_reduce
 from opd.methods.base import LossOutput, Method
+from opd.methods.common import completion_cross_entropy
 from opd.registry import METHODS
 from opd.sampling.base import RolloutBatch
 from opd.sampling.behaviour import DatasetPolicy
@@ -51,8 +51,7 @@ class KD(Method):
         metrics = {"loss/fkl": fkl.item()}
         loss = (1.0 - self.ce_weight) * fkl
         if self.ce_weight > 0:
-            ce_tokens = F.cross_entropy(student_logits.float().transpose(1, 2), batch.completion_ids, reduction="none")
-            ce = masked_reduce(ce_tokens, mask, num_tokens)
+            ce = completion_cross_entropy(batch, student_logits, num_tokens)
             loss = loss + self.ce_weight * ce
             metrics["loss/ce"] = ce.item()
         return LossOutput(loss, metrics)

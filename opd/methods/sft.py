@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from opd.losses.divergences import masked_reduce
 from opd.methods.base import LossOutput, Method
+from opd.methods.common import completion_cross_entropy
 from opd.registry import METHODS
 from opd.sampling.base import RolloutBatch
 from opd.sampling.behaviour import DatasetPolicy
@@ -30,7 +29,5 @@ class SFT(Method):
 
     def loss(self, batch: RolloutBatch, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None,
              num_tokens: int) -> LossOutput:
-        per_token = F.cross_entropy(student_logits.float().transpose(1, 2), batch.completion_ids, reduction="none",
-                                    label_smoothing=self.label_smoothing)
-        loss = masked_reduce(per_token, batch.completion_mask, num_tokens)
+        loss = completion_cross_entropy(batch, student_logits, num_tokens, self.label_smoothing)
         return LossOutput(loss, {"loss/ce": loss.item()})
