@@ -279,6 +279,8 @@ class Trainer:
         if math.isfinite(loss_total) and math.isfinite(grad_norm):
             self.optimizer.step()
             self.skipped_in_a_row = 0
+            if hasattr(self.sampler, "sync_weights"):  # samplers with their own copy of the weights (vLLM)
+                self.sampler.sync_weights(self.student)
         else:  # skip the update: the non-finite gradients are dropped below, weights and moments stay as they were
             self.skipped_in_a_row += 1
             self.skipped_total += 1
