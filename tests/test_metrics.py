@@ -228,3 +228,24 @@ def test_math_task_needs_gold_answers_for_evaluation(tmp_path):
 def test_instruct_examples_are_examples():
     ex = InstructExample("p", "t", "a", ("a", "b"))
     assert isinstance(ex, Example) and ex.references == ("a", "b")
+
+
+def test_evaluation_reports_the_task_score(tiny_model_dirs, tmp_path):
+    """Instruction tasks log ROUGE-L (eval/rouge_l) beside exact match; exact-match tasks score = accuracy."""
+    import json as _json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from opd.data.base import Example
+    from opd.data.instruct import InstructTask
+    from opd.engine.evaluate import evaluate_accuracy
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dirs["student"])
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dirs["student"])
+    task = InstructTask.__new__(InstructTask)  # the scoring methods need no loaded data
+    examples = [Example("1+2=", "3", "3"), Example("4+4=", "8", "8")]
+    result = evaluate_accuracy(model, tokenizer, task, examples, max_new_tokens=6, progress=False)
+    completions = [c for _, c, _ in result.samples]
+    expected = sum(task.score(c, ex) for c, ex in zip(completions, examples)) / 2
+    assert result.score == pytest.approx(expected) and task.score_name == "rouge_l"
+    assert _json.dumps(result.score)  # a plain float, loggable

@@ -41,6 +41,13 @@ class Task:
         match = re.search(self.answer_pattern, completion)
         return match.group(1).replace(",", "") if match else None
 
+    #: the name of :meth:`score` in logs and summaries (``eval/<name>``), e.g. "rouge_l"; exact match by default.
+    score_name: str = "exact_match"
+
+    def score(self, completion: str, example: Example) -> float:
+        """The task's headline metric for one completion (ROUGE-L for instructions); exact match (0/1) by default."""
+        return float(self.is_correct(completion, example))
+
     def is_correct(self, completion: str, example: Example) -> bool:
         """Exact match of the extracted answer against ``example.answer``."""
         predicted = self.extract_answer(completion)

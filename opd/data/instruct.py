@@ -192,6 +192,8 @@ class InstructTask(Task):
             return False
         return any(normalize_text(predicted) == normalize_text(ref) for ref in self.references(example))
 
+    score_name = "rouge_l"  # logged as eval/rouge_l at every evaluation
+
     def score(self, completion: str, example: Example) -> float:
         """ROUGE-L F-measure in [0, 1], maximum over the references (papers report ×100)."""
         return rouge_l_max(completion.strip(), self.references(example))

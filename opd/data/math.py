@@ -104,6 +104,3 @@ class MathTask(Task):
         boxed = extract_boxed(completion)
         return boxed is not None and math_answers_equal(boxed, example.answer)
 
-    def score(self, completion: str, example: Example) -> float:
-        """1.0 for a correct final answer, else 0.0 (the per-sample correctness that pass@k counts)."""
-        return float(self.is_correct(completion, example))

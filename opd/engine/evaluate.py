@@ -19,6 +19,7 @@ class EvalResult:
     num_examples: int
     mean_length: float
     samples: list[tuple[str, str, bool]]
+    score: float = 0.0  # mean of task.score (ROUGE-L for instruction tasks; equals accuracy for exact-match tasks)
 
 
 @torch.no_grad()
@@ -33,7 +34,7 @@ def evaluate_accuracy(model: torch.nn.Module, tokenizer, task: Task, examples: l
         num_samples: how many (prompt, completion, correct) triples to keep for logging.
     """
     sampler = HFSampler(max_new_tokens=max_new_tokens)
-    correct, lengths, samples = 0, 0, []
+    correct, lengths, samples, score = 0, 0, [], 0.0
     batches = range(0, len(examples), batch_size)
     for start in tqdm(batches, desc=desc, leave=False, disable=not progress, unit="batch"):
         chunk = examples[start : start + batch_size]
@@ -43,7 +44,9 @@ def evaluate_accuracy(model: torch.nn.Module, tokenizer, task: Task, examples: l
         for example, text in zip(chunk, texts):
             ok = task.is_correct(text, example)
             correct += ok
+            score += task.score(text, example)
             if len(samples) < num_samples:
                 samples.append((example.prompt, text, ok))
     n = max(len(examples), 1)
-    return EvalResult(accuracy=correct / n, num_examples=len(examples), mean_length=lengths / n, samples=samples)
+    return EvalResult(accuracy=correct / n, num_examples=len(examples), mean_length=lengths / n, samples=samples,
+                      score=score / n)

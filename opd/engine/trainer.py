@@ -331,6 +331,8 @@ class Trainer:
 
     def _log_eval(self, result: EvalResult) -> None:
         metrics = {"eval/accuracy": result.accuracy, "eval/mean_length": result.mean_length}
+        if self.task.score_name != "exact_match":  # e.g. eval/rouge_l for instruction tasks
+            metrics[f"eval/{self.task.score_name}"] = result.score
         if self.method.needs_validation_loss:
             metrics.update(self.method.on_evaluate(self.validation_loss()))
         self.logger.log(metrics, self.step)
