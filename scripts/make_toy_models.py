@@ -59,8 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out-dir", type=Path, default=REPO_ROOT / "opd" / "assets" / "toy",
                    help="where teacher/, student/ and README.md are written")
     p.add_argument("--seed", type=int, default=0, help="seed for model init, data order and torch")
-    p.add_argument("--threads", type=int, default=min(os.cpu_count() or 1, 8),
-                   help="torch CPU threads (tiny models stop scaling beyond a few cores)")
+    p.add_argument("--threads", type=int, default=min(os.cpu_count() or 1, 4),
+                   help="torch CPU threads; tiny models stop scaling beyond a few, and on a machine busy with "
+                        "other jobs use 1 (oversubscribed threads make every step many times slower)")
     p.add_argument("--batch-size", type=int, default=64, help="training examples per optimizer step")
     p.add_argument("--val-size", type=int, default=256,
                    help="training examples held out (not trained on) to decide when to stop; the eval split "
@@ -182,6 +183,15 @@ class SFTRun:
               max_new_tokens: int = 64) -> float | None:
         """Run up to ``steps`` optimizer steps, validating every ``eval_every`` steps.
 
+        Args:
+            steps: the most optimizer steps to take in this call (the schedule continues across calls).
+            desc: progress-bar label.
+            val: problems for greedy validation; None disables validation.
+            task: the task whose answer checker scores validation completions.
+            eval_every: validation interval in steps (0 disables validation).
+            stop_acc: stop at the first validation whose accuracy is at least this.
+            eval_batch_size, max_new_tokens: greedy-decoding settings for validation.
+
         Returns:
             The last validation accuracy (None if never validated). Training stops early at the
             first validation with accuracy ``>= stop_acc``.
@@ -238,7 +248,7 @@ def save_checkpoint(model: LlamaForCausalLM, tokenizer, path: Path) -> int:
     return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
 
 
-def reload_and_evaluate(path: Path, task: Task, args: argparse.Namespace) -> tuple[float, float, LlamaForCausalLM]:
+def reload_and_evaluate(path: Path, task: Task, args: argparse.Namespace) -> tuple[float, float]:
     """Load ``path`` exactly as a user would and measure (eval accuracy, well-formed rate) on the eval split."""
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "left"
@@ -246,11 +256,11 @@ def reload_and_evaluate(path: Path, task: Task, args: argparse.Namespace) -> tup
     acc = evaluate_accuracy(model, tokenizer, task, task.eval, batch_size=args.eval_batch_size,
                             max_new_tokens=args.max_new_tokens, desc=f"eval {path.name}").accuracy
     fmt = well_formed_rate(model, tokenizer, task.eval, args.eval_batch_size, args.max_new_tokens)
-    return acc, fmt, model
+    return acc, fmt
 
 
 def describe(model: LlamaForCausalLM) -> str:
-    """A one-line architecture summary, e.g. ``Llama 4 layers, hidden 128, 4 heads, MLP 512, vocab 26``."""
+    """A one-line architecture summary, e.g. ``LlamaForCausalLM: 4 layers, hidden 96, 4 heads, MLP 384, ...``."""
     c = model.config
     return (f"LlamaForCausalLM: {c.num_hidden_layers} layers, hidden {c.hidden_size}, {c.num_attention_heads} heads, "
             f"MLP {c.intermediate_size}, vocab {c.vocab_size}, tied embeddings")
@@ -344,8 +354,8 @@ def main(argv: list[str] | None = None) -> None:
     student_steps, student_seconds = student_run.step, student_run.seconds
 
     # --- verify: reload the saved directories as a user would ----------------------------------------------
-    teacher_acc, teacher_fmt, _ = reload_and_evaluate(args.out_dir / "teacher", task, args)
-    student_acc, student_fmt, _ = reload_and_evaluate(args.out_dir / "student", task, args)
+    teacher_acc, teacher_fmt = reload_and_evaluate(args.out_dir / "teacher", task, args)
+    student_acc, student_fmt = reload_and_evaluate(args.out_dir / "student", task, args)
     print(f"teacher eval accuracy {teacher_acc:.3f} (well-formed {teacher_fmt:.3f}); "
           f"student eval accuracy {student_acc:.3f} (well-formed {student_fmt:.3f})")
 
@@ -369,8 +379,7 @@ def main(argv: list[str] | None = None) -> None:
                     "well_formed": student_fmt, "headroom_steps": args.headroom_steps,
                     "headroom_seconds": student_run.seconds - student_seconds, "headroom_accuracy": headroom_acc},
     }
-    command = "python scripts/make_toy_models.py" + ("" if argv is None and len(sys.argv) == 1 else
-                                                     " " + " ".join(sys.argv[1:] if argv is None else argv))
+    command = " ".join(["python scripts/make_toy_models.py", *(sys.argv[1:] if argv is None else argv)])
     print(json.dumps(metrics, indent=2))
     write_readme(args.out_dir, metrics, command)
     print(f"wrote {args.out_dir} in {metrics['total_seconds'] / 60:.1f} min")

@@ -112,7 +112,8 @@ def test_without_sampler_records_it_falls_back_to_current_logits():
 
 
 @pytest.mark.parametrize(("key", "value", "message"), [
-    ("lm_coef", 1.0, "lm_coef = 1.0: the pretraining LM term is not supported"),
+    ("lm_coef", -1.0, "lm_coef must be >= 0"),
+    ("lm_kd_ratio", 1.5, "lm_kd_ratio"),
     ("alpha", 1.5, r"alpha must be in \[0, 1\]"),
     ("gamma", -0.1, r"gamma must be in \[0, 1\]"),
     ("clip_eps", 0.0, "clip_eps must be > 0 or null"),
@@ -133,3 +134,25 @@ def test_training_steps_on_teacher_mixed_rollouts(compose_cfg):
         keys = {"minillm/reward_mean", "minillm/pg_loss", "minillm/reg_loss", "minillm/is_weight_mean"}
         assert keys <= set(metrics) and all(math.isfinite(metrics[k]) for k in keys)
         assert metrics["train/loss"] == pytest.approx(metrics["minillm/pg_loss"] + metrics["minillm/reg_loss"], rel=1e-5)
+
+
+def test_lm_term_equals_a_hand_computed_mix_of_ce_and_forward_kl(compose_cfg):
+    """L_PT = lm_coef·((1−r)·CE + r·FKL) on the reference completions, added to the loss and logged."""
+    from opd.engine.scoring import completion_logits
+    from opd.sampling.tokenize import encode_targets
+
+    trainer = build_trainer(compose_cfg("method=minillm", "method.lm_coef=2.0", "method.lm_kd_ratio=0.25",
+                                        "trainer.batch_size=3"))
+    batch = trainer.collect(next(trainer.prompts))
+    aux = trainer.method.auxiliary_loss(batch, trainer.aux_ctx)
+    lm = encode_targets(trainer.tokenizer, batch.examples)
+    s = completion_logits(trainer.student, lm).double()
+    t = completion_logits(trainer.teacher, lm).double()
+    mask = lm.completion_mask.double()
+    ce = torch.nn.functional.cross_entropy(s.transpose(1, 2), lm.completion_ids, reduction="none")
+    fkl = (t.softmax(-1) * (t.log_softmax(-1) - s.log_softmax(-1))).sum(-1)
+    expected = 2.0 * (0.75 * (ce * mask).sum() + 0.25 * (fkl * mask).sum()) / mask.sum()
+    assert aux.loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert {"minillm/lm_ce", "minillm/lm_fkl", "minillm/lm_loss"} <= set(aux.metrics)
+    metrics = trainer.train_step()
+    assert "minillm/lm_loss" in metrics and math.isfinite(metrics["train/loss"])

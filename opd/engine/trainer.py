@@ -36,7 +36,7 @@ from opd.engine.evaluate import EvalResult, evaluate_accuracy
 from opd.engine.scoring import completion_logits
 from opd.errors import ConfigError, DataError, TrainingError, TrainingInterrupted
 from opd.losses.chunked import HeadInputs, completion_hidden_states, linear_head, resolve_loss_chunk_size
-from opd.methods.base import Method
+from opd.methods.base import AuxiliaryContext, Method
 from opd.models.loading import check_model_path, check_same_vocabulary, load_model, load_tokenizer, resolve_device
 from opd.sampling.base import RolloutBatch
 from opd.sampling.behaviour import RolloutContext
@@ -196,6 +196,8 @@ class Trainer:
         train_examples = fit_to_context(task.train, self.tokenizer, limit, sampler.max_new_tokens, "training")
         eval_examples = fit_to_context(task.eval, self.tokenizer, limit, sampler.max_new_tokens, "evaluation")
         self.prompts = PromptIterator(train_examples, trainer_cfg.batch_size, seed)
+        self.aux_ctx = AuxiliaryContext(self.tokenizer, self.device, lambda b: completion_logits(self.student, b),
+                                        self.teacher_logits, trainer_cfg.grad_accum)
         self.rollout_ctx = RolloutContext(self.student, self.teacher, self.tokenizer, sampler, self.device,
                                           rng=random.Random(seed), max_steps=trainer_cfg.max_steps)
         self.eval_examples = eval_examples[: trainer_cfg.eval_examples] if trainer_cfg.eval_examples else eval_examples
@@ -268,9 +270,11 @@ class Trainer:
         loss_total = 0.0
         for batch in batches:
             out = self.micro_batch_loss(batch, num_tokens)
-            out.loss.backward()
-            loss_total += out.loss.item()
-            for key, value in out.metrics.items():
+            aux = self.method.auxiliary_loss(batch, self.aux_ctx)
+            loss = out.loss if aux is None else out.loss + aux.loss
+            loss.backward()
+            loss_total += loss.item()
+            for key, value in {**out.metrics, **(aux.metrics if aux else {})}.items():
                 metrics[key] += value
 
         params = [p for p in self.student.parameters() if p.grad is not None]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -24,6 +25,25 @@ class LossOutput:
 
     loss: torch.Tensor
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class AuxiliaryContext:
+    """What :meth:`Method.auxiliary_loss` may use besides the rollouts.
+
+    Attributes:
+        tokenizer: the shared tokenizer.
+        device: where the models are.
+        student_logits: batch -> ``[B, T, V]`` student logits at its completion positions (with gradient).
+        teacher_logits: batch -> the teacher's (no gradient).
+        grad_accum: micro-batches per optimizer step (to normalise a per-micro-batch mean).
+    """
+
+    tokenizer: Any
+    device: Any
+    student_logits: Callable[[RolloutBatch], torch.Tensor]
+    teacher_logits: Callable[[RolloutBatch], torch.Tensor]
+    grad_accum: int
 
 
 class Method:
@@ -78,6 +98,13 @@ class Method:
             teacher: the teacher's (no gradient), or None when ``needs_teacher`` is False.
         """
         raise NotImplementedError
+
+    def auxiliary_loss(self, batch: RolloutBatch, ctx: AuxiliaryContext) -> LossOutput | None:
+        """An extra term on sequences other than the rollouts (MiniLLM's language-modelling term); none by default.
+
+        Added to :meth:`loss` of the same micro-batch before the backward pass; its metrics are logged too.
+        """
+        return None
 
     def on_evaluate(self, validation_loss: float | None) -> dict[str, float]:
         """Called after each evaluation; returns metrics to log. Forwards to the behaviour policy."""

@@ -5,13 +5,14 @@ from __future__ import annotations
 import torch
 
 from opd.engine.scoring import token_logprobs
-from opd.losses.divergences import masked_reduce, reverse_kl
+from opd.losses.divergences import forward_kl, masked_reduce, reverse_kl
 from opd.losses.sampled import discounted_returns, masked_whiten, policy_gradient_loss
-from opd.methods.base import LossOutput, Method
-from opd.methods.common import check_positive, check_unit, policy_logprobs
+from opd.methods.base import AuxiliaryContext, LossOutput, Method
+from opd.methods.common import check_positive, check_unit, completion_cross_entropy, policy_logprobs
 from opd.registry import METHODS
 from opd.sampling.base import RolloutBatch
 from opd.sampling.behaviour import TeacherMixedPolicy
+from opd.sampling.tokenize import encode_targets
 
 
 @METHODS.register("minillm")
@@ -40,9 +41,11 @@ class MiniLLM(Method):
         the scaling cancels (up to the whitening epsilon).
       * whitening: the code whitens the advantage (not stated in the paper; on here, over real tokens
         only, which also removes the code's leak of padding positions into the statistics).
-      * L_PT: the paper adds a pretraining LM loss on a plain-text corpus, the code 0.5·CE + 0.5·word-level
-        KD on it with ``--lm-coef 1``. Not supported yet: the loss contract hands the method one rollout
-        batch and its logits, so a second forward pass on other text is impossible; ``lm_coef`` must be 0.
+      * L_PT: the paper adds a pretraining LM loss on a plain-text corpus, the code (1−kd_ratio)·CE +
+        kd_ratio·word-level forward KL on it with ``--lm-coef 1`` and kd_ratio 0.5 (``lm_kd_ratio``). Our
+        tasks ship no pretraining corpus, so the term is computed on the task's reference completions of
+        the same prompts (teacher-forced), a per-micro-batch token mean divided by the accumulation steps;
+        off by default (``lm_coef: 0``).
     Not reproduced: the code's 4 PPO epochs over a 256-rollout store; here each rollout batch is used
     for one update (so ρ_t = w_t up to sampling-time vs training-time numerics).
 
@@ -57,7 +60,8 @@ class MiniLLM(Method):
         reg_importance_weighted: multiply L_reg by w_t (paper) or not (code).
         reward_scaling: rewards are divided by it (> 0).
         reward_clip: rewards are clipped to ±reward_clip after scaling, or null for no clip.
-        lm_coef: weight of the pretraining LM term; must be 0 (not supported, see above).
+        lm_coef: weight of the LM term L_PT (0 = off; the official scripts use 1).
+        lm_kd_ratio: share of word-level forward KL (vs cross-entropy) inside L_PT, in [0, 1] (code: 0.5).
         temperature: loss temperature for the teacher log-probs and L_reg (the code divides all logits by
             the sampling temperature: keep it equal to ``sampler.temperature``).
     """
@@ -65,16 +69,18 @@ class MiniLLM(Method):
     def __init__(self, alpha: float = 0.2, gamma: float = 1.0, include_current_reward: bool = False,
                  length_normalize: bool = True, whiten_advantages: bool = True, clip_eps: float | None = 0.2,
                  single_step_reg: bool = True, reg_importance_weighted: bool = True, reward_scaling: float = 1.0,
-                 reward_clip: float | None = None, lm_coef: float = 0.0, temperature: float = 1.0) -> None:
+                 reward_clip: float | None = None, lm_coef: float = 0.0, lm_kd_ratio: float = 0.5,
+                 temperature: float = 1.0) -> None:
         check_unit("alpha", alpha)
         check_unit("gamma", gamma)
         check_positive("clip_eps", clip_eps, allow_none=True)
         check_positive("reward_scaling", reward_scaling)
         check_positive("reward_clip", reward_clip, allow_none=True)
         check_positive("temperature", temperature)
-        if lm_coef != 0:
-            raise ValueError(f"lm_coef = {lm_coef}: the pretraining LM term is not supported yet (the loss only sees the "
-                             "rollout batch, so it cannot score a separate pretraining batch); set method.lm_coef=0")
+        if lm_coef < 0:
+            raise ValueError(f"lm_coef must be >= 0, got {lm_coef}")
+        check_unit("lm_kd_ratio", lm_kd_ratio)
+        self.lm_coef, self.lm_kd_ratio = lm_coef, lm_kd_ratio
         self.alpha, self.gamma, self.include_current_reward = alpha, gamma, include_current_reward
         self.length_normalize, self.whiten_advantages, self.clip_eps = length_normalize, whiten_advantages, clip_eps
         self.single_step_reg, self.reg_importance_weighted = single_step_reg, reg_importance_weighted
@@ -96,6 +102,25 @@ class MiniLLM(Method):
         returns = discounted_returns(rewards, mask, gamma=self.gamma, length_normalize=self.length_normalize,
                                      include_current=self.include_current_reward)
         return (masked_whiten(returns, mask) if self.whiten_advantages else returns).detach()
+
+    def auxiliary_loss(self, batch: RolloutBatch, ctx: AuxiliaryContext) -> LossOutput | None:
+        """L_PT on the reference completions of the batch's prompts: lm_coef·((1−r)·CE + r·FKL), r = lm_kd_ratio."""
+        if self.lm_coef == 0:
+            return None
+        lm_batch = encode_targets(ctx.tokenizer, batch.examples, ctx.device)
+        student_logits = ctx.student_logits(lm_batch)
+        tokens = lm_batch.num_tokens * ctx.grad_accum  # per-micro-batch token mean, averaged over the step
+        ce = completion_cross_entropy(lm_batch, student_logits, tokens)
+        term = (1.0 - self.lm_kd_ratio) * ce
+        metrics = {"minillm/lm_ce": ce.item()}
+        if self.lm_kd_ratio > 0:
+            fkl = masked_reduce(forward_kl(student_logits, ctx.teacher_logits(lm_batch), self.temperature),
+                                lm_batch.completion_mask, tokens)
+            term = term + self.lm_kd_ratio * fkl
+            metrics["minillm/lm_fkl"] = fkl.item()
+        loss = self.lm_coef * term
+        metrics["minillm/lm_loss"] = loss.item()
+        return LossOutput(loss, metrics)
 
     def loss(self, batch: RolloutBatch, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None,
              num_tokens: int) -> LossOutput:
