@@ -87,8 +87,11 @@ class Registry(Generic[T]):
         """(name, first docstring line) for every entry, for ``make methods`` and ``--help``."""
         rows = []
         for name in self:
-            cls = self.get(name)
-            doc = (inspect.getdoc(cls) or "").strip().splitlines()
+            entry = self._entries[name]
+            if isinstance(entry, str):  # not imported yet: an optional extra may be missing, so do not import it here
+                rows.append((name, f"(optional extra, loaded on use from {entry.split(':')[0]})"))
+                continue
+            doc = (inspect.getdoc(entry) or "").strip().splitlines()
             rows.append((name, doc[0] if doc else ""))
         return rows
 
