@@ -93,3 +93,10 @@ def test_training_steps_with_the_default_k_on_the_toy_vocabulary(compose_cfg):
     for _ in range(2):
         metrics = trainer.train_step()
         assert math.isfinite(metrics["train/loss"]) and 0 < metrics["topk_rkl_sg/support_mass"] <= 1 + 1e-6
+
+
+def test_top_k_larger_than_the_vocabulary_fails_at_start_up(compose_cfg):
+    from opd.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"method.k = 40 exceeds the vocabulary size V = 26"):
+        build_trainer(compose_cfg("method=topk_rkl_sg", "method.k=40"))

@@ -90,3 +90,21 @@ def test_corrupt_newest_checkpoint_is_skipped_with_a_warning(compose_cfg, tmp_pa
     # a half-written checkpoint directory (no COMPLETE marker) is never listed
     (run_dir / "checkpoints" / "step_000099.tmp").mkdir()
     assert all(not p.name.endswith(".tmp") for p in list_checkpoints(run_dir))
+
+
+def test_distillm_replay_buffer_and_threshold_survive_a_restore(compose_cfg, tmp_path):
+    """Method state (DistiLLM's replay buffer and adaptive threshold) is part of the checkpoint."""
+    from opd.train import build_trainer
+
+    common = ("method=distillm", "method.init_threshold=1.0", "trainer.batch_size=2", "trainer.keep_checkpoints=5")
+    first = build_trainer(compose_cfg(*common, f"output_dir={tmp_path / 'a'}"))
+    for _ in range(3):
+        first.train_step()
+    first.method.policy.on_evaluate(1.0)
+    checkpoint = first.save()
+    second = build_trainer(compose_cfg(*common, f"output_dir={tmp_path / 'b'}"))
+    second.restore(checkpoint)
+    assert len(second.method.policy.buffer) == len(first.method.policy.buffer) > 0
+    assert list(second.method.policy.buffer) == list(first.method.policy.buffer)
+    assert second.method.policy.threshold == first.method.policy.threshold
+    assert second.step == 3 and second.prompts.state_dict() == first.prompts.state_dict()

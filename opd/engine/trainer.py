@@ -186,6 +186,10 @@ class Trainer:
             check_same_vocabulary(teacher_tokenizer, self.tokenizer, self.teacher, self.student)
         if self.teacher is not None:
             self.teacher.eval().requires_grad_(False)
+        try:  # checks that need the vocabulary, before any training
+            method.check_vocabulary(self.student.get_output_embeddings().weight.shape[0])
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         self.loss_chunk_size = self._loss_chunk_size(trainer_cfg.loss_chunk_size)
 
         self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=trainer_cfg.lr, weight_decay=trainer_cfg.weight_decay,

@@ -72,6 +72,9 @@ class AOPD(Method):
         return generalized_jsd(student_logits.gather(-1, ids), teacher_logits.gather(-1, ids), self.jsd_beta,
                                self.temperature)
 
+    def check_vocabulary(self, vocab_size: int) -> None:
+        check_k_fits(self.k, vocab_size)
+
     def loss(self, batch: RolloutBatch, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None,
              num_tokens: int) -> LossOutput:
         check_k_fits(self.k, student_logits.shape[-1])

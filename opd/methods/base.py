@@ -99,6 +99,13 @@ class Method:
         """
         raise NotImplementedError
 
+    def check_vocabulary(self, vocab_size: int) -> None:
+        """Checks that need the vocabulary size, called once the models are loaded (e.g. top-K <= V).
+
+        Raises:
+            ValueError: naming the ``method.<key>`` that does not fit.
+        """
+
     def auxiliary_loss(self, batch: RolloutBatch, ctx: AuxiliaryContext) -> LossOutput | None:
         """An extra term on sequences other than the rollouts (MiniLLM's language-modelling term); none by default.
 

@@ -57,6 +57,9 @@ class EOPD(Method):
         self.fkl_mode, self.temperature = fkl_mode, temperature
         self.policy = StudentPolicy()
 
+    def check_vocabulary(self, vocab_size: int) -> None:
+        check_k_fits(self.k, vocab_size)
+
     def loss(self, batch: RolloutBatch, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None,
              num_tokens: int) -> LossOutput:
         check_k_fits(self.k, student_logits.shape[-1])

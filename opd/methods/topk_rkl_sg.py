@@ -44,6 +44,9 @@ class TopKRKLStopGrad(Method):
         self.k, self.mode, self.support, self.temperature = k, mode, support, temperature
         self.policy = StudentPolicy()
 
+    def check_vocabulary(self, vocab_size: int) -> None:
+        check_k_fits(self.k, vocab_size)
+
     def loss(self, batch: RolloutBatch, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None,
              num_tokens: int) -> LossOutput:
         check_k_fits(self.k, student_logits.shape[-1])

