@@ -56,6 +56,8 @@ class TrainerConfig:
     eval_every: int = 50  # evaluate every N steps (and at the end); 0 = only before and after
     eval_examples: Optional[int] = None  # cap on held-out examples per evaluation; all when null
     eval_batch_size: int = 128  # prompts per greedy evaluation batch
+    eval_samples: int = 0  # n sampled completions per held-out prompt for pass@k at each evaluation; 0 = greedy only
+    eval_pass_k: list[int] = dataclasses.field(default_factory=lambda: [1])  # the k values of pass@k (each <= eval_samples)
     save_every: int = 0  # checkpoint every N steps (and at the end); 0 = only at the end
     keep_checkpoints: int = 2  # keep the newest N checkpoints
     resume: Optional[str] = None  # null = fresh | auto = this run dir's newest valid checkpoint, if any | a run/checkpoint dir
@@ -73,6 +75,11 @@ class TrainerConfig:
         for key in ("warmup_steps", "eval_every", "save_every", "max_skipped_steps"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"trainer.{key} must be >= 0, got {getattr(self, key)}")
+        if self.eval_samples < 0:
+            raise ConfigError(f"trainer.eval_samples must be >= 0, got {self.eval_samples}")
+        if self.eval_samples and any(not 1 <= k <= self.eval_samples for k in self.eval_pass_k):
+            raise ConfigError(f"trainer.eval_pass_k values must be in [1, eval_samples={self.eval_samples}], "
+                              f"got {list(self.eval_pass_k)}")
         if self.lr <= 0:
             raise ConfigError(f"trainer.lr must be > 0, got {self.lr}")
         if self.lr_schedule not in ("cosine", "linear", "constant"):

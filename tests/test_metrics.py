@@ -249,3 +249,42 @@ def test_evaluation_reports_the_task_score(tiny_model_dirs, tmp_path):
     expected = sum(task.score(c, ex) for c, ex in zip(completions, examples)) / 2
     assert result.score == pytest.approx(expected) and task.score_name == "rouge_l"
     assert _json.dumps(result.score)  # a plain float, loggable
+
+
+def test_sampled_evaluation_reports_pass_at_k(compose_cfg, monkeypatch):
+    """trainer.eval_samples=n logs eval/pass@k from n samples per prompt, equal to the estimator on the same samples."""
+    import random as _random
+
+    from opd.data.metrics import pass_at_k
+    from opd.train import build_trainer
+
+    trainer = build_trainer(compose_cfg("trainer.eval_samples=4", "trainer.eval_pass_k=[1,2,4]",
+                                        "trainer.eval_examples=5"))
+    outcomes = [_random.Random(i).random() < 0.4 for i in range(20)]
+    calls = iter(outcomes)
+    monkeypatch.setattr(trainer.task, "is_correct", lambda completion, example: next(calls))
+    from opd.engine.evaluate import evaluate_pass_at_k
+
+    got = evaluate_pass_at_k(trainer.student, trainer.tokenizer, trainer.task, trainer.eval_examples, trainer.sampler,
+                             4, (1, 2, 4), progress=False)
+    per_example = [sum(outcomes[i : i + 4]) for i in range(0, 20, 4)]
+    for k in (1, 2, 4):
+        assert got[f"pass@{k}"] == pytest.approx(sum(pass_at_k(4, c, k) for c in per_example) / 5)
+    assert got["pass@1"] == pytest.approx(sum(outcomes) / 20)
+
+
+def test_pass_k_values_are_validated(compose_cfg):
+    from opd.errors import ConfigError
+    from opd.train import build_trainer
+
+    with pytest.raises(ConfigError, match="eval_pass_k"):
+        build_trainer(compose_cfg("trainer.eval_samples=2", "trainer.eval_pass_k=[4]"))
+
+
+def test_a_run_with_sampled_evaluation_logs_and_summarises_pass_at_k(compose_cfg, tmp_path):
+    from opd.train import run
+
+    summary = run(compose_cfg("trainer.eval_samples=2", "trainer.eval_pass_k=[1,2]", "trainer.max_steps=1"))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval/pass@2" in r for r in rows)
+    assert 0.0 <= summary["student_pass@1_after"] <= summary["student_pass@2_after"] <= 1.0

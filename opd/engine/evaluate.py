@@ -8,6 +8,7 @@ import torch
 from tqdm.auto import tqdm
 
 from opd.data.base import Example, Task
+from opd.data.metrics import pass_at_k
 from opd.sampling.hf import HFSampler
 
 
@@ -50,3 +51,30 @@ def evaluate_accuracy(model: torch.nn.Module, tokenizer, task: Task, examples: l
     n = max(len(examples), 1)
     return EvalResult(accuracy=correct / n, num_examples=len(examples), mean_length=lengths / n, samples=samples,
                       score=score / n)
+
+
+@torch.no_grad()
+def evaluate_pass_at_k(model: torch.nn.Module, tokenizer, task: Task, examples: list[Example], sampler,
+                       num_samples: int, ks: tuple[int, ...] = (1,), batch_size: int = 64, desc: str = "eval pass@k",
+                       progress: bool = True) -> dict[str, float]:
+    """Sample ``num_samples`` completions per example with ``sampler`` and report pass@k (Chen et al. 2021, Eq. 1).
+
+    pass@1 over n samples is the mean sampled accuracy (OPSD's average@n, EOPD's mean@n).
+
+    Args:
+        sampler: the rollout sampler (its temperature, top-p and length cap are used).
+        num_samples: n, samples per example.
+        ks: the k values reported (each <= n).
+    Returns:
+        ``{"pass@1": ..., "pass@<k>": ...}``.
+    """
+    correct = []
+    repeated = [ex for ex in examples for _ in range(num_samples)]
+    for start in tqdm(range(0, len(repeated), batch_size), desc=desc, leave=False, disable=not progress, unit="batch"):
+        chunk = repeated[start : start + batch_size]
+        rollout = sampler.generate(model, tokenizer, chunk)
+        texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
+        correct += [task.is_correct(text, ex) for ex, text in zip(chunk, texts)]
+    per_example = [sum(correct[i : i + num_samples]) for i in range(0, len(correct), num_samples)]
+    return {f"pass@{k}": sum(pass_at_k(num_samples, c, k) for c in per_example) / max(len(per_example), 1)
+            for k in sorted(set(ks)) if k <= num_samples}

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from opd.config import LoggerConfig, ModelConfig, TrainerConfig
 from opd.data.base import Example, PromptIterator, Task
 from opd.engine import checkpoint as ckpt
-from opd.engine.evaluate import EvalResult, evaluate_accuracy
+from opd.engine.evaluate import EvalResult, evaluate_accuracy, evaluate_pass_at_k
 from opd.engine.scoring import completion_logits
 from opd.errors import ConfigError, DataError, TrainingError, TrainingInterrupted
 from opd.losses.chunked import HeadInputs, completion_hidden_states, linear_head, resolve_loss_chunk_size
@@ -211,6 +211,7 @@ class Trainer:
         self.skipped_total = 0
         self.initial_results: dict[str, float | None] = {}  # teacher and step-0 student accuracy, kept across resumes
         self.stop_signal: int | None = None
+        self.last_pass_at_k: dict[str, float] = {}  # the latest sampled evaluation (trainer.eval_samples > 0)
         self.restored_from: Path | None = None  # the checkpoint this run continues, if any
 
     def _loss_chunk_size(self, setting: int | None) -> int:
@@ -341,6 +342,12 @@ class Trainer:
         metrics = {"eval/accuracy": result.accuracy, "eval/mean_length": result.mean_length}
         if self.task.score_name != "exact_match":  # e.g. eval/rouge_l for instruction tasks
             metrics[f"eval/{self.task.score_name}"] = result.score
+        if self.cfg.eval_samples:  # sampled evaluation: pass@k over n samples per prompt
+            pass_k = evaluate_pass_at_k(self.student, self.tokenizer, self.task, self.eval_examples, self.sampler,
+                                        self.cfg.eval_samples, tuple(self.cfg.eval_pass_k), self.cfg.eval_batch_size,
+                                        progress=self.cfg.progress)
+            metrics.update({f"eval/{key}": value for key, value in pass_k.items()})
+            self.last_pass_at_k = pass_k
         if self.method.needs_validation_loss:
             metrics.update(self.method.on_evaluate(self.validation_loss()))
         self.logger.log(metrics, self.step)
@@ -449,6 +456,7 @@ class Trainer:
             "seed": self.seed,
             **self.initial_results,
             "student_accuracy_after": after.accuracy,
+            **{f"student_{key}_after": value for key, value in self.last_pass_at_k.items()},
             "eval_examples": after.num_examples,
             "steps": self.step,
             "tokens": self.tokens_trained,
