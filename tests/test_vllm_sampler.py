@@ -1,0 +1,183 @@
+"""sampler=vllm against the HF sampler on the shipped toy student (run with ``pytest -m vllm``; needs the vllm extra).
+
+vLLM's CPU attention kernels exist only for head sizes 32, 64, 80, ... (``CPUAttentionBackend.
+get_supported_head_sizes``); the toy student's heads have 16 dimensions. The tests therefore use the
+shipped toy student *widened* to 32-dimensional heads (:func:`opd.sampling.vllm.pad_attention_heads`): the extra dimensions are
+zero, RoPE pairs keep their frequencies and the query is rescaled for the 1/sqrt(head_dim) factor, so
+it is the same function (checked: its HF greedy completions equal the original's).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM  # noqa: E402
+
+from opd.config import ASSETS  # noqa: E402
+from opd.data.arithmetic import ChainArithmetic  # noqa: E402
+from opd.engine.trainer import Trainer  # noqa: E402
+from opd.registry import SAMPLERS  # noqa: E402
+from opd.sampling.hf import HFSampler  # noqa: E402
+from opd.sampling.tokenize import encode_targets  # noqa: E402
+from opd.sampling.vllm import VLLMSampler, pad_attention_heads  # noqa: E402
+
+pytestmark = pytest.mark.vllm
+
+STUDENT = ASSETS / "toy" / "student"
+MAX_NEW = 48
+
+
+def load_student() -> LlamaForCausalLM:
+    return pad_attention_heads(AutoModelForCausalLM.from_pretrained(STUDENT, dtype=torch.float32))
+
+
+@pytest.fixture(scope="module")
+def task():
+    return ChainArithmetic(num_train=16, num_eval=8)
+
+
+@pytest.fixture
+def student():
+    return load_student(), AutoTokenizer.from_pretrained(STUDENT)
+
+
+@pytest.fixture(scope="module")
+def engine_sampler():
+    """One engine for the module (building one costs seconds); tests that change weights re-sync at the end."""
+    sampler = VLLMSampler(max_new_tokens=MAX_NEW, seed=0)
+    yield sampler
+    sampler.close()
+
+
+def rows(batch) -> list[list[int]]:
+    """Each row's completion tokens up to and including EOS (what the loss sees)."""
+    return [ids[mask.bool()].tolist() for ids, mask in zip(batch.completion_ids, batch.completion_mask)]
+
+
+def test_widened_student_is_the_shipped_student(student, task):
+    model, tok = student
+    original = AutoModelForCausalLM.from_pretrained(STUDENT, dtype=torch.float32)
+    sampler = HFSampler(max_new_tokens=MAX_NEW)
+    assert rows(sampler.generate(model, tok, task.train[:16], greedy=True)) == \
+        rows(sampler.generate(original, tok, task.train[:16], greedy=True))
+
+
+def test_cpu_rejects_head_sizes_without_a_kernel(task):
+    if torch.cuda.is_available():
+        pytest.skip("CPU-only check")
+    original = AutoModelForCausalLM.from_pretrained(STUDENT, dtype=torch.float32)
+    with pytest.raises(ValueError, match="head size 16"):
+        VLLMSampler().generate(original, AutoTokenizer.from_pretrained(STUDENT), task.train[:2])
+
+
+def test_engine_leaves_torch_threading_alone(engine_sampler, student, task):
+    model, tok = student
+    engine_sampler.generate(model, tok, task.train[:2], greedy=True)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    assert torch.get_num_threads() == 2
+    torch.set_num_threads(before)
+
+
+def test_registered_lazily_and_validates():
+    assert SAMPLERS.get("vllm") is VLLMSampler
+    with pytest.raises(ValueError, match="n must be 1"):
+        VLLMSampler(n=2)
+    with pytest.raises(ValueError, match="dtype"):
+        VLLMSampler(dtype="fp8")
+    with pytest.raises(ValueError, match="temperature"):
+        VLLMSampler(temperature=0.0)
+
+
+def test_greedy_rollouts_equal_hf_token_for_token(engine_sampler, student, task):
+    model, tok = student
+    examples = task.train[:16]
+    hf = HFSampler(max_new_tokens=MAX_NEW).generate(model, tok, examples, greedy=True)
+    vl = engine_sampler.generate(model, tok, examples, greedy=True)
+    assert torch.equal(vl.prompt_ids, hf.prompt_ids) and torch.equal(vl.prompt_mask, hf.prompt_mask)
+    assert rows(vl) == rows(hf)
+    assert vl.completion_ids.shape == hf.completion_ids.shape
+    assert torch.equal(vl.completion_ids, hf.completion_ids) and torch.equal(vl.completion_mask, hf.completion_mask)
+    assert vl.source == "student" and vl.temperature == 1.0 and vl.sampler_logprobs.shape == vl.completion_ids.shape
+
+
+def test_sync_weights_makes_the_engine_follow_the_updated_model(engine_sampler, student, task):
+    model, tok = student
+    examples = task.eval[:8]
+    before = rows(engine_sampler.generate(model, tok, examples, greedy=True))
+    # a few high-lr SFT steps on *wrong* targets: the greedy completions must change
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    wrong = encode_targets(tok, examples, targets=["7+7=14;#14"] * len(examples))
+    model.train()
+    for _ in range(5):
+        logits = model(input_ids=wrong.input_ids, attention_mask=wrong.attention_mask).logits
+        p = wrong.prompt_ids.shape[1]
+        loss = torch.nn.functional.cross_entropy(logits[:, p - 1:-1].flatten(0, 1), wrong.completion_ids.flatten(),
+                                                 reduction="none")
+        loss = (loss * wrong.completion_mask.flatten()).sum() / wrong.completion_mask.sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    hf_after = rows(HFSampler(max_new_tokens=MAX_NEW).generate(model, tok, examples, greedy=True))
+    assert hf_after != before, "the SFT steps did not change the model's greedy output; the test proves nothing"
+    stale = rows(engine_sampler.generate(model, tok, examples, greedy=True))
+    assert stale == before  # the engine has its own copy of the weights
+    engine_sampler.sync_weights(model)
+    assert rows(engine_sampler.generate(model, tok, examples, greedy=True)) == hf_after
+    # back to the shipped weights (for the other tests sharing the engine), through the disk fallback
+    engine_sampler.weight_sync = "disk"
+    try:
+        engine_sampler.sync_weights(load_student())
+    finally:
+        engine_sampler.weight_sync = "iterator"
+    assert rows(engine_sampler.generate(model, tok, examples, greedy=True)) == before
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampler_logprobs_match_hf_log_softmax(engine_sampler, student, task, temperature):
+    """At T=1 vLLM's raw and processed logprobs agree; at T=0.7 ``processed_logprobs`` is log_softmax(logits / T)."""
+    model, tok = student
+    engine_sampler.temperature = temperature
+    try:
+        batch = engine_sampler.generate(model, tok, task.train[:16], greedy=False)
+    finally:
+        engine_sampler.temperature = 1.0
+    assert batch.temperature == temperature
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    p = batch.prompt_ids.shape[1]
+    hf_lp = torch.log_softmax(logits[:, p - 1:-1].float() / temperature, dim=-1)
+    hf_lp = hf_lp.gather(-1, batch.completion_ids.unsqueeze(-1)).squeeze(-1)
+    mask = batch.completion_mask.bool()
+    assert mask.sum() > 50
+    diff = (batch.sampler_logprobs - hf_lp)[mask].abs()
+    assert diff.max() < 1e-3, diff.max()
+    assert (batch.sampler_logprobs[~mask] == 0).all()
+
+
+def test_short_training_run_with_sampler_vllm(compose_cfg, tmp_path, monkeypatch):
+    import inspect
+
+    from opd.train import run
+
+    if "sync_weights" not in inspect.getsource(Trainer.train_step):
+        pytest.xfail("needs the trainer's sync_weights hook")
+    syncs = []
+    original = VLLMSampler.sync_weights
+    monkeypatch.setattr(VLLMSampler, "sync_weights", lambda self, model: (syncs.append(1), original(self, model)))
+    student_dir = tmp_path / "wide_student"
+    load_student().save_pretrained(student_dir)
+    AutoTokenizer.from_pretrained(STUDENT).save_pretrained(student_dir)
+    cfg = compose_cfg("sampler=vllm", "trainer.max_steps=3", "sampler.max_new_tokens=24", f"student.name_or_path={student_dir}",
+                      tiny_models=False)
+    summary = run(cfg)
+    assert summary["steps"] == 3 and summary["tokens"] > 0
+    assert len(syncs) == 3
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any("train/loss" in r for r in lines)
