@@ -59,6 +59,22 @@ class RolloutBatch:
         return dataclasses.replace(self, **move, extras={k: v.to(device) for k, v in self.extras.items()})
 
 
+def check_sampling_params(temperature: float, top_p: float, top_k: int, max_new_tokens: int) -> None:
+    """The sampling settings every sampler shares, checked at config time.
+
+    Raises:
+        ValueError: naming the first value out of range.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 (use greedy evaluation for argmax), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0, got {top_k}")
+    if max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be > 0, got {max_new_tokens}")
+
+
 def truncate_after_eos(completion_ids: torch.Tensor, eos_token_id: int | Sequence[int], pad_token_id: int
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mask everything after each row's first EOS.

@@ -6,7 +6,7 @@ import torch
 
 from opd.data.base import Example
 from opd.registry import SAMPLERS
-from opd.sampling.base import RolloutBatch, truncate_after_eos
+from opd.sampling.base import RolloutBatch, check_sampling_params, truncate_after_eos
 from opd.sampling.tokenize import encode_prompts
 
 
@@ -22,14 +22,7 @@ class HFSampler:
     """
 
     def __init__(self, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, max_new_tokens: int = 64) -> None:
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0 (use greedy evaluation for argmax), got {temperature}")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        if top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {top_k}")
-        if max_new_tokens <= 0:
-            raise ValueError(f"max_new_tokens must be > 0, got {max_new_tokens}")
+        check_sampling_params(temperature, top_p, top_k, max_new_tokens)
         self.temperature, self.top_p, self.top_k, self.max_new_tokens = temperature, top_p, top_k, max_new_tokens
 
     @torch.no_grad()

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from opd.data.base import Example
-from opd.sampling.base import RolloutBatch, truncate_after_eos
+from opd.sampling.base import RolloutBatch, check_sampling_params, truncate_after_eos
 from opd.sampling.tokenize import encode_prompts
 
 _DTYPES = ("float32", "bfloat16", "float16", "auto")
@@ -94,14 +94,7 @@ class VLLMSampler:
                  enable_sleep_mode: bool = False, seed: int = 0, cpu_kvcache_space_gib: int = 1,
                  cpu_omp_threads_bind: str = "nobind", max_model_len: int | None = None,
                  logprobs_mode: str = "processed_logprobs", weight_sync: str = "iterator") -> None:
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0 (use greedy evaluation for argmax), got {temperature}")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        if top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {top_k}")
-        if max_new_tokens <= 0:
-            raise ValueError(f"max_new_tokens must be > 0, got {max_new_tokens}")
+        check_sampling_params(temperature, top_p, top_k, max_new_tokens)
         if n != 1:
             raise ValueError(f"n must be 1 (one completion per example and RolloutBatch row), got {n}")
         if dtype not in _DTYPES:
