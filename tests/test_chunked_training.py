@@ -31,8 +31,30 @@ def test_auto_and_unsupported(compose_cfg):
     t = build_trainer(compose_cfg())
     assert t.loss_chunk_size == 0
     with pytest.warns(UserWarning, match="loss_chunk_size=8 ignored"):
-        t = build_trainer(compose_cfg("method=kd", "trainer.loss_chunk_size=8"))
+        t = build_trainer(compose_cfg("method=kd", "method.ce_weight=0.5", "trainer.loss_chunk_size=8"))
     assert t.loss_chunk_size == 0
+    with pytest.warns(UserWarning, match="loss_chunk_size=8 ignored"):
+        t = build_trainer(compose_cfg("method=minillm", "trainer.loss_chunk_size=8"))
+    assert t.loss_chunk_size == 0
+
+
+@pytest.mark.parametrize("method", [("method=kd", "method.temperature=2.0"),
+                                    ("method=distillm", "method.divergence=skl", "method.alpha=0.2"),
+                                    ("method=distillm", "method.divergence=srkl", "method.temperature=0.8")])
+def test_chunked_kd_and_distillm_equal_their_plain_steps(compose_cfg, method):
+    """KD's forward KL (τ² scaled) and DistiLLM's skew KL / skew reverse KL through the chunked path."""
+    common = (*method, "trainer.max_grad_norm=0", "trainer.batch_size=4", "trainer.grad_accum=2")
+    plain = build_trainer(compose_cfg(*common, "trainer.loss_chunk_size=0"))
+    ma = [plain.train_step() for _ in range(2)]
+    chunked = build_trainer(compose_cfg(*common, "trainer.loss_chunk_size=3"))
+    assert chunked.loss_chunk_size == 3
+    mb = [chunked.train_step() for _ in range(2)]
+    for a, b in zip(ma, mb):
+        assert a["train/tokens"] == b["train/tokens"] and a.keys() == b.keys()
+        assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-5)
+        assert a["train/grad_norm"] == pytest.approx(b["train/grad_norm"], rel=1e-4)
+    for p, q in zip(plain.student.parameters(), chunked.student.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)  # two AdamW steps of float32 rounding
 
 def test_negative_rejected(compose_cfg):
     from opd.errors import ConfigError

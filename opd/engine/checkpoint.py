@@ -4,7 +4,11 @@ Layout of ``<run_dir>/checkpoints/step_000100/``::
 
     config.json, model.safetensors, tokenizer files   # usable anywhere with from_pretrained
     trainer_state.pt                                  # optimizer, scheduler, RNG, data position, step
+    deepspeed/zero/, rng_rank<r>.pt                   # DeepSpeed runs only: ZeRO partitions of every rank, RNGs
     COMPLETE                                          # written last: marks the checkpoint as whole
+
+The HF files hold the whole student also under ZeRO-3 (consolidated at save time); ``opd-export``
+rebuilds them from the ZeRO partitions alone when needed.
 
 A checkpoint is written to ``step_000100.tmp`` and renamed when complete, so a kill mid-write never
 leaves a directory that looks finished.
@@ -69,22 +73,42 @@ def load_model_weights(model: torch.nn.Module, checkpoint: Path) -> None:
                          f"unexpected {sorted(unexpected)[:5]}")
 
 
-def save_checkpoint(run_dir: Path, step: int, model, tokenizer, trainer_state: dict[str, Any], keep: int) -> Path:
-    """Write ``checkpoints/step_<step>`` atomically and delete all but the newest ``keep`` complete ones."""
+def save_checkpoint(run_dir: Path, step: int, model, tokenizer, trainer_state: dict[str, Any], keep: int,
+                    state_dict: dict[str, torch.Tensor] | None = None, write_shards=None) -> Path:
+    """Write ``checkpoints/step_<step>`` atomically and delete all but the newest ``keep`` complete ones.
+
+    Over N processes every rank must call this (it synchronises): ``write_shards(tmp_dir)`` lets each
+    rank write its DeepSpeed ZeRO partitions (under ``deepspeed/``), each rank writes its RNG state
+    (``rng_rank<r>.pt``), and rank 0 writes the HF weights (``state_dict``: the consolidated
+    weights; the module's own when None), the tokenizer and ``trainer_state.pt``, then renames.
+    Multi-node runs need ``run_dir`` on a filesystem every node sees.
+    """
+    from opd import distributed as dist
+
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
     tmp = root / f"step_{step:06d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    torch.save(trainer_state, tmp / "trainer_state.pt")
-    (tmp / COMPLETE_MARKER).write_text(str(step))
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-    for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    if dist.is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    if write_shards is not None:
+        write_shards(tmp)
+    if dist.world_size() > 1:
+        torch.save(rng_state(), tmp / f"rng_rank{dist.rank()}.pt")
+    if dist.is_main():
+        model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {}))
+        tokenizer.save_pretrained(tmp)
+        torch.save(trainer_state, tmp / "trainer_state.pt")
+    dist.barrier()  # every rank's files are in before the checkpoint is marked complete
+    if dist.is_main():
+        (tmp / COMPLETE_MARKER).write_text(str(step))
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        for old in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
     return final
 
 

@@ -26,37 +26,43 @@ class EvalResult:
 @torch.no_grad()
 def evaluate_accuracy(model: torch.nn.Module, tokenizer, task: Task, examples: list[Example], batch_size: int = 64,
                       max_new_tokens: int = 64, num_samples: int = 8, desc: str = "eval",
-                      progress: bool = True) -> EvalResult:
+                      progress: bool = True, num_scored: int | None = None) -> EvalResult:
     """Greedy-decode every example and score the extracted final answer by exact match.
 
     Args:
         model: the causal LM to evaluate.
         examples: the held-out split.
         num_samples: how many (prompt, completion, correct) triples to keep for logging.
+        num_scored: only the first ``num_scored`` examples count (the rest pad a rank's share so that all
+            ranks decode the same number of batches); all when None.
     """
+    num_scored = len(examples) if num_scored is None else num_scored
     sampler = HFSampler(max_new_tokens=max_new_tokens)
     correct, lengths, samples, score = 0, 0, [], 0.0
     batches = range(0, len(examples), batch_size)
     for start in tqdm(batches, desc=desc, leave=False, disable=not progress, unit="batch"):
         chunk = examples[start : start + batch_size]
         rollout = sampler.generate(model, tokenizer, chunk, greedy=True)
-        lengths += rollout.num_tokens
         texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
-        for example, text in zip(chunk, texts):
+        row_lengths = rollout.completion_mask.sum(dim=1).tolist()
+        for index, (example, text) in enumerate(zip(chunk, texts)):
+            if start + index >= num_scored:
+                break
+            lengths += row_lengths[index]
             ok = task.is_correct(text, example)
             correct += ok
             score += task.score(text, example)
             if len(samples) < num_samples:
                 samples.append((example.prompt, text, ok))
-    n = max(len(examples), 1)
-    return EvalResult(accuracy=correct / n, num_examples=len(examples), mean_length=lengths / n, samples=samples,
+    n = max(num_scored, 1)
+    return EvalResult(accuracy=correct / n, num_examples=num_scored, mean_length=lengths / n, samples=samples,
                       score=score / n)
 
 
 @torch.no_grad()
 def evaluate_pass_at_k(model: torch.nn.Module, tokenizer, task: Task, examples: list[Example], sampler,
                        num_samples: int, ks: tuple[int, ...] = (1,), batch_size: int = 64, desc: str = "eval pass@k",
-                       progress: bool = True) -> dict[str, float]:
+                       progress: bool = True, num_scored: int | None = None) -> dict[str, float]:
     """Sample ``num_samples`` completions per example with ``sampler`` and report pass@k (Chen et al. 2021, Eq. 1).
 
     pass@1 over n samples is the mean sampled accuracy (OPSD's average@n, EOPD's mean@n).
@@ -65,6 +71,7 @@ def evaluate_pass_at_k(model: torch.nn.Module, tokenizer, task: Task, examples: 
         sampler: the rollout sampler (its temperature, top-p and length cap are used).
         num_samples: n, samples per example.
         ks: the k values reported (each <= n).
+        num_scored: only the first ``num_scored`` examples count (padding of a rank's share); all when None.
     Returns:
         ``{"pass@1": ..., "pass@<k>": ...}``.
     """
@@ -76,5 +83,6 @@ def evaluate_pass_at_k(model: torch.nn.Module, tokenizer, task: Task, examples: 
         texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
         correct += [task.is_correct(text, ex) for ex, text in zip(chunk, texts)]
     per_example = [sum(correct[i : i + num_samples]) for i in range(0, len(correct), num_samples)]
+    per_example = per_example[: len(examples) if num_scored is None else num_scored]
     return {f"pass@{k}": sum(pass_at_k(num_samples, c, k) for c in per_example) / max(len(per_example), 1)
             for k in sorted(set(ks)) if k <= num_samples}

@@ -6,8 +6,12 @@ Each optimizer step:
   2. the completion tokens of the whole step are counted (the loss normaliser);
   3. per micro-batch: teacher logits (no grad) and student logits on the same completion tokens ->
      ``method.loss`` -> backward;
-  4. gradient clipping, AdamW step, learning-rate schedule; non-finite steps are skipped, and the run
-     stops after more than ``max_skipped_steps`` of them in a row.
+  4. gradient clipping, AdamW step, learning-rate schedule (``opd/engine/backends.py``: a torch
+     optimizer in one process, or a DeepSpeed ZeRO engine over several); non-finite steps are
+     skipped, and the run stops after more than ``max_skipped_steps`` of them in a row.
+Over N processes (``torchrun``/``deepspeed`` with ``deepspeed=zero2|zero3``) every rank takes its
+``1/N`` slice of each global micro-batch, the loss is normalised by the global token count, and
+evaluation is sharded; rank 0 writes metrics and the HF weights of checkpoints.
 Greedy exact-match evaluation runs before training, every ``eval_every`` steps and at the end.
 Prompts that cannot fit the models' context together with ``sampler.max_new_tokens`` are dropped at
 start-up (with a warning), and a checkpoint is never written from non-finite weights.
@@ -16,6 +20,7 @@ start-up (with a warning), and a checkpoint is never written from non-finite wei
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import math
 import random
@@ -29,9 +34,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from opd.config import LoggerConfig, ModelConfig, TrainerConfig
+from opd import distributed as dist
+from opd.config import DeepSpeedConfig, LoggerConfig, ModelConfig, TrainerConfig
 from opd.data.base import Example, PromptIterator, Task
 from opd.engine import checkpoint as ckpt
+from opd.engine.backends import DeepSpeedBackend, LocalBackend
 from opd.engine.evaluate import EvalResult, evaluate_accuracy, evaluate_pass_at_k
 from opd.engine.scoring import completion_logits
 from opd.errors import ConfigError, DataError, TrainingError, TrainingInterrupted
@@ -41,6 +48,7 @@ from opd.models.loading import check_model_path, check_same_vocabulary, load_mod
 from opd.sampling.base import RolloutBatch
 from opd.sampling.behaviour import RolloutContext
 from opd.sampling.tokenize import encode_targets
+from opd.teachers import SparseTeacherLogprobs, VLLMServerTeacher
 from opd.tracking.loggers import JsonlLogger
 
 
@@ -152,6 +160,7 @@ class Trainer:
         run_dir: where checkpoints and ``summary.json`` go.
         seed: seeds every RNG, including the behaviour-policy coin.
         logger_cfg: the logger section (how many sample completions to log per evaluation).
+        deepspeed_cfg: the ``deepspeed`` section; None or disabled = one process with a torch optimizer.
 
     Raises:
         ModelLoadError: a model or tokenizer cannot be loaded, or teacher and student vocabularies differ.
@@ -161,7 +170,7 @@ class Trainer:
 
     def __init__(self, method: Method, sampler, task: Task, teacher_cfg: ModelConfig | None, student_cfg: ModelConfig,
                  trainer_cfg: TrainerConfig, logger: JsonlLogger | None, run_dir: Path, seed: int = 0,
-                 logger_cfg: LoggerConfig | None = None) -> None:
+                 logger_cfg: LoggerConfig | None = None, deepspeed_cfg: DeepSpeedConfig | None = None) -> None:
         self.method, self.sampler, self.task, self.cfg = method, sampler, task, trainer_cfg
         self.logger, self.run_dir, self.seed = logger, Path(run_dir), seed
         self.num_samples = logger_cfg.num_completions if logger_cfg else 8
@@ -170,7 +179,16 @@ class Trainer:
 
         if method.requires_teacher_model and teacher_cfg is None:
             raise TrainingError(f"method {type(method).registry_name!r} needs a teacher model, but teacher is null")
-        for spec, role in ((student_cfg, "student"), (None if method.teacher_is_initial_student else teacher_cfg, "teacher")):
+        if teacher_cfg is not None and student_cfg.backend != "hf":
+            raise ConfigError("student.backend must be hf: only the teacher can be a server")
+        server = teacher_cfg is not None and teacher_cfg.backend == "vllm_server" and not method.teacher_is_initial_student
+        if teacher_cfg is not None and not method.teacher_is_initial_student:
+            try:  # a method that needs full teacher logits cannot use a server (before anything loads)
+                method.check_teacher_backend(teacher_cfg.backend, teacher_cfg.server_top_k if server else None)
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
+        for spec, role in ((student_cfg, "student"),
+                           (None if method.teacher_is_initial_student or server else teacher_cfg, "teacher")):
             if spec is not None:
                 check_model_path(spec, role)  # both paths checked before either model loads
         self.tokenizer = load_tokenizer(student_cfg, "student")
@@ -178,7 +196,13 @@ class Trainer:
         self.student.train()
         set_cpu_threads(trainer_cfg.num_threads, self.device, self.student)
         self.teacher = None
-        if method.teacher_is_initial_student:  # self-distillation: the frozen step-0 student is the teacher
+        self.teacher_server: VLLMServerTeacher | None = None
+        if server:  # a `vllm serve` teacher: checked now (reachable, model, k, vocabulary), nothing loaded
+            self.teacher_server = VLLMServerTeacher(
+                teacher_cfg.server_url, teacher_cfg.server_model, teacher_cfg.server_top_k, teacher_cfg.server_timeout_s,
+                teacher_cfg.server_max_retries, api_key=teacher_cfg.server_api_key)
+            self.teacher_server.check(vocab_size=self.student.get_output_embeddings().weight.shape[0])
+        elif method.teacher_is_initial_student:  # self-distillation: the frozen step-0 student is the teacher
             self.teacher = copy.deepcopy(self.student)
         elif teacher_cfg is not None:  # loaded even for teacher-free losses (SFT): the summary reports its accuracy
             teacher_tokenizer = load_tokenizer(teacher_cfg, "teacher")
@@ -192,15 +216,26 @@ class Trainer:
             raise ConfigError(str(err)) from None
         self.loss_chunk_size = self._loss_chunk_size(trainer_cfg.loss_chunk_size)
 
-        self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=trainer_cfg.lr, weight_decay=trainer_cfg.weight_decay,
-                                           betas=(trainer_cfg.adam_beta1, trainer_cfg.adam_beta2))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(trainer_cfg))
+        if deepspeed_cfg is not None and deepspeed_cfg.enabled:
+            self.backend = DeepSpeedBackend(self.student, self.teacher, deepspeed_cfg, trainer_cfg, lr_lambda(trainer_cfg),
+                                            student_cfg.dtype, teacher_cfg.dtype if teacher_cfg else student_cfg.dtype)
+            if self.loss_chunk_size and deepspeed_cfg.stage == 3:
+                warnings.warn("the chunked hidden-state loss is not used under ZeRO-3 (the student's output head is "
+                              "partitioned); using full logits", UserWarning, stacklevel=2)
+                self.loss_chunk_size = 0
+        else:
+            self.backend = LocalBackend(self.student, trainer_cfg, lr_lambda(trainer_cfg))
+        if dist.world_size() > 1:  # different rollout samples on every rank; the same prompts and coin flips
+            torch.manual_seed(seed + 1_000_003 * dist.rank())
         # prompt + completion must fit the position embeddings of both models
         limit = context_limit({"student": self.student, "teacher": self.teacher})
+        if self.teacher_server is not None and self.teacher_server.max_model_len:  # the served teacher's context
+            server_len = self.teacher_server.max_model_len
+            limit = (server_len, "teacher server") if limit is None or server_len < limit[0] else limit
         train_examples = fit_to_context(task.train, self.tokenizer, limit, sampler.max_new_tokens, "training")
         eval_examples = fit_to_context(task.eval, self.tokenizer, limit, sampler.max_new_tokens, "evaluation")
         self.prompts = PromptIterator(train_examples, trainer_cfg.batch_size, seed)
-        self.aux_ctx = AuxiliaryContext(self.tokenizer, self.device, lambda b: completion_logits(self.student, b),
+        self.aux_ctx = AuxiliaryContext(self.tokenizer, self.device, lambda b: completion_logits(self.backend.train_model, b),
                                         self.teacher_logits, trainer_cfg.grad_accum)
         self.rollout_ctx = RolloutContext(self.student, self.teacher, self.tokenizer, sampler, self.device,
                                           rng=random.Random(seed), max_steps=trainer_cfg.max_steps)
@@ -216,6 +251,8 @@ class Trainer:
 
     def _loss_chunk_size(self, setting: int | None) -> int:
         """Tokens per chunk of the hidden-state loss path, or 0 for the full-logits path (``trainer.loss_chunk_size``)."""
+        if self.teacher_server is not None:  # sparse server log-probs: the full-logits path of the student only
+            return 0
         heads = [linear_head(self.student)] + ([linear_head(self.teacher)] if self.method.needs_teacher else [])
         if not self.method.supports_hidden_loss or any(head is None for head in heads):
             if setting:
@@ -232,9 +269,12 @@ class Trainer:
         return self.method.policy.collect(self.rollout_ctx, examples)
 
     @torch.no_grad()
-    def teacher_logits(self, batch: RolloutBatch) -> torch.Tensor:
-        """``[B, T, V]`` teacher logits on the batch's completion tokens (its own prompt or the method's)."""
+    def teacher_logits(self, batch: RolloutBatch) -> torch.Tensor | SparseTeacherLogprobs:
+        """``[B, T, V]`` teacher logits on the batch's completion tokens (its own prompt or the method's), or
+        the server teacher's top-k and sampled-token log-probs (``teacher.backend=vllm_server``)."""
         prompt = self.method.teacher_prompt(batch, self.tokenizer)
+        if self.teacher_server is not None:
+            return self.teacher_server.score(batch, prompt)
         return completion_logits(self.teacher, batch, *(prompt or ()))
 
     @torch.no_grad()
@@ -246,11 +286,18 @@ class Trainer:
     def micro_batch_loss(self, batch: RolloutBatch, num_tokens: int):
         """The method's loss on one micro-batch: from chunked hidden states or from full logits."""
         if self.loss_chunk_size:
-            teacher = self.teacher_hidden(batch) if self.method.needs_teacher else None
-            return self.method.loss_from_hidden(batch, completion_hidden_states(self.student, batch), teacher, num_tokens,
-                                                self.loss_chunk_size)
+            # a ZeRO-3 teacher's head is partitioned: gathered while the chunks are projected (no grad, so safe)
+            with _gathered_head(self.teacher if self.method.needs_teacher else None):
+                teacher = self.teacher_hidden(batch) if self.method.needs_teacher else None
+                return self.method.loss_from_hidden(batch, completion_hidden_states(self.student, batch), teacher,
+                                                    num_tokens, self.loss_chunk_size)
         teacher_logits = self.teacher_logits(batch) if self.method.needs_teacher else None
-        return self.method.loss(batch, completion_logits(self.student, batch), teacher_logits, num_tokens)
+        return self.method.loss(batch, completion_logits(self.backend.train_model, batch), teacher_logits, num_tokens)
+
+    def _zero_loss(self, batch: RolloutBatch) -> torch.Tensor:
+        """A loss of exactly 0 through the student's graph: what a rank backpropagates in a skipped step under
+        DeepSpeed, whose gradient hooks expect every rank's backward (non-finite values never reach them)."""
+        return completion_logits(self.backend.train_model, batch).sum() * 0.0
 
     # ------------------------------------------------------------------ one optimizer step
     def train_step(self) -> dict[str, float]:
@@ -267,36 +314,35 @@ class Trainer:
                 that step's metrics are logged first, and no checkpoint is written.
         """
         started = time.perf_counter()
-        batches = [self.collect(next(self.prompts)) for _ in range(self.cfg.grad_accum)]
+        batches = [self.collect(dist.shard(next(self.prompts))) for _ in range(self.cfg.grad_accum)]
         rollout_time = time.perf_counter() - started
-        num_tokens = sum(b.num_tokens for b in batches)  # normaliser over the whole step
+        num_tokens = int(dist.all_reduce_sum([sum(b.num_tokens for b in batches)])[0])  # all ranks, all micro-batches
 
         metrics: dict[str, float] = collections.defaultdict(float)
-        loss_total = 0.0
+        loss_total, finite = 0.0, True
         for batch in batches:
             out = self.micro_batch_loss(batch, num_tokens)
             aux = self.method.auxiliary_loss(batch, self.aux_ctx)
             loss = out.loss if aux is None else out.loss + aux.loss
-            loss.backward()
-            loss_total += loss.item()
+            loss_value = loss.item()
+            if self.backend.is_deepspeed and not dist.all_ranks_true(math.isfinite(loss_value)):
+                loss, finite = self._zero_loss(batch), False  # every rank still runs DeepSpeed's backward
+            self.backend.backward(loss)
+            loss_total += loss_value
             for key, value in {**out.metrics, **(aux.metrics if aux else {})}.items():
                 metrics[key] += value
+        if dist.world_size() > 1:  # each rank's values are its share of the global normalisation: they add up
+            loss_total = dist.all_reduce_sum([loss_total])[0]
+            metrics = _sum_over_ranks(metrics)
 
-        params = [p for p in self.student.parameters() if p.grad is not None]
-        max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item() if params else 0.0
-        if math.isfinite(loss_total) and math.isfinite(grad_norm):
-            self.optimizer.step()
+        grad_norm, updated = self.backend.step(skip=not (finite and math.isfinite(loss_total)))
+        if updated:
             self.skipped_in_a_row = 0
             if hasattr(self.sampler, "sync_weights"):  # samplers with their own copy of the weights (vLLM)
                 self.sampler.sync_weights(self.student)
-        else:  # skip the update: the non-finite gradients are dropped below, weights and moments stay as they were
+        else:  # skipped: weights (and, in one process, the optimizer moments) stay as they were
             self.skipped_in_a_row += 1
             self.skipped_total += 1
-        self.optimizer.zero_grad(set_to_none=True)
-        with warnings.catch_warnings():  # a skipped first step trips torch's "scheduler before optimizer" check
-            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
-            self.scheduler.step()  # the schedule follows the step count, skipped steps included
         self.step += 1
         self.tokens_trained += num_tokens
 
@@ -304,7 +350,7 @@ class Trainer:
         student_batches = [b for b in batches if b.source in ("student", "mixed")]
         metrics.update({
             "train/loss": loss_total,
-            "train/lr": self.scheduler.get_last_lr()[0],
+            "train/lr": self.backend.lr(),
             "train/grad_norm": grad_norm,
             "train/tokens": num_tokens,
             "train/tokens_per_s": num_tokens / elapsed,
@@ -312,9 +358,10 @@ class Trainer:
             "time/rollout_s": rollout_time,
             "time/step_s": elapsed,
         })
-        if student_batches:
-            metrics["rollout/mean_length"] = sum(b.num_tokens for b in student_batches) / sum(
-                len(b.examples) for b in student_batches)
+        rollout_tokens, rollouts = dist.all_reduce_sum([sum(b.num_tokens for b in student_batches),
+                                                        sum(len(b.examples) for b in student_batches)])
+        if rollouts:
+            metrics["rollout/mean_length"] = rollout_tokens / rollouts
         if self.skipped_in_a_row > self.cfg.max_skipped_steps:
             if self.logger is not None:  # the failing step's row, so metrics.jsonl shows what happened
                 self.logger.log(dict(metrics), self.step)
@@ -327,9 +374,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, model: torch.nn.Module, desc: str) -> EvalResult:
-        return evaluate_accuracy(model, self.tokenizer, self.task, self.eval_examples, batch_size=self.cfg.eval_batch_size,
-                                 max_new_tokens=self.sampler.max_new_tokens, num_samples=self.num_samples, desc=desc,
-                                 progress=self.cfg.progress)
+        """Greedy accuracy on the held-out examples (over N processes: each rank decodes a strided share)."""
+        examples, num_scored = dist.strided_shard(self.eval_examples)
+        result = evaluate_accuracy(model, self.tokenizer, self.task, examples, batch_size=self.cfg.eval_batch_size,
+                                   max_new_tokens=self.sampler.max_new_tokens, num_samples=self.num_samples, desc=desc,
+                                   progress=self.cfg.progress and dist.is_main(), num_scored=num_scored)
+        return merge_eval_results(dist.gather_objects(result)) if dist.world_size() > 1 else result
 
     @torch.no_grad()
     def validation_loss(self) -> float:
@@ -343,9 +393,13 @@ class Trainer:
         if self.task.score_name != "exact_match":  # e.g. eval/rouge_l for instruction tasks
             metrics[f"eval/{self.task.score_name}"] = result.score
         if self.cfg.eval_samples:  # sampled evaluation: pass@k over n samples per prompt
-            pass_k = evaluate_pass_at_k(self.student, self.tokenizer, self.task, self.eval_examples, self.sampler,
+            examples, num_scored = dist.strided_shard(self.eval_examples)
+            pass_k = evaluate_pass_at_k(self.student, self.tokenizer, self.task, examples, self.sampler,
                                         self.cfg.eval_samples, tuple(self.cfg.eval_pass_k), self.cfg.eval_batch_size,
-                                        progress=self.cfg.progress)
+                                        progress=self.cfg.progress and dist.is_main(), num_scored=num_scored)
+            if dist.world_size() > 1:  # example-weighted mean over ranks
+                sums = dist.all_reduce_sum([num_scored] + [pass_k[key] * num_scored for key in sorted(pass_k)])
+                pass_k = {key: value / max(sums[0], 1) for key, value in zip(sorted(pass_k), sums[1:])}
             metrics.update({f"eval/{key}": value for key, value in pass_k.items()})
             self.last_pass_at_k = pass_k
         if self.method.needs_validation_loss:
@@ -357,7 +411,7 @@ class Trainer:
     def trainer_state(self) -> dict[str, Any]:
         """Everything besides the weights that a resumed run needs (``trainer_state.pt``)."""
         return {"step": self.step, "initial_results": self.initial_results, "skipped_in_a_row": self.skipped_in_a_row,
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                **self.backend.state_dict(),  # optimizer and scheduler (in one process; DeepSpeed keeps its own)
                 "rng": ckpt.rng_state(), "policy_rng": self.rollout_ctx.rng.getstate(), "data": self.prompts.state_dict(),
                 "method": self.method.state_dict(),
                 "tokens_trained": self.tokens_trained, "skipped_total": self.skipped_total}
@@ -369,12 +423,19 @@ class Trainer:
             TrainingError: if a student weight is not finite; nothing is written, so the older
                 checkpoints stay as they are.
         """
-        bad = next((name for name, p in self.student.named_parameters() if not torch.isfinite(p).all()), None)
+        if self.backend.is_deepspeed:  # every rank checks its own partition
+            bad = None if dist.all_ranks_true(self.backend.local_weights_finite()) else "(a ZeRO partition)"
+        else:
+            bad = next((name for name, p in self.student.named_parameters() if not torch.isfinite(p).all()), None)
         if bad is not None:
             raise TrainingError(f"student weight {bad!r} is not finite at step {self.step}; refusing to write a "
                                 f"checkpoint over the last good one in {self.run_dir / 'checkpoints'}")
+        if not self.backend.is_deepspeed:
+            return ckpt.save_checkpoint(self.run_dir, self.step, self.student, self.tokenizer, self.trainer_state(),
+                                        self.cfg.keep_checkpoints)
         return ckpt.save_checkpoint(self.run_dir, self.step, self.student, self.tokenizer, self.trainer_state(),
-                                    self.cfg.keep_checkpoints)
+                                    self.cfg.keep_checkpoints, state_dict=self.backend.full_state_dict(),
+                                    write_shards=self.backend.save_extra)
 
     def restore(self, checkpoint: Path) -> None:
         """Continue from ``checkpoint``: weights, optimizer, schedule, every RNG, data position, method state.
@@ -397,10 +458,14 @@ class Trainer:
 
     def _load_state(self, checkpoint: Path, state: dict[str, Any]) -> None:
         """Load the weights of ``checkpoint`` and its trainer ``state`` into this trainer."""
-        ckpt.load_model_weights(self.student, checkpoint)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        ckpt.set_rng_state(state["rng"])
+        if self.backend.is_deepspeed:  # weights, ZeRO optimizer partitions and schedule from <checkpoint>/deepspeed
+            self.backend.load_state_dict(state, checkpoint)
+            rank_rng = Path(checkpoint) / f"rng_rank{dist.rank()}.pt"
+            ckpt.set_rng_state(torch.load(rank_rng, weights_only=True) if rank_rng.exists() else state["rng"])
+        else:
+            ckpt.load_model_weights(self.student, checkpoint)
+            self.backend.load_state_dict(state, checkpoint)
+            ckpt.set_rng_state(state["rng"])
         self.rollout_ctx.rng.setstate(ckpt.as_python_rng_state(state["policy_rng"]))
         self.prompts.load_state_dict(state["data"])
         self.method.load_state_dict(state["method"])
@@ -413,6 +478,15 @@ class Trainer:
         self.logger = logger
         if self.restored_from is not None:
             logger.truncate_after(self.step)
+
+    def _stop_requested(self) -> bool:
+        """A stop signal reached this process, or (over N processes) any rank: all ranks stop at the same step."""
+        if dist.world_size() == 1:
+            return self.stop_signal is not None
+        signals = [s for s in dist.gather_objects(self.stop_signal) if s is not None]
+        if signals and self.stop_signal is None:
+            self.stop_signal = signals[0]
+        return bool(signals)
 
     def _handle_stop_signal(self, signum: int, frame: Any) -> None:
         """SIGTERM / SIGINT (preemption, Ctrl-C): finish the current step, checkpoint, then exit."""
@@ -443,7 +517,7 @@ class Trainer:
         finally:
             for sig, handler in previous_handlers.items():
                 signal.signal(sig, handler)
-        if self.stop_signal is not None:
+        if self._stop_requested():
             checkpoint = self.save()
             raise TrainingInterrupted(f"stopped by signal {self.stop_signal} at step {self.step}; checkpoint saved to "
                                       f"{checkpoint}. Continue with trainer.resume={self.run_dir}", self.stop_signal)
@@ -468,10 +542,10 @@ class Trainer:
     def _train_loop(self) -> EvalResult | None:
         """Steps until ``max_steps`` or a stop signal; returns the evaluation of the final step if one ran."""
         bar = tqdm(total=self.cfg.max_steps, initial=self.step, desc=f"train {type(self.method).registry_name}",
-                   unit="step", disable=not self.cfg.progress, dynamic_ncols=True)
+                   unit="step", disable=not (self.cfg.progress and dist.is_main()), dynamic_ncols=True)
         accuracy, last = self.initial_results["student_accuracy_before"], None
         with bar:
-            while self.step < self.cfg.max_steps and self.stop_signal is None:
+            while self.step < self.cfg.max_steps and not self._stop_requested():
                 metrics = self.train_step()
                 self.logger.log(metrics, self.step)
                 bar.update(1)
@@ -487,3 +561,35 @@ class Trainer:
                 if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.cfg.max_steps:
                     self.save()
         return last
+
+
+def merge_eval_results(parts: list[EvalResult]) -> EvalResult:
+    """One :class:`EvalResult` from the ranks' shares (example-weighted means; samples of the first ranks)."""
+    total = sum(p.num_examples for p in parts)
+    n = max(total, 1)
+    samples = [sample for p in parts for sample in p.samples][: max(len(parts[0].samples), 1)]
+    return EvalResult(accuracy=sum(p.accuracy * p.num_examples for p in parts) / n, num_examples=total,
+                      mean_length=sum(p.mean_length * p.num_examples for p in parts) / n, samples=samples,
+                      score=sum(p.score * p.num_examples for p in parts) / n)
+
+
+def _sum_over_ranks(metrics: dict[str, float]) -> dict[str, float]:
+    """Per-key sums of every rank's metrics (keys may differ between ranks)."""
+    total: dict[str, float] = collections.defaultdict(float)
+    for part in dist.gather_objects(dict(metrics)):
+        for key, value in part.items():
+            total[key] += value
+    return total
+
+
+@contextlib.contextmanager
+def _gathered_head(model: torch.nn.Module | None):
+    """Inside: a ZeRO-3 ``model``'s output head whole on every rank (read-only); a no-op otherwise."""
+    head = linear_head(model) if model is not None and dist.is_zero3(model) else None
+    if head is None:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(head.parameters()), modifier_rank=None):
+        yield

@@ -11,6 +11,10 @@ import torch
 from opd.losses.chunked import HeadInputs
 from opd.sampling.base import RolloutBatch
 from opd.sampling.behaviour import BehaviourPolicy, StudentPolicy
+from opd.teachers.base import SparseTeacherLogprobs
+
+#: ``teacher.backend`` values: a local Hugging Face model (full logits) or a vLLM server (sparse log-probs)
+TEACHER_BACKENDS = ("hf", "vllm_server")
 
 
 @dataclasses.dataclass
@@ -62,6 +66,9 @@ class Method:
     needs_validation_loss: ClassVar[bool] = False
     #: :meth:`loss_from_hidden` computes the same loss from hidden states without full logits (``trainer.loss_chunk_size``).
     supports_hidden_loss: ClassVar[bool] = False
+    #: what :meth:`loss` can take as the teacher: "logits" (``[B, T, V]`` only) or "sparse" (also a
+    #: :class:`SparseTeacherLogprobs`, top-k and sampled-token log-probs from ``teacher.backend=vllm_server``).
+    teacher_inputs: ClassVar[str] = "logits"
 
     policy: BehaviourPolicy = StudentPolicy()
 
@@ -75,15 +82,16 @@ class Method:
         (privileged information, OPSD); None = the same prompt as the student."""
         return None
 
-    def loss(self, batch: RolloutBatch, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None,
-             num_tokens: int) -> LossOutput:
+    def loss(self, batch: RolloutBatch, student_logits: torch.Tensor,
+             teacher_logits: torch.Tensor | SparseTeacherLogprobs | None, num_tokens: int) -> LossOutput:
         """The loss on completion tokens.
 
         Args:
             batch: the rollouts (``completion_mask`` ``[B, T]`` marks the tokens that count).
             student_logits: ``[B, T, V]`` student logits at completion positions (with gradient).
-            teacher_logits: ``[B, T, V]`` teacher logits at the same positions (no gradient), or
-                None when ``needs_teacher`` is False.
+            teacher_logits: ``[B, T, V]`` teacher logits at the same positions (no gradient); a
+                :class:`SparseTeacherLogprobs` for methods with ``teacher_inputs == "sparse"`` under
+                ``teacher.backend=vllm_server``; or None when ``needs_teacher`` is False.
             num_tokens: completion tokens in the whole optimizer step (the normaliser).
         """
         raise NotImplementedError
@@ -106,6 +114,49 @@ class Method:
             ValueError: naming the ``method.<key>`` that does not fit.
         """
 
+    def sparse_teacher_top_k(self) -> int:
+        """The fewest top-k teacher log-probs per position the sparse loss needs (0: the sampled token's only)."""
+        return 0
+
+    def sparse_teacher_blocker(self) -> str | None:
+        """Why this configuration needs full teacher logits although ``teacher_inputs == "sparse"``, or None."""
+        return None
+
+    def check_teacher_backend(self, backend: str, top_k: int | None = None) -> None:
+        """Whether the method can run with ``teacher.backend``; called at start-up, before any model loads.
+
+        ``vllm_server`` returns only the top-k and sampled-token log-probs, at temperature 1, and cannot
+        sample: it needs ``teacher_inputs == "sparse"``, no blocker, a behaviour policy that does not
+        sample from the teacher, and ``top_k >= sparse_teacher_top_k()``.
+
+        Args:
+            backend: one of :data:`TEACHER_BACKENDS`.
+            top_k: the server's k (``teacher.server_top_k``), or None to skip that check.
+        Raises:
+            ValueError: one line naming the problem (and, for a method that needs logits, those that work).
+        """
+        if backend not in TEACHER_BACKENDS:
+            raise ValueError(f"teacher.backend must be one of {TEACHER_BACKENDS}, got {backend!r}")
+        if backend == "hf" or not (self.needs_teacher or self.policy.uses_teacher):
+            return
+        name = getattr(type(self), "registry_name", type(self).__name__)
+        if self.teacher_is_initial_student:
+            raise ValueError(f"method {name!r} distils from a frozen copy of the student, not a teacher server; "
+                             "use teacher.backend=hf")
+        if self.policy.uses_teacher:
+            raise ValueError(f"method {name!r} samples completions from the teacher ({type(self.policy).__name__}), "
+                             "which teacher.backend=vllm_server cannot do; use teacher.backend=hf")
+        if self.teacher_inputs != "sparse":
+            raise ValueError(f"method {name!r} needs the teacher's full logits; teacher.backend=vllm_server works with "
+                             f"methods: {', '.join(sparse_teacher_methods())}")
+        blocker = self.sparse_teacher_blocker()
+        if blocker:
+            raise ValueError(f"method {name!r} with teacher.backend=vllm_server: {blocker}")
+        need = self.sparse_teacher_top_k()
+        if top_k is not None and top_k < need:
+            raise ValueError(f"method {name!r} needs the teacher's top-{need} log-probs; set teacher.server_top_k >= {need} "
+                             f"(got {top_k})")
+
     def auxiliary_loss(self, batch: RolloutBatch, ctx: AuxiliaryContext) -> LossOutput | None:
         """An extra term on sequences other than the rollouts (MiniLLM's language-modelling term); none by default.
 
@@ -123,3 +174,11 @@ class Method:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.policy.load_state_dict(state.get("policy", {}))
+
+
+def sparse_teacher_methods() -> list[str]:
+    """Registered methods whose loss can run from :class:`SparseTeacherLogprobs` (some only in some settings)."""
+    import opd.methods  # noqa: F401  (registers every method)
+    from opd.registry import METHODS
+
+    return [name for name in METHODS if getattr(METHODS.get(name), "teacher_inputs", "logits") == "sparse"]

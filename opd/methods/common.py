@@ -17,7 +17,9 @@ import torch.nn.functional as F
 
 from opd.engine.scoring import token_logprobs
 from opd.losses.divergences import masked_reduce
+from opd.losses.topk import SPARSE_MODES, sparse_topk_forward_kl
 from opd.sampling.base import RolloutBatch
+from opd.teachers.base import SparseTeacherLogprobs
 
 NORMALIZATIONS = ("kept", "all")
 
@@ -62,6 +64,49 @@ def policy_logprobs(batch: RolloutBatch, student_logits: torch.Tensor) -> tuple[
     logq = token_logprobs(student_logits, batch.completion_ids, batch.temperature)
     old = behaviour_logprobs(batch, student_logits)
     return logq, torch.where(batch.completion_mask.bool(), old, logq.detach())
+
+
+def teacher_token_logprobs(teacher: torch.Tensor | SparseTeacherLogprobs, tokens: torch.Tensor,
+                           temperature: float = 1.0) -> torch.Tensor:
+    """``[B, T]`` log p_T(y_t) at ``temperature``, from full teacher logits ``[B, T, V]`` or a sparse teacher output.
+
+    A sparse output (a vLLM server's prompt log-probs) is at temperature 1 and holds the exact
+    sampled-token log-prob; another temperature would need the full distribution's normaliser.
+    """
+    if isinstance(teacher, SparseTeacherLogprobs):
+        if temperature != 1.0:
+            raise ValueError(f"sparse teacher log-probs are at temperature 1, not {temperature}")
+        return teacher.token_logprobs
+    return token_logprobs(teacher, tokens, temperature)
+
+
+def sparse_forward_kl(student_logits: torch.Tensor, teacher: SparseTeacherLogprobs, mode: str,
+                      temperature: float = 1.0) -> torch.Tensor:
+    """``[B, T]`` forward KL(T‖S) on the teacher's top-k (:func:`opd.losses.topk.sparse_topk_forward_kl`).
+
+    The teacher's log-probs are at temperature 1. In ``"renorm"`` mode any loss temperature τ is
+    exact: the teacher renormalised on its top-k at τ is softmax_k(log p_T / τ), which needs no
+    normaliser over the vocabulary (the top-k set itself does not depend on τ). ``"tail"`` needs τ = 1.
+
+    Args:
+        student_logits: ``[B, T, V]``.
+        teacher: the server's top-k (k >= 1).
+        mode: "tail" (k + 1 buckets; the full forward KL at k = V) or "renorm".
+        temperature: loss temperature τ.
+    """
+    check_choice("sparse_mode", mode, SPARSE_MODES)
+    if mode == "tail" and temperature != 1.0:
+        raise ValueError(f"sparse_mode 'tail' needs temperature 1 (sparse teacher log-probs are at 1), got {temperature}")
+    return sparse_topk_forward_kl(student_logits, teacher.topk_logprobs / temperature, teacher.topk_ids, mode,
+                                  temperature)
+
+
+def sparse_mode_blocker(mode: str, temperature: float) -> str | None:
+    """Why a forward-KL method cannot run from sparse teacher log-probs at ``temperature``, or None."""
+    if temperature != 1.0 and mode != "renorm":
+        return (f"method.temperature={temperature} needs method.sparse_mode=renorm (server log-probs are at "
+                f"temperature 1; only the top-k-renormalised KL can be re-tempered exactly)")
+    return None
 
 
 def top_fraction_mask(scores: torch.Tensor, mask: torch.Tensor, fraction: float, per_sequence: bool) -> torch.Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from opd.losses.chunked import HeadInputs, chunked_divergence_loss
 from opd.losses.divergences import masked_reduce, skew_forward_kl, skew_reverse_kl
 from opd.methods.base import LossOutput, Method
 from opd.methods.common import completion_cross_entropy
@@ -96,6 +97,7 @@ class DistiLLM(Method):
         if loss_eps < 0 or threshold_step < 0:
             raise ValueError(f"loss_eps and threshold_step must be >= 0, got {loss_eps}, {threshold_step}")
         self.divergence, self.alpha, self.temperature, self.ce_weight = divergence, alpha, temperature, ce_weight
+        self.supports_hidden_loss = ce_weight == 0  # the chunked path computes teacher-vs-student divergences only
         self.policy = DistiLLMReplayPolicy(reference_loss, init_threshold=init_threshold, capacity=capacity,
                                            loss_eps=loss_eps, replay_ratio=replay_ratio, threshold_step=threshold_step)
 
@@ -111,3 +113,13 @@ class DistiLLM(Method):
             loss = loss + self.ce_weight * ce
             metrics["loss/ce"] = ce.item()
         return LossOutput(loss, metrics)
+
+    def loss_from_hidden(self, batch: RolloutBatch, student: HeadInputs, teacher: HeadInputs | None, num_tokens: int,
+                         chunk_size: int) -> LossOutput:
+        """The same skew divergence (``ce_weight == 0``) from hidden states, ``chunk_size`` positions of logits at a time."""
+        skew = skew_forward_kl if self.divergence == "skl" else skew_reverse_kl
+        distil = chunked_divergence_loss(student.hidden, student.weight, teacher.hidden, teacher.weight,
+                                         batch.completion_mask, skew, num_tokens, chunk_size=chunk_size,
+                                         temperature=self.temperature, student_bias=student.bias,
+                                         teacher_bias=teacher.bias, alpha=self.alpha)
+        return LossOutput(distil, {f"loss/{self.divergence}": distil.item(), f"distillm/{batch.source}_batches": 1.0})

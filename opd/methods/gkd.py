@@ -6,10 +6,13 @@ import torch
 
 from opd.losses.chunked import HeadInputs, chunked_divergence_loss
 from opd.losses.divergences import generalized_jsd, masked_reduce
+from opd.losses.topk import SPARSE_MODES
 from opd.methods.base import LossOutput, Method
+from opd.methods.common import check_choice, sparse_forward_kl, sparse_mode_blocker
 from opd.registry import METHODS
 from opd.sampling.base import RolloutBatch
 from opd.sampling.behaviour import DatasetPolicy, LambdaMixture, TeacherPolicy
+from opd.teachers.base import SparseTeacherLogprobs
 
 
 @METHODS.register("gkd")
@@ -25,17 +28,24 @@ class GKD(Method):
     (TRL's token mean; the paper averages per sequence first). β = 0 / 1 are exactly forward / reverse
     KL, as in TRL.
 
+    With a teacher server (``teacher.backend=vllm_server``, β = 0 only) the teacher is known by its
+    top-k log-probs, and D is the forward KL on that support (:func:`opd.losses.topk.sparse_topk_forward_kl`):
+    ``sparse_mode: tail`` adds a bucket for the mass outside the top-k (the full forward KL at k = V),
+    ``renorm`` renormalises both distributions on the top-k.
+
     Args:
         beta: JSD interpolation β in [0, 1]; 0 = forward KL(T‖S), 1 = reverse KL(S‖T).
         lmbda: λ in [0, 1], probability that a batch is student-sampled (1 = fully on-policy).
         temperature: loss temperature applied to both logits (independent of sampling temperature).
         off_policy_source: where non-student batches come from: "dataset" or "teacher".
+        sparse_mode: top-k forward KL from a teacher server: "tail" or "renorm" (unused with full logits).
     """
 
     supports_hidden_loss = True
+    teacher_inputs = "sparse"
 
     def __init__(self, beta: float = 0.5, lmbda: float = 1.0, temperature: float = 1.0,
-                 off_policy_source: str = "dataset") -> None:
+                 off_policy_source: str = "dataset", sparse_mode: str = "tail") -> None:
         if not 0.0 <= beta <= 1.0:
             raise ValueError(f"beta must be in [0, 1], got {beta}")
         if not 0.0 <= lmbda <= 1.0:
@@ -44,12 +54,28 @@ class GKD(Method):
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if off_policy_source not in ("dataset", "teacher"):
             raise ValueError(f"off_policy_source must be 'dataset' or 'teacher', got {off_policy_source!r}")
-        self.beta, self.lmbda, self.temperature = beta, lmbda, temperature
+        check_choice("sparse_mode", sparse_mode, SPARSE_MODES)
+        self.beta, self.lmbda, self.temperature, self.sparse_mode = beta, lmbda, temperature, sparse_mode
         self.policy = LambdaMixture(lmbda, DatasetPolicy() if off_policy_source == "dataset" else TeacherPolicy())
 
-    def loss(self, batch: RolloutBatch, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None,
-             num_tokens: int) -> LossOutput:
-        per_token = generalized_jsd(student_logits, teacher_logits, beta=self.beta, temperature=self.temperature)
+    def sparse_teacher_top_k(self) -> int:
+        return 1
+
+    def sparse_teacher_blocker(self) -> str | None:
+        if self.beta != 0.0:
+            return (f"method.beta={self.beta}: the JSD needs the teacher's full distribution; only beta=0 (forward KL "
+                    "on the teacher's top-k) runs from a server")
+        return sparse_mode_blocker(self.sparse_mode, self.temperature)
+
+    def loss(self, batch: RolloutBatch, student_logits: torch.Tensor,
+             teacher_logits: torch.Tensor | SparseTeacherLogprobs | None, num_tokens: int) -> LossOutput:
+        if isinstance(teacher_logits, SparseTeacherLogprobs):
+            blocker = self.sparse_teacher_blocker()
+            if blocker:
+                raise ValueError(f"gkd: {blocker}")
+            per_token = sparse_forward_kl(student_logits, teacher_logits, self.sparse_mode, self.temperature)
+        else:
+            per_token = generalized_jsd(student_logits, teacher_logits, beta=self.beta, temperature=self.temperature)
         loss = masked_reduce(per_token, batch.completion_mask, num_tokens)
         return LossOutput(loss, {"loss/jsd": loss.item(), f"gkd/{batch.source}_batches": 1.0})
 

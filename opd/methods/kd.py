@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import torch
 
+from opd.losses.chunked import HeadInputs, chunked_divergence_loss
 from opd.losses.divergences import forward_kl, masked_reduce
+from opd.losses.topk import SPARSE_MODES
 from opd.methods.base import LossOutput, Method
-from opd.methods.common import completion_cross_entropy
+from opd.methods.common import check_choice, completion_cross_entropy, sparse_forward_kl, sparse_mode_blocker
 from opd.registry import METHODS
 from opd.sampling.base import RolloutBatch
 from opd.sampling.behaviour import DatasetPolicy
+from opd.teachers.base import SparseTeacherLogprobs
 
 
 @METHODS.register("kd")
@@ -29,25 +32,46 @@ class KD(Method):
     teacher cross-entropy −Σ p_T log q_θ, which differs from KL(p_T‖q_θ) only by the teacher's entropy
     (a constant: the same gradient), and has no τ² factor (it trains at τ = 1 where the two agree).
 
+    With a teacher server (``teacher.backend=vllm_server``) the KL is the forward KL on the teacher's
+    top-k (:func:`opd.losses.topk.sparse_topk_forward_kl`; ``sparse_mode`` "tail" or "renorm", τ ≠ 1
+    only with "renorm").
+
     Args:
         temperature: loss temperature τ on both logits (> 0).
         ce_weight: w in [0, 1], the weight of the hard-label cross-entropy (1 = SFT).
         scale_by_t2: multiply the soft-target term by τ² (Hinton et al.); irrelevant at τ = 1.
+        sparse_mode: top-k forward KL from a teacher server: "tail" or "renorm" (unused with full logits).
     """
 
-    def __init__(self, temperature: float = 1.0, ce_weight: float = 0.0, scale_by_t2: bool = True) -> None:
+    teacher_inputs = "sparse"
+
+    def __init__(self, temperature: float = 1.0, ce_weight: float = 0.0, scale_by_t2: bool = True,
+                 sparse_mode: str = "tail") -> None:
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if not 0.0 <= ce_weight <= 1.0:
             raise ValueError(f"ce_weight must be in [0, 1], got {ce_weight}")
+        check_choice("sparse_mode", sparse_mode, SPARSE_MODES)
         self.temperature, self.ce_weight, self.scale_by_t2 = temperature, ce_weight, scale_by_t2
+        self.sparse_mode = sparse_mode
         self.policy = DatasetPolicy()
+        self.supports_hidden_loss = ce_weight == 0  # the chunked path computes teacher-vs-student divergences only
 
-    def loss(self, batch: RolloutBatch, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None,
-             num_tokens: int) -> LossOutput:
+    def sparse_teacher_top_k(self) -> int:
+        return 1
+
+    def sparse_teacher_blocker(self) -> str | None:
+        return sparse_mode_blocker(self.sparse_mode, self.temperature)
+
+    def loss(self, batch: RolloutBatch, student_logits: torch.Tensor,
+             teacher_logits: torch.Tensor | SparseTeacherLogprobs | None, num_tokens: int) -> LossOutput:
         mask = batch.completion_mask
         scale = self.temperature ** 2 if self.scale_by_t2 else 1.0
-        fkl = masked_reduce(forward_kl(student_logits, teacher_logits, self.temperature), mask, num_tokens) * scale
+        if isinstance(teacher_logits, SparseTeacherLogprobs):
+            per_token = sparse_forward_kl(student_logits, teacher_logits, self.sparse_mode, self.temperature)
+        else:
+            per_token = forward_kl(student_logits, teacher_logits, self.temperature)
+        fkl = masked_reduce(per_token, mask, num_tokens) * scale
         metrics = {"loss/fkl": fkl.item()}
         loss = (1.0 - self.ce_weight) * fkl
         if self.ce_weight > 0:
@@ -55,3 +79,12 @@ class KD(Method):
             loss = loss + self.ce_weight * ce
             metrics["loss/ce"] = ce.item()
         return LossOutput(loss, metrics)
+
+    def loss_from_hidden(self, batch: RolloutBatch, student: HeadInputs, teacher: HeadInputs | None, num_tokens: int,
+                         chunk_size: int) -> LossOutput:
+        """The same forward KL (``ce_weight == 0``) from hidden states, ``chunk_size`` positions of logits at a time."""
+        scale = self.temperature ** 2 if self.scale_by_t2 else 1.0
+        fkl = chunked_divergence_loss(student.hidden, student.weight, teacher.hidden, teacher.weight, batch.completion_mask,
+                                      forward_kl, num_tokens, chunk_size=chunk_size, temperature=self.temperature,
+                                      student_bias=student.bias, teacher_bias=teacher.bias) * scale
+        return LossOutput(fkl, {"loss/fkl": fkl.item()})

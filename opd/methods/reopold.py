@@ -6,7 +6,6 @@ import math
 
 import torch
 
-from opd.engine.scoring import token_logprobs
 from opd.losses.divergences import entropy, masked_reduce
 from opd.losses.sampled import policy_gradient_loss
 from opd.methods.base import LossOutput, Method
@@ -17,11 +16,13 @@ from opd.methods.common import (
     check_unit,
     policy_logprobs,
     selected_mean,
+    teacher_token_logprobs,
     top_fraction_mask,
 )
 from opd.registry import METHODS
 from opd.sampling.base import RolloutBatch
 from opd.sampling.behaviour import StudentPolicy
+from opd.teachers.base import SparseTeacherLogprobs
 
 
 @METHODS.register("reopold")
@@ -42,6 +43,9 @@ class REOPOLD(Method):
     exploration-to-refinement schedule (weaker negative rewards early, sharper later); run it as two
     runs (resume from the first with a smaller λ / larger keep fraction).
 
+    With ``entropy_source: student`` it needs only log p_T(y_t): runs from a teacher server
+    (``teacher.backend=vllm_server``, temperature 1).
+
     Args:
         lmbda: λ in [0, 1); the reward floor is log(λ/(1−λ)) (λ = 0: no floor; λ > 0.5 gives a positive floor).
         keep_fraction: fraction k in (0, 1] of highest-entropy tokens that train (1 = no mask).
@@ -51,6 +55,8 @@ class REOPOLD(Method):
         clip_eps: PPO clip range ε > 0, or null for the unclipped ratio.
         temperature: loss temperature of the teacher log-probs and of the entropy.
     """
+
+    teacher_inputs = "sparse"
 
     def __init__(self, lmbda: float = 0.17, keep_fraction: float = 0.5, entropy_source: str = "student",
                  mask_scope: str = "batch", normalize: str = "kept", clip_eps: float | None = 0.2,
@@ -67,15 +73,24 @@ class REOPOLD(Method):
         self.floor = math.log(lmbda / (1.0 - lmbda)) if lmbda > 0 else float("-inf")
         self.policy = StudentPolicy()
 
-    def loss(self, batch: RolloutBatch, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None,
-             num_tokens: int) -> LossOutput:
+    def sparse_teacher_blocker(self) -> str | None:
+        if self.entropy_source == "teacher":
+            return "method.entropy_source=teacher needs the teacher's full distribution; use entropy_source=student"
+        if self.temperature != 1.0:
+            return f"method.temperature={self.temperature}: server log-probs are at temperature 1"
+        return None
+
+    def loss(self, batch: RolloutBatch, student_logits: torch.Tensor,
+             teacher_logits: torch.Tensor | SparseTeacherLogprobs | None, num_tokens: int) -> LossOutput:
         mask = batch.completion_mask
         real = mask.bool()
         logq, logq_old = policy_logprobs(batch, student_logits)
-        reward = token_logprobs(teacher_logits, batch.completion_ids, self.temperature) - logq_old
+        reward = teacher_token_logprobs(teacher_logits, batch.completion_ids, self.temperature) - logq_old
         clipped = (reward < self.floor) & real
         reward_hat = reward.clamp(min=self.floor)
 
+        if self.entropy_source == "teacher" and isinstance(teacher_logits, SparseTeacherLogprobs):
+            raise ValueError(f"reopold: {self.sparse_teacher_blocker()}")
         ranked = student_logits if self.entropy_source == "student" else teacher_logits
         keep = top_fraction_mask(entropy(ranked.detach(), self.temperature), mask, self.keep_fraction,
                                  per_sequence=self.mask_scope == "sequence")

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from opd.engine.scoring import token_logprobs
 from opd.losses.divergences import masked_reduce
 from opd.losses.sampled import discounted_returns, policy_gradient_loss, sampled_log_ratio
 from opd.methods.base import LossOutput, Method
-from opd.methods.common import check_positive, check_unit, policy_logprobs
+from opd.methods.common import check_positive, check_unit, policy_logprobs, teacher_token_logprobs
 from opd.registry import METHODS
 from opd.sampling.base import RolloutBatch
 from opd.sampling.behaviour import StudentPolicy
+from opd.teachers.base import SparseTeacherLogprobs
 
 
 @METHODS.register("tm_opd")
@@ -29,11 +29,16 @@ class TMOPD(Method):
     The expected gradient is the per-token reverse-KL gradient; at ratio 1 it is −A_t·∇log q_θ(y_t).
     No paper/code disagreement: the blog describes the cookbook's loss.
 
+    Needs only log p_T(y_t): runs from a teacher server (``teacher.backend=vllm_server``, any
+    ``teacher.server_top_k``, temperature 1).
+
     Args:
         kl_coef: c > 0, the weight of the reverse-KL advantage (recipe ``kl_penalty_coef`` 1.0).
         kl_discount_factor: γ in [0, 1]; 0 = per-token advantage (recipe default).
         temperature: loss temperature of the teacher's log-probs (the recipe scores at 1).
     """
+
+    teacher_inputs = "sparse"
 
     def __init__(self, kl_coef: float = 1.0, kl_discount_factor: float = 0.0, temperature: float = 1.0) -> None:
         check_positive("kl_coef", kl_coef)
@@ -42,11 +47,17 @@ class TMOPD(Method):
         self.kl_coef, self.kl_discount_factor, self.temperature = kl_coef, kl_discount_factor, temperature
         self.policy = StudentPolicy()
 
-    def loss(self, batch: RolloutBatch, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None,
-             num_tokens: int) -> LossOutput:
+    def sparse_teacher_blocker(self) -> str | None:
+        if self.temperature != 1.0:
+            return f"method.temperature={self.temperature}: server log-probs are at temperature 1"
+        return None
+
+    def loss(self, batch: RolloutBatch, student_logits: torch.Tensor,
+             teacher_logits: torch.Tensor | SparseTeacherLogprobs | None, num_tokens: int) -> LossOutput:
         mask = batch.completion_mask
         logq, logq_old = policy_logprobs(batch, student_logits)
-        reverse_kl = sampled_log_ratio(logq_old, token_logprobs(teacher_logits, batch.completion_ids, self.temperature))
+        logp_teacher = teacher_token_logprobs(teacher_logits, batch.completion_ids, self.temperature)
+        reverse_kl = sampled_log_ratio(logq_old, logp_teacher)
         adv = -self.kl_coef * reverse_kl
         if self.kl_discount_factor > 0:
             adv = discounted_returns(adv, mask, gamma=self.kl_discount_factor, include_current=True)

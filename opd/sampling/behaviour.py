@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from opd import distributed as dist
 from opd.data.base import Example
 from opd.sampling.base import RolloutBatch, truncate_after_eos
 from opd.sampling.tokenize import encode_prompts, encode_targets
@@ -162,6 +163,7 @@ def joint_decode(student: torch.nn.Module, teacher: torch.nn.Module, prompt_ids:
     inputs = prompt_ids
     finished = torch.zeros(batch_size, dtype=torch.bool, device=prompt_ids.device)
     tokens, student_lps, mix_lps = [], [], []
+    synced = dist.needs_synced_decoding(student) or dist.needs_synced_decoding(teacher)
     log_alpha, log_one_minus = math.log(alpha) if alpha > 0 else -math.inf, math.log1p(-alpha) if alpha < 1 else -math.inf
     for _ in range(max_new_tokens):
         log_probs = []
@@ -178,7 +180,10 @@ def joint_decode(student: torch.nn.Module, teacher: torch.nn.Module, prompt_ids:
         student_lps.append(log_q.gather(1, next_token[:, None]).squeeze(1))
         mix_lps.append(log_mix.gather(1, next_token[:, None]).squeeze(1))
         finished |= next_token == eos_token_id
-        if finished.all():
+        done = bool(finished.all())
+        if synced:  # ZeRO-3 forwards are collectives: a rank that is done keeps stepping until every rank is
+            done = dist.all_ranks_true(done)
+        if done:
             break
         inputs = next_token[:, None]
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)

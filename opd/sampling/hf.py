@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from opd import distributed as dist
 from opd.data.base import Example
 from opd.registry import SAMPLERS
 from opd.sampling.base import RolloutBatch, check_sampling_params, truncate_after_eos
@@ -36,7 +37,8 @@ class HFSampler:
         try:
             sequences = model.generate(
                 input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=not greedy, max_new_tokens=self.max_new_tokens,
-                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, use_cache=True, **sampling)
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, use_cache=True,
+                synced_gpus=dist.needs_synced_decoding(model), **sampling)  # ZeRO-3: ranks step together
         finally:
             model.train(was_training)
         completion_ids, completion_mask = truncate_after_eos(sequences[:, prompt_ids.shape[1]:], tokenizer.eos_token_id,

@@ -48,6 +48,22 @@ class JsonlLogger:
         self._file.close()
 
 
+class NullLogger:
+    """What ranks other than 0 log to in a multi-process run: nothing (rank 0 writes every file)."""
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        pass
+
+    def truncate_after(self, step: int) -> None:
+        pass
+
+    def log_samples(self, samples: list[tuple[str, str, bool]], step: int) -> None:
+        pass
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        pass
+
+
 class WandbLogger(JsonlLogger):
     """Also logs to W&B. Offline mode when no API key is configured; ``WANDB_MODE`` wins if set.
 
