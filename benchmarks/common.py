@@ -1,14 +1,21 @@
-"""Helpers shared by the benchmarks: the machine description, resident-memory readings, fresh-process workers, tables."""
+"""Helpers shared by the benchmarks: the machine description, resident-memory readings, fresh-process workers,
+interleaved timing of variants, tables."""
 
 from __future__ import annotations
 
+import atexit
+import dataclasses
 import datetime
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -104,8 +111,78 @@ def run_worker(script: Path, payload: dict, threads: int, timeout: float = 900) 
     return json.loads(lines[-1])
 
 
+def use_fresh_inductor_cache() -> None:
+    """Point torch.compile's cache at a new temporary directory (removed at exit), so compile times are cold ones.
+
+    Does nothing when ``TORCHINDUCTOR_CACHE_DIR`` is already set (then that cache is used as it is).
+    """
+    if "TORCHINDUCTOR_CACHE_DIR" in os.environ:
+        return
+    path = tempfile.mkdtemp(prefix="opd-bench-inductor-")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
+
+
+@dataclasses.dataclass
+class Timings:
+    """Repeated measurements of one variant: wall seconds, tokens counted and decode steps of each call."""
+
+    seconds: list[float] = dataclasses.field(default_factory=list)
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    steps: list[int] = dataclasses.field(default_factory=list)
+
+    def tokens_per_s(self) -> float:
+        """Median over calls of tokens counted / seconds."""
+        return median([n / s for n, s in zip(self.tokens, self.seconds)])
+
+    def positions_per_s(self, batch_size: int) -> float:
+        """Median over calls of batch x decode steps / seconds (speed per decode step, however early rows stopped)."""
+        return median([batch_size * k / s for k, s in zip(self.steps, self.seconds)])
+
+    def median_tokens(self) -> float:
+        return median([float(n) for n in self.tokens])
+
+
+def time_variants(variants: dict[str, Callable[..., tuple[int, int]]], call_args: tuple = (), reps: int = 3,
+                  threads: Sequence[int] = (1,)) -> dict[tuple[str, int], Timings]:
+    """Time every variant ``reps`` times at every torch thread count, interleaved in this one process.
+
+    Each repetition runs every (thread count, variant) pair once; the order of the thread counts and of
+    the variants is reversed on every other repetition, so a slow spell of a shared machine falls on
+    all of them alike. Before each call the torch RNG is seeded with the repetition number, so sampled
+    variants start from the same random state.
+
+    Args:
+        variants: name -> function of ``*call_args`` returning (tokens counted, decode steps).
+        call_args: the arguments every variant is called with (model, tokenizer, prompts, ...).
+        reps: repetitions per (variant, thread count); report medians.
+        threads: torch thread counts (``torch.set_num_threads``); the last one stays set afterwards.
+
+    Returns:
+        (name, threads) -> the :class:`Timings` of its calls.
+    """
+    import torch
+
+    results = {(name, t): Timings() for name in variants for t in threads}
+    for rep in range(reps):
+        thread_order = list(threads) if rep % 2 == 0 else list(reversed(threads))
+        names = list(variants) if rep % 2 == 0 else list(reversed(list(variants)))
+        for t in thread_order:
+            torch.set_num_threads(t)
+            for name in names:
+                torch.manual_seed(rep)
+                started = time.perf_counter()
+                tokens, steps = variants[name](*call_args)
+                record = results[(name, t)]
+                record.seconds.append(time.perf_counter() - started)
+                record.tokens.append(tokens)
+                record.steps.append(steps)
+    torch.set_num_threads(threads[-1])
+    return results
 
 
 def markdown_table(header: list[str], rows: list[list[object]]) -> str:

@@ -77,6 +77,7 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:1 ...
     num_threads: Optional[int] = None  # torch CPU threads; null = auto: 1 for tiny models on CPU, else torch's default
     loss_chunk_size: Optional[int] = None  # loss from hidden states, N tokens of logits at a time: null = auto, 0 = off
+    compile: bool = False  # torch.compile(dynamic=True) the student's and teacher's forward (rollouts, scoring, training)
     progress: bool = True  # tqdm progress bars
 
     def __post_init__(self) -> None:

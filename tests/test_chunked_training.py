@@ -60,3 +60,18 @@ def test_negative_rejected(compose_cfg):
     from opd.errors import ConfigError
     with pytest.raises(ConfigError, match="loss_chunk_size"):
         build_trainer(compose_cfg("trainer.loss_chunk_size=-1"))
+
+
+@pytest.mark.slow
+def test_compiled_forwards_train_like_the_plain_ones(compose_cfg):
+    """trainer.compile=true (torch.compile of both forwards, ~1 min to compile): the same steps as eager."""
+    common = ("method.lmbda=0", "trainer.batch_size=4", "trainer.grad_accum=2")
+    eager = build_trainer(compose_cfg(*common))
+    ma = [eager.train_step() for _ in range(2)]
+    compiled = build_trainer(compose_cfg(*common, "trainer.compile=true"))
+    mb = [compiled.train_step() for _ in range(2)]
+    for a, b in zip(ma, mb):
+        assert a["train/tokens"] == b["train/tokens"]
+        assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-4)
+        assert a["train/grad_norm"] == pytest.approx(b["train/grad_norm"], rel=1e-3)
+    assert eager.evaluate(eager.student, "eager").accuracy == compiled.evaluate(compiled.student, "compiled").accuracy

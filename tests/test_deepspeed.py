@@ -114,3 +114,14 @@ def test_several_processes_without_deepspeed_fail_with_one_line(tmp_path):
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "deepspeed=none" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_a_hydra_sweep_under_torchrun_runs_every_job_over_both_ranks(tmp_path):
+    """``torchrun ... -m opd.train -m method=gkd,sft``: each job is a 2-process ZeRO-2 run in its own directory."""
+    proc = torchrun("-m", "deepspeed=zero2", "method=gkd,sft", "debug=tiny", "trainer.max_steps=2", cwd=tmp_path)
+    runs = sorted(p for p in (tmp_path / "logs" / "default" / "multiruns").glob("*/*") if p.is_dir())
+    summaries = [json.loads((run_dir / "summary.json").read_text()) for run_dir in runs if (run_dir / "summary.json").exists()]
+    assert sorted(s["method"] for s in summaries) == ["gkd", "sft"]
+    assert all(s["world_size"] == 2 and s["steps"] == 2 for s in summaries)
+    assert proc.stdout.count("student accuracy after") == 2  # rank 0 only, once per job

@@ -68,3 +68,26 @@ def test_bad_sampler_values_fail_at_build():
         SAMPLERS.build({"name": "hf", "max_new_tokens": 0})
     with pytest.raises(ConfigError, match="temperature"):
         SAMPLERS.build({"name": "hf", "temperature": 0.0})
+
+
+def test_n_samples_per_prompt_are_rows_grouped_by_example(student):
+    model, tok = student
+    torch.manual_seed(0)
+    batch = HFSampler(max_new_tokens=12, n=3).generate(model, tok, EXAMPLES)
+    assert batch.completion_ids.shape[0] == 6 and batch.examples == [EXAMPLES[0]] * 3 + [EXAMPLES[1]] * 3
+    assert torch.equal(batch.prompt_ids[:3], batch.prompt_ids[0].expand(3, -1))
+    assert not torch.equal(batch.prompt_ids[2], batch.prompt_ids[3])
+    rows = {tuple(ids[m.bool()].tolist()) for ids, m in zip(batch.completion_ids[:3], batch.completion_mask[:3])}
+    assert len(rows) > 1  # three samples of one prompt, not one copied
+    assert HFSampler(max_new_tokens=12, n=3).generate(model, tok, EXAMPLES, greedy=True).completion_ids.shape[0] == 2
+    assert HFSampler(max_new_tokens=12, n=3).generate(model, tok, EXAMPLES, n=1).completion_ids.shape[0] == 2
+
+
+def test_a_training_step_with_several_samples_per_prompt(compose_cfg):
+    from opd.train import build_trainer
+
+    trainer = build_trainer(compose_cfg("sampler.n=2", "trainer.batch_size=4"))
+    batch = trainer.collect(trainer.eval_examples[:4])
+    assert batch.completion_ids.shape[0] == 8
+    metrics = trainer.train_step()
+    assert metrics["train/tokens"] > 0 and torch.isfinite(torch.tensor(metrics["train/loss"]))

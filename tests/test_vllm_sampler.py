@@ -86,8 +86,8 @@ def test_engine_leaves_torch_threading_alone(engine_sampler, student, task):
 
 def test_registered_lazily_and_validates():
     assert SAMPLERS.get("vllm") is VLLMSampler
-    with pytest.raises(ValueError, match="n must be 1"):
-        VLLMSampler(n=2)
+    with pytest.raises(ValueError, match="n \\(samples per prompt\\) must be >= 1"):
+        VLLMSampler(n=0)
     with pytest.raises(ValueError, match="dtype"):
         VLLMSampler(dtype="fp8")
     with pytest.raises(ValueError, match="temperature"):
@@ -137,6 +137,16 @@ def test_sync_weights_makes_the_engine_follow_the_updated_model(engine_sampler, 
     finally:
         engine_sampler.weight_sync = "iterator"
     assert rows(engine_sampler.generate(model, tok, examples, greedy=True)) == before
+
+
+def test_n_samples_per_prompt_are_rows_grouped_by_example(engine_sampler, student, task):
+    model, tok = student
+    examples = task.eval[:3]
+    batch = engine_sampler.generate(model, tok, examples, n=4)
+    assert batch.completion_ids.shape[0] == 12 and batch.examples == [ex for ex in examples for _ in range(4)]
+    assert torch.equal(batch.prompt_ids[0], batch.prompt_ids[3]) and not torch.equal(batch.prompt_ids[0], batch.prompt_ids[4])
+    assert len({tuple(r) for r in rows(batch)[:4]}) > 1  # four samples of one prompt, not one copied
+    assert engine_sampler.generate(model, tok, examples, greedy=True, n=4).completion_ids.shape[0] == 3
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])

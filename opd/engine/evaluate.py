@@ -79,7 +79,7 @@ def evaluate_pass_at_k(model: torch.nn.Module, tokenizer, task: Task, examples: 
     repeated = [ex for ex in examples for _ in range(num_samples)]
     for start in tqdm(range(0, len(repeated), batch_size), desc=desc, leave=False, disable=not progress, unit="batch"):
         chunk = repeated[start : start + batch_size]
-        rollout = sampler.generate(model, tokenizer, chunk)
+        rollout = sampler.generate(model, tokenizer, chunk, n=1)  # the n samples are the repeated examples
         texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
         correct += [task.is_correct(text, ex) for ex, text in zip(chunk, texts)]
     per_example = [sum(correct[i : i + num_samples]) for i in range(0, len(correct), num_samples)]

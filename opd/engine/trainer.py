@@ -225,6 +225,10 @@ class Trainer:
                 self.loss_chunk_size = 0
         else:
             self.backend = LocalBackend(self.student, trainer_cfg, lr_lambda(trainer_cfg))
+        if trainer_cfg.compile:  # after DeepSpeed has wrapped/sharded the modules; one compile serves every shape
+            for model in (self.student, self.teacher):
+                if model is not None:
+                    model.forward = torch.compile(model.forward, dynamic=True)
         if dist.world_size() > 1:  # different rollout samples on every rank; the same prompts and coin flips
             torch.manual_seed(seed + 1_000_003 * dist.rank())
         # prompt + completion must fit the position embeddings of both models

@@ -59,7 +59,7 @@ class RolloutBatch:
         return dataclasses.replace(self, **move, extras={k: v.to(device) for k, v in self.extras.items()})
 
 
-def check_sampling_params(temperature: float, top_p: float, top_k: int, max_new_tokens: int) -> None:
+def check_sampling_params(temperature: float, top_p: float, top_k: int, max_new_tokens: int, n: int = 1) -> None:
     """The sampling settings every sampler shares, checked at config time.
 
     Raises:
@@ -73,6 +73,8 @@ def check_sampling_params(temperature: float, top_p: float, top_k: int, max_new_
         raise ValueError(f"top_k must be >= 0, got {top_k}")
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be > 0, got {max_new_tokens}")
+    if n < 1:
+        raise ValueError(f"n (samples per prompt) must be >= 1, got {n}")
 
 
 def truncate_after_eos(completion_ids: torch.Tensor, eos_token_id: int | Sequence[int], pad_token_id: int
@@ -97,6 +99,8 @@ class Sampler(Protocol):
 
     max_new_tokens: int
 
-    def generate(self, model: torch.nn.Module, tokenizer, examples: list[Example], greedy: bool = False) -> RolloutBatch:
-        """Sample one completion per example (greedy when ``greedy``)."""
+    def generate(self, model: torch.nn.Module, tokenizer, examples: list[Example], greedy: bool = False,
+                 n: int | None = None) -> RolloutBatch:
+        """Sample ``n`` completions per example (the sampler's ``n`` when None; one when ``greedy``); the batch's
+        rows and ``examples`` are grouped by example: ``[e0, e0, ..., e1, e1, ...]``."""
         ...

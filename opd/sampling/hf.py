@@ -20,18 +20,24 @@ class HFSampler:
         top_p: nucleus sampling threshold; 1.0 disables it.
         top_k: keep the k most likely tokens; 0 disables it.
         max_new_tokens: completion length cap.
+        n: completions sampled per prompt (``num_return_sequences``); each is its own row of the batch.
     """
 
-    def __init__(self, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, max_new_tokens: int = 64) -> None:
-        check_sampling_params(temperature, top_p, top_k, max_new_tokens)
-        self.temperature, self.top_p, self.top_k, self.max_new_tokens = temperature, top_p, top_k, max_new_tokens
+    def __init__(self, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, max_new_tokens: int = 64,
+                 n: int = 1) -> None:
+        check_sampling_params(temperature, top_p, top_k, max_new_tokens, n)
+        self.temperature, self.top_p, self.top_k, self.max_new_tokens, self.n = temperature, top_p, top_k, max_new_tokens, n
 
     @torch.no_grad()
-    def generate(self, model: torch.nn.Module, tokenizer, examples: list[Example], greedy: bool = False) -> RolloutBatch:
-        """One completion per example from ``model`` (eval mode during generation, restored after)."""
+    def generate(self, model: torch.nn.Module, tokenizer, examples: list[Example], greedy: bool = False,
+                 n: int | None = None) -> RolloutBatch:
+        """``n`` completions per example from ``model`` (eval mode during generation, restored after); rows grouped
+        by example. ``n``: the sampler's when None; always one when ``greedy``."""
         device = next(model.parameters()).device
         prompt_ids, prompt_mask = encode_prompts(tokenizer, [ex.prompt for ex in examples], device)
-        sampling = {} if greedy else {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k or None}
+        n = 1 if greedy else (self.n if n is None else n)
+        sampling = {} if greedy else {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k or None,
+                                      "num_return_sequences": n}
         was_training = model.training
         model.eval()
         try:
@@ -43,5 +49,8 @@ class HFSampler:
             model.train(was_training)
         completion_ids, completion_mask = truncate_after_eos(sequences[:, prompt_ids.shape[1]:], tokenizer.eos_token_id,
                                                              tokenizer.pad_token_id)
+        if n > 1:  # generate returns the n samples of each prompt next to each other
+            prompt_ids, prompt_mask = prompt_ids.repeat_interleave(n, dim=0), prompt_mask.repeat_interleave(n, dim=0)
+            examples = [ex for ex in examples for _ in range(n)]
         return RolloutBatch(prompt_ids, prompt_mask, completion_ids, completion_mask, list(examples), "student",
                             temperature=1.0 if greedy else self.temperature)

@@ -72,7 +72,7 @@ class VLLMSampler:
         top_p: nucleus sampling threshold in (0, 1]; 1.0 disables it.
         top_k: keep the k most likely tokens; 0 disables it (vLLM's ``-1``).
         max_new_tokens: completion length cap.
-        n: samples per prompt; only 1 is supported (a RolloutBatch row is one example's completion).
+        n: completions sampled per prompt (``SamplingParams.n``); each is its own row of the batch.
         dtype: engine weight/activation dtype; "float32" matches the CPU student bit for bit in layout.
         enforce_eager: no CUDA graphs / torch.compile (fast start-up; needed for in-place weight
             updates to be seen without re-capture on GPU).
@@ -93,9 +93,7 @@ class VLLMSampler:
                  enable_sleep_mode: bool = False, seed: int = 0, cpu_kvcache_space_gib: int = 1,
                  cpu_omp_threads_bind: str = "nobind", max_model_len: int | None = None,
                  logprobs_mode: str = "processed_logprobs", weight_sync: str = "iterator") -> None:
-        check_sampling_params(temperature, top_p, top_k, max_new_tokens)
-        if n != 1:
-            raise ValueError(f"n must be 1 (one completion per example and RolloutBatch row), got {n}")
+        check_sampling_params(temperature, top_p, top_k, max_new_tokens, n)
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
         if not 0 < gpu_memory_utilization <= 1:
@@ -146,20 +144,22 @@ class VLLMSampler:
             torch.set_num_threads = set_num_threads
             torch.set_num_threads(num_threads)
 
-    def _sampling_params(self, tokenizer, greedy: bool):
+    def _sampling_params(self, tokenizer, greedy: bool, n: int = 1):
         from vllm import SamplingParams
 
         eos = tokenizer.eos_token_id
         stop = [eos] if isinstance(eos, int) else list(eos)
-        common = dict(max_tokens=self.max_new_tokens, logprobs=0, stop_token_ids=stop, detokenize=False, n=self.n)
+        common = dict(max_tokens=self.max_new_tokens, logprobs=0, stop_token_ids=stop, detokenize=False, n=n)
         if greedy:
             return SamplingParams(temperature=0.0, **common)
         return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k or -1, **common)
 
     # ------------------------------------------------------------------ sampler API
     @torch.no_grad()
-    def generate(self, model: torch.nn.Module, tokenizer, examples: list[Example], greedy: bool = False) -> RolloutBatch:
-        """One completion per example from the engine (built from ``model`` on the first call)."""
+    def generate(self, model: torch.nn.Module, tokenizer, examples: list[Example], greedy: bool = False,
+                 n: int | None = None) -> RolloutBatch:
+        """``n`` completions per example from the engine (built from ``model`` on the first call), rows grouped by
+        example; ``n``: the sampler's when None, one when ``greedy``."""
         from vllm.inputs import TokensPrompt
 
         device = next(model.parameters()).device
@@ -168,14 +168,18 @@ class VLLMSampler:
             self._build_engine(model, tokenizer)
         self._wake()
         prompts = [TokensPrompt(prompt_token_ids=row[mask.bool()].tolist()) for row, mask in zip(prompt_ids, prompt_mask)]
-        outputs = self.llm.generate(prompts, self._sampling_params(tokenizer, greedy), use_tqdm=False)
+        n = 1 if greedy else (self.n if n is None else n)
+        outputs = self.llm.generate(prompts, self._sampling_params(tokenizer, greedy, n), use_tqdm=False)
         self._sleep()
         rows, lps = [], []
         for out in outputs:
-            completion = out.outputs[0]
-            ids = list(completion.token_ids)
-            rows.append(ids)
-            lps.append([_sampled_logprob(step, tok) for step, tok in zip(completion.logprobs or [], ids)])
+            for completion in out.outputs:  # the n samples of one prompt
+                ids = list(completion.token_ids)
+                rows.append(ids)
+                lps.append([_sampled_logprob(step, tok) for step, tok in zip(completion.logprobs or [], ids)])
+        if n > 1:
+            prompt_ids, prompt_mask = prompt_ids.repeat_interleave(n, dim=0), prompt_mask.repeat_interleave(n, dim=0)
+            examples = [ex for ex in examples for _ in range(n)]
         width = max(1, max(len(r) for r in rows))
         completion_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
         logprobs = torch.zeros((len(rows), width), dtype=torch.float32)

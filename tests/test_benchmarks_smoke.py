@@ -1,0 +1,63 @@
+"""The benchmark scripts still run: a tiny version of each (seconds), and the shared timing helper."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load(name: str):
+    """Import ``benchmarks/<name>.py`` as a module (the directory is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"opd_bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_time_variants_interleaves_alternates_and_seeds():
+    common = load("common")
+    calls = []
+
+    def variant(name):
+        def run(tokens):
+            import torch
+
+            calls.append((name, torch.get_num_threads(), torch.rand(1).item()))
+            return tokens, 4
+        return run
+
+    results = common.time_variants({"a": variant("a"), "b": variant("b")}, (10,), reps=2, threads=(1,))
+    assert [c[0] for c in calls] == ["a", "b", "b", "a"]  # the order is reversed on the second repetition
+    assert calls[0][2] == calls[1][2] and calls[2][2] == calls[3][2]  # same seed within a repetition
+    timing = results[("a", 1)]
+    assert timing.tokens == [10, 10] and timing.steps == [4, 4] and len(timing.seconds) == 2
+    assert timing.tokens_per_s() > 0 and timing.positions_per_s(batch_size=2) > 0
+
+
+def test_bench_rollout_quick(capsys):
+    load("bench_rollout").main(["--quick"])
+    out = capsys.readouterr().out
+    assert "| student | HFSampler (sample, T=1) |" in out and "| teacher | static cache (greedy) |" in out
+
+
+def test_bench_step_quick(capsys):
+    results = load("bench_step").main(["--quick"])
+    out = capsys.readouterr().out
+    assert results["opd"]["steps"] == 2 and results["opd"]["tokens_per_s"] > 0
+    if importlib.util.find_spec("trl") is None:
+        assert "TRL column skipped" in out
+    else:
+        assert "TRL GKDTrainer" in results and "opd / TRL completion tokens per second" in out
+
+
+@pytest.mark.parametrize("name", ["bench_loss", "bench_rollout", "bench_step"])
+def test_benchmark_help(name, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        load(name).main(["--help"])
+    assert exit_info.value.code == 0 and "usage" in capsys.readouterr().out
