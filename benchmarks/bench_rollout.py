@@ -211,7 +211,9 @@ def main(argv: list[str] | None = None) -> None:
     import transformers
 
     from opd.data.arithmetic import ChainArithmetic
-    from opd.registry import SAMPLERS
+    from opd.registry import SAMPLERS, load_builtin_components
+
+    load_builtin_components()  # registers the samplers (vllm lazily)
 
     transformers.logging.set_verbosity_error()
     print("# bench_rollout: completion tokens per second, HF sampler vs model.generate, static cache, torch.compile\n")
