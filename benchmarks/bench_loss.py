@@ -110,7 +110,11 @@ def checkpoint_loss(s_hidden, s_weight, t_hidden, t_weight, mask, chunk_size):
 def trl_loss(s_hidden, s_weight, t_hidden, t_weight, mask, chunk_size):
     """TRL's static GKD loss on full logits (summed over tokens, divided by N like the others)."""
     import torch
-    from trl import GKDTrainer
+
+    try:  # trl >= 1.x keeps GKD under trl.experimental
+        from trl.experimental.gkd import GKDTrainer
+    except ImportError:
+        from trl import GKDTrainer
 
     student_logits = s_hidden @ s_weight.T
     with torch.no_grad():
