@@ -66,6 +66,29 @@ def policy_logprobs(batch: RolloutBatch, student_logits: torch.Tensor) -> tuple[
     return logq, torch.where(batch.completion_mask.bool(), old, logq.detach())
 
 
+def mix_with_cross_entropy(batch: RolloutBatch, student_logits: torch.Tensor, distil: torch.Tensor, ce_weight: float,
+                            num_tokens: int, metrics: dict[str, float]) -> torch.Tensor:
+    """``(1 − w)·distil + w·CE`` (KD's and DistiLLM's hard-label term); the CE goes into ``metrics["loss/ce"]`` when w > 0.
+
+    Args:
+        distil: the scalar distillation term, already normalised by ``num_tokens``.
+        ce_weight: w in [0, 1].
+    """
+    loss = (1.0 - ce_weight) * distil
+    if ce_weight > 0:
+        ce = completion_cross_entropy(batch, student_logits, num_tokens)
+        metrics["loss/ce"] = ce.item()
+        loss = loss + ce_weight * ce
+    return loss
+
+
+def server_temperature_blocker(temperature: float) -> str | None:
+    """Why a method that reads log p_T(y_t) cannot use a teacher server at ``temperature`` (its log-probs are at 1)."""
+    if temperature != 1.0:
+        return f"method.temperature={temperature}: server log-probs are at temperature 1"
+    return None
+
+
 def teacher_token_logprobs(teacher: torch.Tensor | SparseTeacherLogprobs, tokens: torch.Tensor,
                            temperature: float = 1.0) -> torch.Tensor:
     """``[B, T]`` log p_T(y_t) at ``temperature``, from full teacher logits ``[B, T, V]`` or a sparse teacher output.

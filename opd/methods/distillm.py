@@ -7,7 +7,7 @@ import torch
 from opd.losses.chunked import HeadInputs, chunked_divergence_loss
 from opd.losses.divergences import masked_reduce, skew_forward_kl, skew_reverse_kl
 from opd.methods.base import LossOutput, Method
-from opd.methods.common import completion_cross_entropy
+from opd.methods.common import mix_with_cross_entropy
 from opd.registry import METHODS
 from opd.sampling.base import RolloutBatch
 from opd.sampling.behaviour import AdaptiveReplayPolicy
@@ -107,12 +107,7 @@ class DistiLLM(Method):
         mask = batch.completion_mask
         distil = masked_reduce(skew(student_logits, teacher_logits, self.alpha, self.temperature), mask, num_tokens)
         metrics = {f"loss/{self.divergence}": distil.item(), f"distillm/{batch.source}_batches": 1.0}
-        loss = (1.0 - self.ce_weight) * distil
-        if self.ce_weight > 0:
-            ce = completion_cross_entropy(batch, student_logits, num_tokens)
-            loss = loss + self.ce_weight * ce
-            metrics["loss/ce"] = ce.item()
-        return LossOutput(loss, metrics)
+        return LossOutput(mix_with_cross_entropy(batch, student_logits, distil, self.ce_weight, num_tokens, metrics), metrics)
 
     def loss_from_hidden(self, batch: RolloutBatch, student: HeadInputs, teacher: HeadInputs | None, num_tokens: int,
                          chunk_size: int) -> LossOutput:

@@ -8,7 +8,7 @@ from opd.losses.chunked import HeadInputs, chunked_divergence_loss
 from opd.losses.divergences import forward_kl, masked_reduce
 from opd.losses.topk import SPARSE_MODES
 from opd.methods.base import LossOutput, Method
-from opd.methods.common import check_choice, completion_cross_entropy, sparse_forward_kl, sparse_mode_blocker
+from opd.methods.common import check_choice, mix_with_cross_entropy, sparse_forward_kl, sparse_mode_blocker
 from opd.registry import METHODS
 from opd.sampling.base import RolloutBatch
 from opd.sampling.behaviour import DatasetPolicy
@@ -73,12 +73,7 @@ class KD(Method):
             per_token = forward_kl(student_logits, teacher_logits, self.temperature)
         fkl = masked_reduce(per_token, mask, num_tokens) * scale
         metrics = {"loss/fkl": fkl.item()}
-        loss = (1.0 - self.ce_weight) * fkl
-        if self.ce_weight > 0:
-            ce = completion_cross_entropy(batch, student_logits, num_tokens)
-            loss = loss + self.ce_weight * ce
-            metrics["loss/ce"] = ce.item()
-        return LossOutput(loss, metrics)
+        return LossOutput(mix_with_cross_entropy(batch, student_logits, fkl, self.ce_weight, num_tokens, metrics), metrics)
 
     def loss_from_hidden(self, batch: RolloutBatch, student: HeadInputs, teacher: HeadInputs | None, num_tokens: int,
                          chunk_size: int) -> LossOutput:

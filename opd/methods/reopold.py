@@ -16,6 +16,7 @@ from opd.methods.common import (
     check_unit,
     policy_logprobs,
     selected_mean,
+    server_temperature_blocker,
     teacher_token_logprobs,
     top_fraction_mask,
 )
@@ -76,9 +77,7 @@ class REOPOLD(Method):
     def sparse_teacher_blocker(self) -> str | None:
         if self.entropy_source == "teacher":
             return "method.entropy_source=teacher needs the teacher's full distribution; use entropy_source=student"
-        if self.temperature != 1.0:
-            return f"method.temperature={self.temperature}: server log-probs are at temperature 1"
-        return None
+        return server_temperature_blocker(self.temperature)
 
     def loss(self, batch: RolloutBatch, student_logits: torch.Tensor,
              teacher_logits: torch.Tensor | SparseTeacherLogprobs | None, num_tokens: int) -> LossOutput:

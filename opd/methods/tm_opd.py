@@ -7,7 +7,13 @@ import torch
 from opd.losses.divergences import masked_reduce
 from opd.losses.sampled import discounted_returns, policy_gradient_loss, sampled_log_ratio
 from opd.methods.base import LossOutput, Method
-from opd.methods.common import check_positive, check_unit, policy_logprobs, teacher_token_logprobs
+from opd.methods.common import (
+    check_positive,
+    check_unit,
+    policy_logprobs,
+    server_temperature_blocker,
+    teacher_token_logprobs,
+)
 from opd.registry import METHODS
 from opd.sampling.base import RolloutBatch
 from opd.sampling.behaviour import StudentPolicy
@@ -48,9 +54,7 @@ class TMOPD(Method):
         self.policy = StudentPolicy()
 
     def sparse_teacher_blocker(self) -> str | None:
-        if self.temperature != 1.0:
-            return f"method.temperature={self.temperature}: server log-probs are at temperature 1"
-        return None
+        return server_temperature_blocker(self.temperature)
 
     def loss(self, batch: RolloutBatch, student_logits: torch.Tensor,
              teacher_logits: torch.Tensor | SparseTeacherLogprobs | None, num_tokens: int) -> LossOutput:
