@@ -100,13 +100,13 @@ def check_launch(ds_cfg, batch_size: int) -> None:
     Raises:
         ConfigError: naming the launcher's world size and what to change.
     """
+    from opd.engine.backends import per_rank_batch_size
+
     world = dist.env_world_size()
     if world > 1 and not ds_cfg.enabled:
         raise ConfigError(f"launched over {world} processes (WORLD_SIZE={world}) but deepspeed=none; add "
                           "deepspeed=zero2 or deepspeed=zero3, or launch a single process")
-    if batch_size % world:
-        raise ConfigError(f"trainer.batch_size={batch_size} (prompts per micro-batch over all processes) must be a "
-                          f"multiple of the number of processes ({world})")
+    per_rank_batch_size(batch_size, world)
 
 
 def _hydra_output_dir() -> str | None:

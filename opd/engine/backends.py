@@ -31,6 +31,7 @@ import torch
 
 from opd import distributed as dist
 from opd.config import DeepSpeedConfig, TrainerConfig
+from opd.engine.checkpoint import load_model_weights
 from opd.errors import ConfigError
 
 
@@ -78,11 +79,13 @@ class LocalBackend:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any], checkpoint: Path) -> None:
+        """The student's weights from ``checkpoint``'s safetensors, then optimizer and schedule from ``state``."""
+        load_model_weights(self.student, checkpoint)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
     def save_extra(self, directory: Path) -> None:
-        """Nothing beyond ``trainer_state.pt`` (which holds :meth:`state_dict`)."""
+        """Nothing beyond ``trainer_state.pt`` (which holds :meth:`state_dict`) and the HF weights."""
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The student's weights for ``save_pretrained`` (None: use the module's own)."""
@@ -108,15 +111,25 @@ def import_deepspeed():
     return deepspeed
 
 
+def per_rank_batch_size(batch_size: int, world_size: int) -> int:
+    """Prompts per rank of a global micro-batch of ``batch_size`` (``trainer.batch_size``) over ``world_size`` ranks.
+
+    Raises:
+        ConfigError: when it does not split evenly.
+    """
+    if batch_size % world_size:
+        raise ConfigError(f"trainer.batch_size={batch_size} (prompts per micro-batch over all processes) must be a "
+                          f"multiple of the number of processes ({world_size})")
+    return batch_size // world_size
+
+
 def deepspeed_train_config(ds: DeepSpeedConfig, cfg: TrainerConfig, dtype: str, world_size: int) -> dict[str, Any]:
     """The student engine's DeepSpeed config from ``deepspeed.*`` and ``trainer.*``.
 
     ``trainer.batch_size`` is the global micro-batch (prompts over all ranks), so each rank gets
     ``batch_size / world_size`` and the hyperparameters mean the same on any number of GPUs.
     """
-    if cfg.batch_size % world_size:
-        raise ConfigError(f"trainer.batch_size={cfg.batch_size} (prompts per micro-batch over all ranks) must be a "
-                          f"multiple of the number of processes ({world_size})")
+    micro_batch = per_rank_batch_size(cfg.batch_size, world_size)
     zero: dict[str, Any] = {"stage": ds.stage, "overlap_comm": ds.overlap_comm, "contiguous_gradients": True,
                             "reduce_bucket_size": ds.reduce_bucket_size}
     if ds.stage == 3:
@@ -128,7 +141,7 @@ def deepspeed_train_config(ds: DeepSpeedConfig, cfg: TrainerConfig, dtype: str, 
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     config = {
-        "train_micro_batch_size_per_gpu": cfg.batch_size // world_size,
+        "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": cfg.grad_accum,
         "train_batch_size": cfg.batch_size * cfg.grad_accum,
         "gradient_clipping": cfg.max_grad_norm,
@@ -202,13 +215,12 @@ class DeepSpeedBackend:
         step at learning rate 0, so the weights stay as they were (AdamW's moments still decay: the
         update itself belongs to DeepSpeed).
         """
-        saved = None
+        saved, epoch = [group["lr"] for group in self.optimizer.param_groups], self.scheduler.last_epoch
         if skip:
-            saved = [group["lr"] for group in self.optimizer.param_groups]
             for group in self.optimizer.param_groups:
                 group["lr"] = 0.0
-        self.engine.step()
-        if saved is not None and self.scheduler is None:
+        self.engine.step()  # steps our schedule too, which sets the next lr, unless DeepSpeed skipped it (fp16 overflow)
+        if skip and self.scheduler.last_epoch == epoch:
             for group, lr in zip(self.optimizer.param_groups, saved):
                 group["lr"] = lr
         norm = self.engine.get_global_grad_norm()

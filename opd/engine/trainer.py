@@ -434,9 +434,6 @@ class Trainer:
         if bad is not None:
             raise TrainingError(f"student weight {bad!r} is not finite at step {self.step}; refusing to write a "
                                 f"checkpoint over the last good one in {self.run_dir / 'checkpoints'}")
-        if not self.backend.is_deepspeed:
-            return ckpt.save_checkpoint(self.run_dir, self.step, self.student, self.tokenizer, self.trainer_state(),
-                                        self.cfg.keep_checkpoints)
         return ckpt.save_checkpoint(self.run_dir, self.step, self.student, self.tokenizer, self.trainer_state(),
                                     self.cfg.keep_checkpoints, state_dict=self.backend.full_state_dict(),
                                     write_shards=self.backend.save_extra)
@@ -462,14 +459,9 @@ class Trainer:
 
     def _load_state(self, checkpoint: Path, state: dict[str, Any]) -> None:
         """Load the weights of ``checkpoint`` and its trainer ``state`` into this trainer."""
-        if self.backend.is_deepspeed:  # weights, ZeRO optimizer partitions and schedule from <checkpoint>/deepspeed
-            self.backend.load_state_dict(state, checkpoint)
-            rank_rng = Path(checkpoint) / f"rng_rank{dist.rank()}.pt"
-            ckpt.set_rng_state(torch.load(rank_rng, weights_only=True) if rank_rng.exists() else state["rng"])
-        else:
-            ckpt.load_model_weights(self.student, checkpoint)
-            self.backend.load_state_dict(state, checkpoint)
-            ckpt.set_rng_state(state["rng"])
+        self.backend.load_state_dict(state, checkpoint)  # weights, optimizer (ZeRO partitions under DeepSpeed), schedule
+        rank_rng = Path(checkpoint) / f"rng_rank{dist.rank()}.pt"  # this rank's RNGs in a multi-process run
+        ckpt.set_rng_state(torch.load(rank_rng, weights_only=True) if rank_rng.exists() else state["rng"])
         self.rollout_ctx.rng.setstate(ckpt.as_python_rng_state(state["policy_rng"]))
         self.prompts.load_state_dict(state["data"])
         self.method.load_state_dict(state["method"])
