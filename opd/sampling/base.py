@@ -94,6 +94,15 @@ def truncate_after_eos(completion_ids: torch.Tensor, eos_token_id: int | Sequenc
     return completion_ids.masked_fill(after_eos, pad_token_id), mask
 
 
+def repeat_per_example(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, examples: list[Example], n: int
+                       ) -> tuple[torch.Tensor, torch.Tensor, list[Example]]:
+    """Prompts ``[B, P]`` and examples repeated for ``n`` samples each, grouped by example (rows ``[B·n, P]``)."""
+    if n == 1:
+        return prompt_ids, prompt_mask, list(examples)
+    return (prompt_ids.repeat_interleave(n, dim=0), prompt_mask.repeat_interleave(n, dim=0),
+            [ex for ex in examples for _ in range(n)])
+
+
 class Sampler(Protocol):
     """Writes completions for prompts with the current student (the on-policy behaviour policy)."""
 

@@ -7,7 +7,7 @@ import torch
 from opd import distributed as dist
 from opd.data.base import Example
 from opd.registry import SAMPLERS
-from opd.sampling.base import RolloutBatch, check_sampling_params, truncate_after_eos
+from opd.sampling.base import RolloutBatch, check_sampling_params, repeat_per_example, truncate_after_eos
 from opd.sampling.tokenize import encode_prompts
 
 
@@ -49,8 +49,7 @@ class HFSampler:
             model.train(was_training)
         completion_ids, completion_mask = truncate_after_eos(sequences[:, prompt_ids.shape[1]:], tokenizer.eos_token_id,
                                                              tokenizer.pad_token_id)
-        if n > 1:  # generate returns the n samples of each prompt next to each other
-            prompt_ids, prompt_mask = prompt_ids.repeat_interleave(n, dim=0), prompt_mask.repeat_interleave(n, dim=0)
-            examples = [ex for ex in examples for _ in range(n)]
+        # generate returns the n samples of each prompt next to each other
+        prompt_ids, prompt_mask, examples = repeat_per_example(prompt_ids, prompt_mask, examples, n)
         return RolloutBatch(prompt_ids, prompt_mask, completion_ids, completion_mask, list(examples), "student",
                             temperature=1.0 if greedy else self.temperature)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from opd.data.base import Example
-from opd.sampling.base import RolloutBatch, check_sampling_params, truncate_after_eos
+from opd.sampling.base import RolloutBatch, check_sampling_params, repeat_per_example, truncate_after_eos
 from opd.sampling.tokenize import encode_prompts
 
 _DTYPES = ("float32", "bfloat16", "float16", "auto")
@@ -177,9 +177,7 @@ class VLLMSampler:
                 ids = list(completion.token_ids)
                 rows.append(ids)
                 lps.append([_sampled_logprob(step, tok) for step, tok in zip(completion.logprobs or [], ids)])
-        if n > 1:
-            prompt_ids, prompt_mask = prompt_ids.repeat_interleave(n, dim=0), prompt_mask.repeat_interleave(n, dim=0)
-            examples = [ex for ex in examples for _ in range(n)]
+        prompt_ids, prompt_mask, examples = repeat_per_example(prompt_ids, prompt_mask, examples, n)
         width = max(1, max(len(r) for r in rows))
         completion_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
         logprobs = torch.zeros((len(rows), width), dtype=torch.float32)
