@@ -9,6 +9,8 @@ signature by the registry (``opd.registry.Registry.validate``) before anything i
 from __future__ import annotations
 
 import dataclasses
+import difflib
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Optional
 
@@ -78,10 +80,12 @@ class TrainerConfig:
     num_threads: Optional[int] = None  # torch CPU threads; null = auto: 1 for tiny models on CPU, else torch's default
     loss_chunk_size: Optional[int] = None  # loss from hidden states, N tokens of logits at a time: null = auto, 0 = off
     compile: bool = False  # torch.compile(dynamic=True) the student's and teacher's forward (rollouts, scoring, training)
+    disable_dropout: bool = True  # dropout off in the student while it is trained and scored (opd/models/dropout.py); the teacher is in eval mode
+    validation_examples: int = 500  # validation split (never the eval split) for methods that read one: a task's dev split cut to N, else N carved from train
     progress: bool = True  # tqdm progress bars
 
     def __post_init__(self) -> None:
-        for key in ("max_steps", "batch_size", "grad_accum", "eval_batch_size", "keep_checkpoints"):
+        for key in ("max_steps", "batch_size", "grad_accum", "eval_batch_size", "keep_checkpoints", "validation_examples"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"trainer.{key} must be >= 1, got {getattr(self, key)}")
         if self.loss_chunk_size is not None and self.loss_chunk_size < 0:
@@ -170,8 +174,18 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 
 
+SECTIONS: dict[str, type] = {"teacher": ModelConfig, "student": ModelConfig, "trainer": TrainerConfig,
+                              "logger": LoggerConfig, "deepspeed": DeepSpeedConfig}  # the fixed (typed) sections
+
+
 def typed_sections(cfg: Any) -> tuple[Optional[ModelConfig], ModelConfig, TrainerConfig, LoggerConfig]:
-    """Instantiate the fixed sections as dataclasses, which runs their range checks (``__post_init__``)."""
+    """Instantiate the fixed sections as dataclasses, which runs their range checks (``__post_init__``).
+
+    Unknown keys anywhere in the fixed part (a ``+foo=1`` or ``+trainer.lrr=1`` override gets past the
+    schema) are refused first by :func:`check_known_keys`.
+    """
+    check_known_keys(cfg)
+
     def build(key: str, schema: type) -> Any:
         node = cfg.get(key)
         if node is None:
@@ -185,7 +199,112 @@ def typed_sections(cfg: Any) -> tuple[Optional[ModelConfig], ModelConfig, Traine
 def deepspeed_section(cfg: Any) -> DeepSpeedConfig:
     """The ``deepspeed`` section as a dataclass (defaults: disabled) with its range checks run."""
     node = cfg.get("deepspeed")
-    return DeepSpeedConfig() if node is None else DeepSpeedConfig(**OmegaConf.to_container(node, resolve=True))
+    if node is None:
+        return DeepSpeedConfig()
+    _check_section_keys("deepspeed", node)
+    return DeepSpeedConfig(**OmegaConf.to_container(node, resolve=True))
+
+
+def check_known_keys(cfg: Any) -> None:
+    """Refuse a top-level key that ``TrainConfig`` lacks, or a key of a fixed section its dataclass lacks.
+
+    Hydra's ``+key=value`` and ``++key=value`` add keys past the typed schema; the ``method``,
+    ``sampler`` and ``data`` nodes are checked by their registries instead.
+
+    Raises:
+        ConfigError: naming the key and listing the valid ones.
+    """
+    valid = {f.name for f in dataclasses.fields(TrainConfig)}
+    for key in cfg:
+        if key not in valid:
+            raise unknown_key_error(str(key), valid)
+    for section in SECTIONS:
+        node = cfg.get(section)
+        if node is not None:
+            _check_section_keys(section, node)
+
+
+def _check_section_keys(section: str, node: Any) -> None:
+    valid = {f.name for f in dataclasses.fields(SECTIONS[section])}
+    for key in node:
+        if key not in valid:
+            raise unknown_key_error(f"{section}.{key}", valid, section)
+
+
+def unknown_key_error(key: str, valid: Iterable[str], section: Optional[str] = None) -> ConfigError:
+    """``unknown config key 'trainer.lrr' (did you mean 'trainer.lr'?); valid keys of trainer: ...``."""
+    valid = sorted(valid)
+    prefix = f"{section}." if section else ""
+    close = difflib.get_close_matches(key.removeprefix(prefix), valid, n=1)
+    hint = f" (did you mean {prefix + close[0]!r}?)" if close else ""
+    where = f"keys of {section}" if section else "top-level keys"
+    return ConfigError(f"unknown config key {key!r}{hint}; valid {where}: {', '.join(valid)}")
+
+
+def group_options(conf_dir: str | Path, group: str) -> list[str]:
+    """The options of a config group: ``conf/<group>/**/*.yaml`` as ``name`` or ``sub/name``."""
+    root = Path(conf_dir) / group
+    return sorted(p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*.yaml"))
+
+
+def check_cli_overrides(args: list[str], conf_dir: str | Path) -> None:
+    """Check command-line overrides before Hydra composes anything: a group option must exist
+    (``experiment=nope``), and a key of the root or of a fixed section must be in the schema
+    (``trainer.lrr=1``, ``+foo=1``). Hydra would print several lines, or nothing for a ``+`` key.
+
+    Left to Hydra (and to :func:`check_known_keys` after composition): command lines with flags
+    other than ``-m``/``-r``/``--resolve`` (another config, ``--cfg``, ``--help``), group options when
+    ``hydra.searchpath`` adds config directories, glob and range sweeps, and method/sampler/data keys
+    (their valid keys depend on the chosen class).
+
+    Args:
+        args: the command line after the program name (``sys.argv[1:]``).
+        conf_dir: the primary config directory (``conf/``).
+
+    Raises:
+        ConfigError: naming the override and listing the valid options or keys.
+    """
+    if any(a.startswith("-") and a not in ("-m", "--multirun", "-r", "--run", "--resolve") for a in args):
+        return
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ValueType
+
+    try:
+        overrides = OverridesParser.create().parse_overrides([a for a in args if not a.startswith("-")])
+    except Exception:  # noqa: BLE001 - a malformed override: Hydra reports it in its own words
+        return
+    conf_dir = Path(conf_dir)
+    groups = {p.name for p in conf_dir.iterdir() if p.is_dir() and p.name != "hydra"}
+    own_search_path = not any(o.key_or_group == "hydra.searchpath" for o in overrides)
+    root_keys = {f.name for f in dataclasses.fields(TrainConfig)}
+    for override in overrides:
+        key = override.key_or_group
+        if override.is_hydra_override() or override.is_delete() or "/" in key:
+            continue
+        if key in groups:
+            if not own_search_path:
+                continue
+            if override.value_type == ValueType.ELEMENT:
+                choices = [override.value()]
+            elif override.value_type in (ValueType.CHOICE_SWEEP, ValueType.SIMPLE_CHOICE_SWEEP):
+                choices = list(override.sweep_string_iterator())
+            else:  # glob, range and interval sweeps: Hydra expands and checks them
+                continue
+            options = group_options(conf_dir, key)
+            for choice in choices:
+                if choice not in (None, "null") and str(choice) not in options:
+                    close = difflib.get_close_matches(str(choice), options, n=1)
+                    hint = f" (did you mean {close[0]!r}?)" if close else ""
+                    raise ConfigError(f"unknown {key} {str(choice)!r}: no conf/{key}/{choice}.yaml{hint}; "
+                                      f"available: {', '.join(options) or '(none)'}")
+            continue
+        section, _, rest = key.partition(".")
+        if not rest and section not in root_keys:
+            raise unknown_key_error(section, root_keys | groups)
+        if rest and section in SECTIONS:
+            valid = {f.name for f in dataclasses.fields(SECTIONS[section])}
+            if rest.split(".")[0] not in valid:
+                raise unknown_key_error(f"{section}.{rest.split('.')[0]}", valid, section)
 
 
 def _asset(relative: str) -> str:

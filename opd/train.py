@@ -23,7 +23,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from opd import distributed as dist
-from opd.config import deepspeed_section, register_configs, typed_sections
+from opd.config import check_cli_overrides, deepspeed_section, register_configs, typed_sections
 from opd.errors import ConfigError, OPDError, TrainingInterrupted
 from opd.registry import DATASETS, METHODS, SAMPLERS, load_builtin_components
 from opd.tracking.loggers import NullLogger
@@ -56,6 +56,10 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path | None = None):
     ds_cfg = deepspeed_section(cfg)
     method = METHODS.build(cfg.method, "method")
     sampler = SAMPLERS.build(cfg.sampler, "sampler")
+    try:  # e.g. policy-gradient methods refuse top-p/top-k truncated sampling
+        method.check_sampler(sampler.temperature, sampler.top_p, sampler.top_k)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     DATASETS.validate(cfg.data, "data")
     check_launch(ds_cfg, trainer_cfg.batch_size)
     if ds_cfg.enabled:
@@ -117,12 +121,23 @@ def _hydra_output_dir() -> str | None:
 
 
 def _remove_hydra_only_dir(path: Path) -> None:
-    """Drop a directory Hydra made for a non-zero rank whose clock named another run directory (only
-    Hydra's own files in it: ``.hydra/`` and a job log)."""
+    """Drop a directory that holds only Hydra's own files (``.hydra/`` and a job log): one Hydra made
+    for a non-zero rank whose clock named another run directory, or one of a run that failed its
+    start-up. Parents left empty are dropped too, up to the working directory (never above it)."""
     import shutil
 
-    if path.is_dir() and all(p.name == ".hydra" or p.suffix == ".log" for p in path.iterdir()):
+    path, cwd = path.resolve(), Path.cwd().resolve()
+    if path == cwd or cwd.is_relative_to(path) or not (path / ".hydra").is_dir():
+        return
+    if all(p.name == ".hydra" or p.suffix == ".log" for p in path.iterdir()):
         shutil.rmtree(path, ignore_errors=True)
+        parent = path.parent
+        while parent != cwd and parent.is_relative_to(cwd):
+            try:  # another rank may be removing it too
+                parent.rmdir()  # only an empty directory
+            except OSError:
+                break
+            parent = parent.parent
 
 
 def check_fresh_run_dir(run_dir: Path, resume_auto: bool = False) -> None:
@@ -232,6 +247,9 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         sys.exit(128 + err.signum)
     except OPDError as err:
         print(f"opd-train: error: {err}", file=sys.stderr)
+        hydra_dir = _hydra_output_dir()
+        if hydra_dir:  # a failed start leaves no directory; a run that wrote results keeps its own
+            _remove_hydra_only_dir(Path(hydra_dir))
         sys.exit(2)
     if dist.is_main():
         print(format_summary(summary))
@@ -258,6 +276,11 @@ def main() -> None:
     # the `deepspeed` launcher appends --local_rank=N unless given --no_local_rank; Hydra would reject it
     for arg in [a for a in sys.argv[1:] if a.startswith("--local_rank")]:
         sys.argv.remove(arg)
+    try:  # a typo in a group option or a key: one line, before Hydra makes a run directory
+        check_cli_overrides(sys.argv[1:], CONF_DIR)
+    except ConfigError as err:
+        print(f"opd-train: error: {err}", file=sys.stderr)
+        sys.exit(2)
     _hydra_main()
 
 

@@ -25,6 +25,14 @@ def test_chunked_step_equals_plain_step(compose_cfg, lmbda):
         assert a["loss/jsd"] == pytest.approx(b["loss/jsd"], rel=1e-5)
     for p, q in zip(plain.student.parameters(), chunked.student.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+
+
+def test_chunked_validation_loss_equals_plain(compose_cfg):
+    """DistiLLM's validation cross-entropy from chunked hidden states equals the full-logits one."""
+    common = ("method=distillm", "trainer.batch_size=4", "trainer.validation_examples=10", "trainer.eval_batch_size=4")
+    plain = build_trainer(compose_cfg(*common, "trainer.loss_chunk_size=0"))
+    chunked = build_trainer(compose_cfg(*common, "trainer.loss_chunk_size=5"))
+    assert chunked.loss_chunk_size == 5 and plain.validation_examples == chunked.validation_examples
     assert plain.validation_loss() == pytest.approx(chunked.validation_loss(), rel=1e-5)
 
 def test_auto_and_unsupported(compose_cfg):

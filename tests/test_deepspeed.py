@@ -108,6 +108,49 @@ def test_zero3_on_policy_run_resumes_across_a_relaunch(tmp_path):
     assert summary["steps"] == 2 and summary["world_size"] == 2
 
 
+# MiniLLM's L_PT alone: 2 global micro-batches of 8 prompts, teacher-forced on their reference completions
+LM_TERM = ["debug=tiny", "method=minillm", "method.lm_coef=1.0", "method.lm_kd_ratio=0.5", "trainer.batch_size=8",
+           "trainer.grad_accum=2", "trainer.num_threads=1"]
+
+
+def lm_term_step(overrides: list[str], out_json: Path) -> None:
+    """One optimizer step of MiniLLM's L_PT term alone on the run's first global micro-batches (fixed by the seed),
+    through the trainer's backend; writes the rank-summed ``minillm/lm_loss`` and the gradient norm (rank 0)."""
+    from opd import distributed as dist
+    from opd.sampling.tokenize import encode_targets
+    from opd.train import build_trainer
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+    trainer = build_trainer(cfg)
+    lm_loss = 0.0
+    for _ in range(trainer.cfg.grad_accum):
+        batch = encode_targets(trainer.tokenizer, dist.shard(next(trainer.prompts)), trainer.device)
+        aux = trainer.method.auxiliary_loss(batch, trainer.aux_ctx)  # reads only the batch's prompts and references
+        trainer.backend.backward(aux.loss)
+        lm_loss += aux.metrics["minillm/lm_loss"]
+    grad_norm, _ = trainer.backend.step(skip=False)
+    lm_loss = dist.all_reduce_sum([lm_loss])[0]
+    if dist.is_main():
+        out_json.write_text(json.dumps({"lm_loss": lm_loss, "grad_norm": grad_norm}))
+
+
+def test_minillm_lm_term_over_two_processes_equals_the_single_process_one(tmp_path):
+    """L_PT is a token mean per global micro-batch: 2 processes (ZeRO-2) give the single-process value and gradient."""
+    lm_term_step([*LM_TERM, f"output_dir={tmp_path / 'single'}"], tmp_path / "single.json")
+    single = json.loads((tmp_path / "single.json").read_text())
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), __file__, str(tmp_path / "two.json"), "deepspeed=zero2", *LM_TERM,
+           f"output_dir={tmp_path / 'two'}"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert single["lm_loss"] > 0 and single["grad_norm"] > 0
+    assert two["lm_loss"] == pytest.approx(single["lm_loss"], rel=1e-5)
+    assert two["grad_norm"] == pytest.approx(single["grad_norm"], rel=1e-5)
+
+
 def test_several_processes_without_deepspeed_fail_with_one_line(tmp_path):
     env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0"}
     proc = subprocess.run([sys.executable, "-m", "opd.train", "debug=tiny", f"output_dir={tmp_path / 'run'}"], cwd=tmp_path,
@@ -125,3 +168,7 @@ def test_a_hydra_sweep_under_torchrun_runs_every_job_over_both_ranks(tmp_path):
     assert sorted(s["method"] for s in summaries) == ["gkd", "sft"]
     assert all(s["world_size"] == 2 and s["steps"] == 2 for s in summaries)
     assert proc.stdout.count("student accuracy after") == 2  # rank 0 only, once per job
+
+
+if __name__ == "__main__":  # the worker of the two-process L_PT test: <output json> <overrides...>
+    lm_term_step(sys.argv[2:], Path(sys.argv[1]))

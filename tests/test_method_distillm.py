@@ -14,7 +14,7 @@ from opd.registry import METHODS
 from opd.sampling.base import RolloutBatch
 from opd.train import build_trainer
 
-FAST = ("data.num_train=32", "data.num_eval=16", "trainer.batch_size=2")
+FAST = ("data.num_train=32", "data.num_eval=16", "trainer.batch_size=2", "trainer.validation_examples=8")
 
 
 def random_batch(seed: int = 0):

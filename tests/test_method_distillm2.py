@@ -84,7 +84,7 @@ def test_paired_batch_is_the_sum_of_its_teacher_and_student_halves():
 
 
 def test_schedules_pick_teacher_and_student_batches(compose_cfg):
-    trainer = build_trainer(compose_cfg("method=distillm2", *FAST))
+    trainer = build_trainer(compose_cfg("method=distillm2", "method.schedule=alternate", *FAST))
     sources = [trainer.collect(next(trainer.prompts)).source for _ in range(4)]
     assert sources == ["teacher", "student", "teacher", "student"]
     assert trainer.method.state_dict()["policy"] == {"calls": 4}
@@ -106,6 +106,16 @@ def test_training_steps_apply_both_terms(compose_cfg, schedule):
     for _ in range(2):
         metrics = trainer.train_step()
         assert math.isfinite(metrics["train/loss"]) and {"loss/skl", "loss/srkl"} <= set(metrics)
+        assert metrics["train/loss"] == pytest.approx(metrics["loss/skl"] + metrics["loss/srkl"], rel=1e-5)  # β = 1
+
+
+def test_default_config_trains_both_terms_in_every_optimizer_step(compose_cfg):
+    """The paper sums SKL and SRKL in one gradient: with the default schedule and trainer.grad_accum=1 every step has both."""
+    trainer = build_trainer(compose_cfg("method=distillm2", "trainer.grad_accum=1", *FAST))
+    for _ in range(3):
+        metrics = trainer.train_step()
+        assert metrics["distillm2/teacher_batches"] >= 1 and metrics["distillm2/student_batches"] >= 1
+        assert metrics["loss/skl"] > 0 and metrics["loss/srkl"] > 0
         assert metrics["train/loss"] == pytest.approx(metrics["loss/skl"] + metrics["loss/srkl"], rel=1e-5)  # β = 1
 
 

@@ -27,7 +27,11 @@ class Example:
 class Task:
     """A dataset split into ``train`` and ``eval`` examples plus its answer extraction.
 
-    Subclasses fill ``self.train`` / ``self.eval`` and may override :meth:`extract_answer`.
+    Subclasses fill ``self.train`` / ``self.eval`` and may override :meth:`extract_answer`. A task
+    with an official development split (Dolly's held-out training rows) also fills ``self.validation``;
+    for the others :func:`validation_split` carves one from ``train`` when a method needs it.
+    ``eval`` is the reported split: nothing that steers training (a schedule, early stopping, a
+    sweep's objective) may read it.
     """
 
     #: regex whose first group is the final answer in a completion (GSM8K-style ``#### 42``).
@@ -35,6 +39,8 @@ class Task:
 
     train: list[Example]
     eval: list[Example]
+    #: the task's own development split (never trained on, never reported), or None
+    validation: list[Example] | None = None
 
     def extract_answer(self, completion: str) -> str | None:
         """The final answer in ``completion`` (commas stripped), or None if there is none."""
@@ -109,3 +115,38 @@ class PromptIterator:
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.index = state["epoch"], state["index"]
         self._order = self._shuffled(self.epoch)
+
+
+#: seed of the shuffle that carves a validation split out of ``train`` (fixed: every run and method gets the same split)
+VALIDATION_SEED = 20240229
+
+
+def validation_split(task: Task, size: int, seed: int = VALIDATION_SEED) -> list[Example]:
+    """The examples that training decisions may read (DistiLLM's adaptive schedule), never ``task.eval``.
+
+    The task's own ``validation`` split, cut to ``size``, when it has one. Otherwise ``size`` training
+    examples chosen by a fixed-seed shuffle are moved out of ``task.train`` (in place), so they are
+    neither trained on nor evaluated; examples whose prompt is also an evaluation prompt are never
+    chosen.
+
+    Args:
+        task: the built task; its ``train`` list may shrink.
+        size: how many validation examples (``trainer.validation_examples``).
+        seed: the carving shuffle's seed.
+    Raises:
+        DataError: when carving would leave no training example.
+    """
+    from opd.errors import DataError
+
+    if task.validation:
+        return list(task.validation[:size])
+    eval_prompts = {ex.prompt for ex in task.eval}
+    candidates = [i for i, ex in enumerate(task.train) if ex.prompt not in eval_prompts]
+    if len(task.train) - min(size, len(candidates)) < 1 or not candidates:
+        raise DataError(f"the task has no validation split, and carving trainer.validation_examples={size} out of its "
+                        f"{len(task.train)} training examples leaves none to train on; lower trainer.validation_examples")
+    random.Random(seed).shuffle(candidates)
+    chosen = set(candidates[:size])
+    validation = [ex for i, ex in enumerate(task.train) if i in chosen]
+    task.train = [ex for i, ex in enumerate(task.train) if i not in chosen]
+    return validation

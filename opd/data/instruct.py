@@ -121,7 +121,8 @@ class InstructTask(Task):
         train_path: training data: hub id (``MiniLLM/dolly``), local directory or ``.jsonl`` file.
         train_file: file of the training rows inside ``train_path`` (``raw.jsonl``); None = ``train_split``.
         train_split: hub split of the training rows when ``train_file`` is None.
-        dev_num: leading training rows held out as the official validation set (not trained on; 1000).
+        dev_num: leading training rows held out as the official validation set (``validation``: not trained on,
+            not reported; read by DistiLLM's schedule; 1000).
         num_train: cap on training rows after the hold-out; all when None.
         eval_path, eval_file, eval_split: the evaluation set, as for training (``valid.jsonl``).
         num_eval: the first ``num_eval`` evaluation rows; all when None (UnNI: 10,000 officially).
@@ -146,8 +147,11 @@ class InstructTask(Task):
             if value is not None and value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
         self.templates = (prompt_template, prompt_template_input)
-        train_rows = load_rows(train_path, train_file, None, train_split, "data.train_path")[dev_num:]
+        all_rows = load_rows(train_path, train_file, None, train_split, "data.train_path")
+        train_rows = all_rows[dev_num:]
         self.train = [self.to_example(row, f"{train_path}:train row {dev_num + i}") for i, row in enumerate(train_rows)]
+        # the official dev split (MiniLLM/DistiLLM hold out the first dev_num rows): what DistiLLM's schedule reads
+        self.validation = [self.to_example(row, f"{train_path}:dev row {i}") for i, row in enumerate(all_rows[:dev_num])]
         if num_train is not None:
             self.train = self.train[:num_train]
         if not self.train:

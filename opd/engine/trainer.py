@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from opd import distributed as dist
 from opd.config import DeepSpeedConfig, LoggerConfig, ModelConfig, TrainerConfig
-from opd.data.base import Example, PromptIterator, Task
+from opd.data.base import Example, PromptIterator, Task, validation_split
 from opd.engine import checkpoint as ckpt
 from opd.engine.backends import DeepSpeedBackend, LocalBackend
 from opd.engine.evaluate import EvalResult, evaluate_accuracy, evaluate_pass_at_k
@@ -44,6 +44,7 @@ from opd.engine.scoring import completion_logits
 from opd.errors import ConfigError, DataError, TrainingError, TrainingInterrupted
 from opd.losses.chunked import HeadInputs, completion_hidden_states, linear_head, resolve_loss_chunk_size
 from opd.methods.base import AuxiliaryContext, Method
+from opd.models.dropout import disable_dropout
 from opd.models.loading import check_model_path, check_same_vocabulary, load_model, load_tokenizer, resolve_device
 from opd.sampling.base import RolloutBatch
 from opd.sampling.behaviour import RolloutContext
@@ -193,10 +194,14 @@ class Trainer:
                 check_model_path(spec, role)  # both paths checked before either model loads
         self.tokenizer = load_tokenizer(student_cfg, "student")
         self.student = load_model(student_cfg, "student", self.device)
+        if trainer_cfg.disable_dropout:  # scoring passes in train mode must equal eval-mode ones (opd/models/dropout.py)
+            disable_dropout(self.student)
         self.student.train()
         set_cpu_threads(trainer_cfg.num_threads, self.device, self.student)
         self.teacher = None
         self.teacher_server: VLLMServerTeacher | None = None
+        #: logits keep the first vocab_size rows: less than a model's rows when the pair differs only by padding
+        self.vocab_size = self.student.get_output_embeddings().weight.shape[0]
         if server:  # a `vllm serve` teacher: checked now (reachable, model, k, vocabulary), nothing loaded
             self.teacher_server = VLLMServerTeacher(
                 teacher_cfg.server_url, teacher_cfg.server_model, teacher_cfg.server_top_k, teacher_cfg.server_timeout_s,
@@ -207,11 +212,12 @@ class Trainer:
         elif teacher_cfg is not None:  # loaded even for teacher-free losses (SFT): the summary reports its accuracy
             teacher_tokenizer = load_tokenizer(teacher_cfg, "teacher")
             self.teacher = load_model(teacher_cfg, "teacher", self.device)
-            check_same_vocabulary(teacher_tokenizer, self.tokenizer, self.teacher, self.student)
+            self.vocab_size = check_same_vocabulary(teacher_tokenizer, self.tokenizer, self.teacher, self.student)
         if self.teacher is not None:
             self.teacher.eval().requires_grad_(False)
+        self._hide_padded_rows()
         try:  # checks that need the vocabulary, before any training
-            method.check_vocabulary(self.student.get_output_embeddings().weight.shape[0])
+            method.check_vocabulary(self.vocab_size)
         except ValueError as err:
             raise ConfigError(str(err)) from None
         self.loss_chunk_size = self._loss_chunk_size(trainer_cfg.loss_chunk_size)
@@ -236,14 +242,20 @@ class Trainer:
         if self.teacher_server is not None and self.teacher_server.max_model_len:  # the served teacher's context
             server_len = self.teacher_server.max_model_len
             limit = (server_len, "teacher server") if limit is None or server_len < limit[0] else limit
+        # carved out of train before the prompt stream exists: validation examples are never trained on
+        validation = validation_split(task, trainer_cfg.validation_examples) if method.needs_validation_loss else []
         train_examples = fit_to_context(task.train, self.tokenizer, limit, sampler.max_new_tokens, "training")
         eval_examples = fit_to_context(task.eval, self.tokenizer, limit, sampler.max_new_tokens, "evaluation")
         self.prompts = PromptIterator(train_examples, trainer_cfg.batch_size, seed)
-        self.aux_ctx = AuxiliaryContext(self.tokenizer, self.device, lambda b: completion_logits(self.backend.train_model, b),
-                                        self.teacher_logits, trainer_cfg.grad_accum)
+        self.aux_ctx = AuxiliaryContext(self.tokenizer, self.device,
+                                        lambda b: self._trim(completion_logits(self.backend.train_model, b)),
+                                        self.teacher_logits, trainer_cfg.grad_accum,
+                                        lambda count: int(dist.all_reduce_sum([count])[0]))
         self.rollout_ctx = RolloutContext(self.student, self.teacher, self.tokenizer, sampler, self.device,
                                           rng=random.Random(seed), max_steps=trainer_cfg.max_steps)
         self.eval_examples = eval_examples[: trainer_cfg.eval_examples] if trainer_cfg.eval_examples else eval_examples
+        self.validation_examples = fit_to_context(validation, self.tokenizer, limit, sampler.max_new_tokens,
+                                                  "validation") if validation else []
         self.step = 0
         self.tokens_trained = 0
         self.skipped_in_a_row = 0
@@ -279,13 +291,13 @@ class Trainer:
         prompt = self.method.teacher_prompt(batch, self.tokenizer)
         if self.teacher_server is not None:
             return self.teacher_server.score(batch, prompt)
-        return completion_logits(self.teacher, batch, *(prompt or ()))
+        return self._trim(completion_logits(self.teacher, batch, *(prompt or ())))
 
     @torch.no_grad()
     def teacher_hidden(self, batch: RolloutBatch) -> HeadInputs:
         """``[B, T, H_t]`` teacher hidden states and head on the batch's completion tokens (no grad)."""
         prompt = self.method.teacher_prompt(batch, self.tokenizer)
-        return completion_hidden_states(self.teacher, batch, *(prompt or ()))
+        return completion_hidden_states(self.teacher, batch, *(prompt or ())).first_rows(self.vocab_size)
 
     def micro_batch_loss(self, batch: RolloutBatch, num_tokens: int):
         """The method's loss on one micro-batch: from chunked hidden states or from full logits."""
@@ -293,10 +305,27 @@ class Trainer:
             # a ZeRO-3 teacher's head is partitioned: gathered while the chunks are projected (no grad, so safe)
             with _gathered_head(self.teacher if self.method.needs_teacher else None):
                 teacher = self.teacher_hidden(batch) if self.method.needs_teacher else None
-                return self.method.loss_from_hidden(batch, completion_hidden_states(self.student, batch), teacher,
+                student = completion_hidden_states(self.student, batch).first_rows(self.vocab_size)
+                return self.method.loss_from_hidden(batch, student, teacher,
                                                     num_tokens, self.loss_chunk_size)
         teacher_logits = self.teacher_logits(batch) if self.method.needs_teacher else None
-        return self.method.loss(batch, completion_logits(self.backend.train_model, batch), teacher_logits, num_tokens)
+        return self.method.loss(batch, self._trim(completion_logits(self.backend.train_model, batch)), teacher_logits,
+                                num_tokens)
+
+    def _trim(self, logits: torch.Tensor) -> torch.Tensor:
+        """``[..., V]`` the first ``vocab_size`` logits: a model's padding rows beyond the pair's shared vocabulary
+        never enter a loss (a view; the padded rows get no gradient)."""
+        return logits if logits.shape[-1] == self.vocab_size else logits[..., : self.vocab_size]
+
+    def _hide_padded_rows(self) -> None:
+        """A model with more output rows than the shared vocabulary never generates the extra ids (they are padding,
+        not tokens, and the other model has no logit for them): ``generation_config.suppress_tokens``, which
+        Hugging Face ``generate`` applies as a -inf logit (sampling, greedy evaluation). vLLM samplers ignore it."""
+        for model in (self.student, self.teacher):
+            rows = model.get_output_embeddings().weight.shape[0] if model is not None else 0
+            if rows > self.vocab_size:
+                suppressed = set(model.generation_config.suppress_tokens or []) | set(range(self.vocab_size, rows))
+                model.generation_config.suppress_tokens = sorted(suppressed)
 
     def _zero_loss(self, batch: RolloutBatch) -> torch.Tensor:
         """A loss of exactly 0 through the student's graph: what a rank backpropagates in a skipped step under
@@ -304,6 +333,33 @@ class Trainer:
         return completion_logits(self.backend.train_model, batch).sum() * 0.0
 
     # ------------------------------------------------------------------ one optimizer step
+    def accumulate_gradients(self, batches: list[RolloutBatch], num_tokens: int) -> tuple[float, bool, dict[str, float]]:
+        """Forward and backward of each micro-batch of one step (no update): the student's gradients accumulate.
+
+        Args:
+            batches: this rank's micro-batches of the step.
+            num_tokens: completion tokens of the whole step (all ranks, all micro-batches), the loss normaliser.
+        Returns:
+            ``(step loss summed over micro-batches and ranks, whether every loss was finite, summed metrics)``.
+        """
+        metrics: dict[str, float] = collections.defaultdict(float)
+        loss_total, finite = 0.0, True
+        for batch in batches:
+            out = self.micro_batch_loss(batch, num_tokens)
+            aux = self.method.auxiliary_loss(batch, self.aux_ctx)
+            loss = out.loss if aux is None else out.loss + aux.loss
+            loss_value = loss.item()
+            if self.backend.is_deepspeed and not dist.all_ranks_true(math.isfinite(loss_value)):
+                loss, finite = self._zero_loss(batch), False  # every rank still runs DeepSpeed's backward
+            self.backend.backward(loss)
+            loss_total += loss_value
+            for key, value in {**out.metrics, **(aux.metrics if aux else {})}.items():
+                metrics[key] += value
+        if dist.world_size() > 1:  # each rank's values are its share of the global normalisation: they add up
+            loss_total = dist.all_reduce_sum([loss_total])[0]
+            metrics = _sum_over_ranks(metrics)
+        return loss_total, finite, metrics
+
     def train_step(self) -> dict[str, float]:
         """Rollouts for every micro-batch, then forward/backward per micro-batch, then one update.
 
@@ -321,23 +377,7 @@ class Trainer:
         batches = [self.collect(dist.shard(next(self.prompts))) for _ in range(self.cfg.grad_accum)]
         rollout_time = time.perf_counter() - started
         num_tokens = int(dist.all_reduce_sum([sum(b.num_tokens for b in batches)])[0])  # all ranks, all micro-batches
-
-        metrics: dict[str, float] = collections.defaultdict(float)
-        loss_total, finite = 0.0, True
-        for batch in batches:
-            out = self.micro_batch_loss(batch, num_tokens)
-            aux = self.method.auxiliary_loss(batch, self.aux_ctx)
-            loss = out.loss if aux is None else out.loss + aux.loss
-            loss_value = loss.item()
-            if self.backend.is_deepspeed and not dist.all_ranks_true(math.isfinite(loss_value)):
-                loss, finite = self._zero_loss(batch), False  # every rank still runs DeepSpeed's backward
-            self.backend.backward(loss)
-            loss_total += loss_value
-            for key, value in {**out.metrics, **(aux.metrics if aux else {})}.items():
-                metrics[key] += value
-        if dist.world_size() > 1:  # each rank's values are its share of the global normalisation: they add up
-            loss_total = dist.all_reduce_sum([loss_total])[0]
-            metrics = _sum_over_ranks(metrics)
+        loss_total, finite, metrics = self.accumulate_gradients(batches, num_tokens)
 
         grad_norm, updated = self.backend.step(skip=not (finite and math.isfinite(loss_total)))
         if updated:
@@ -387,10 +427,45 @@ class Trainer:
 
     @torch.no_grad()
     def validation_loss(self) -> float:
-        """The method's loss on held-out reference completions (DistiLLM's adaptive schedule reads it)."""
-        examples = self.eval_examples[: self.cfg.eval_batch_size]
-        batch = encode_targets(self.tokenizer, examples, self.device)
-        return self.micro_batch_loss(batch, batch.num_tokens).loss.item()
+        """The student's token-mean cross-entropy on the validation split's reference completions, in eval mode.
+
+        The quantity DistiLLM's official ``finetune.py`` feeds its adaptive schedule: the student's
+        language-modelling loss over the whole development split. The split is the task's own dev
+        split or one carved from train (:func:`opd.data.base.validation_split`), never ``task.eval``.
+        Over N processes each rank scores a strided share and the sums are added.
+        """
+        if not self.validation_examples:
+            raise TrainingError("validation_loss: this run has no validation split (the method reads none)")
+        examples, num_scored = dist.strided_shard(self.validation_examples)
+        model = self.backend.train_model
+        was_training = model.training
+        model.eval()
+        total, count = 0.0, 0.0
+        try:
+            for start in range(0, len(examples), self.cfg.eval_batch_size):
+                batch = encode_targets(self.tokenizer, examples[start : start + self.cfg.eval_batch_size], self.device)
+                rows = torch.arange(start, start + len(batch.examples), device=self.device) < num_scored  # not padding
+                mask = batch.completion_mask * rows[:, None]
+                total += float((self._token_cross_entropy(model, batch) * mask).sum())
+                count += float(mask.sum())
+        finally:
+            model.train(was_training)
+        total, count = dist.all_reduce_sum([total, count])
+        return total / max(count, 1.0)
+
+    def _token_cross_entropy(self, model: torch.nn.Module, batch: RolloutBatch) -> torch.Tensor:
+        """``[B, T]`` the model's cross-entropy at each completion token (no ``[B, T, V]`` logits on the chunked path)."""
+        if not self.loss_chunk_size:
+            logits = completion_logits(model, batch).float()
+            return torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch.completion_ids, reduction="none")
+        head = completion_hidden_states(model, batch)
+        hidden, out = head.hidden.flatten(0, 1), []
+        for start in range(0, hidden.shape[0], self.loss_chunk_size):
+            chunk = hidden[start : start + self.loss_chunk_size] @ head.weight.T
+            logits = (chunk if head.bias is None else chunk + head.bias).float()
+            out.append(torch.nn.functional.cross_entropy(
+                logits, batch.completion_ids.flatten()[start : start + self.loss_chunk_size], reduction="none"))
+        return torch.cat(out).view_as(batch.completion_ids)
 
     def _log_eval(self, result: EvalResult) -> None:
         metrics = {"eval/accuracy": result.accuracy, "eval/mean_length": result.mean_length}

@@ -86,6 +86,15 @@ class HeadInputs:
     weight: torch.Tensor
     bias: torch.Tensor | None = None
 
+    def first_rows(self, vocab_size: int) -> HeadInputs:
+        """The head cut to its first ``vocab_size`` rows (``weight`` ``[vocab_size, H]``; views, so gradients reach the
+        full parameters, zero on the cut rows): the logits ``[..., :vocab_size]`` of a vocabulary padded past the
+        one it shares with the other model."""
+        if self.weight.shape[0] == vocab_size:
+            return self
+        bias = None if self.bias is None else self.bias[:vocab_size]
+        return HeadInputs(self.hidden, self.weight[:vocab_size], bias)
+
 
 def linear_head(model: torch.nn.Module) -> torch.nn.Linear | None:
     """The model's output layer when logits are exactly ``Linear(hidden)``, else None.

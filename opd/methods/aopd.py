@@ -36,6 +36,10 @@ class AOPD(Method):
     τ = 0 both gates agree. K, the top-K normalisation (``fkl_mode``; "raw" = the formula as quoted) and
     the optional PPO clip of L^OPD are ours.
 
+    Sampling: temperature sampling only. The ratio and reward use the untruncated student's log-probs at the
+    sampling temperature, which top-p/top-k samples are not drawn from, so top-p < 1 or top-k > 0 is
+    refused at start-up (:meth:`Method.check_sampler`).
+
     Args:
         tau: gate threshold τ (default 0); any real with ``gate_on: log_ratio``, in [−1, 1] with ``prob_diff``.
         gate_on: "log_ratio" (A_t ≤ τ) or "prob_diff" (p_T(y_t) − q_old(y_t) ≤ τ).
@@ -46,6 +50,8 @@ class AOPD(Method):
         clip_eps: PPO clip range ε > 0 of L^OPD, or null (default: no clip).
         temperature: loss temperature of the teacher log-probs and of the gated divergence.
     """
+
+    uses_sampled_token_logprobs = True
 
     def __init__(self, tau: float = 0.0, gate_on: str = "log_ratio", k: int = 16, divergence: str = "fkl",
                  fkl_mode: str = "raw", jsd_beta: float = 0.5, clip_eps: float | None = None,

@@ -41,6 +41,10 @@ class AuxiliaryContext:
         student_logits: batch -> ``[B, T, V]`` student logits at its completion positions (with gradient).
         teacher_logits: batch -> the teacher's (no gradient).
         grad_accum: micro-batches per optimizer step (to normalise a per-micro-batch mean).
+        sum_over_ranks: a count -> its sum over all processes (the count itself in one process). A
+            collective: every rank calls :meth:`Method.auxiliary_loss` for every micro-batch, so it is safe
+            there. Normalising by a global count makes the rank-summed loss (what the DeepSpeed backend
+            trains on: each rank's loss times the world size, averaged) equal the single-process loss.
     """
 
     tokenizer: Any
@@ -48,6 +52,7 @@ class AuxiliaryContext:
     student_logits: Callable[[RolloutBatch], torch.Tensor]
     teacher_logits: Callable[[RolloutBatch], torch.Tensor]
     grad_accum: int
+    sum_over_ranks: Callable[[int], int] = int
 
 
 class Method:
@@ -69,6 +74,14 @@ class Method:
     #: what :meth:`loss` can take as the teacher: "logits" (``[B, T, V]`` only) or "sparse" (also a
     #: :class:`SparseTeacherLogprobs`, top-k and sampled-token log-probs from ``teacher.backend=vllm_server``).
     teacher_inputs: ClassVar[str] = "logits"
+    #: config keys whose default makes the loss depend on how a step's batch is split into micro-batches or
+    #: ranks (a statistic over the micro-batch), each mapped to the value that makes it split-invariant.
+    #: ``tests/test_pitfalls.py`` checks invariance with these values and that the default really differs.
+    batch_dependent: ClassVar[dict[str, Any]] = {}
+    #: the loss reads the sampled tokens' log-probs under the sampling distribution, log q_old(y_t) and
+    #: log q_θ(y_t) (an importance ratio or a reward log p_T − log q): the policy-gradient methods.
+    #: :meth:`check_sampler` then refuses top-p/top-k truncated sampling.
+    uses_sampled_token_logprobs: ClassVar[bool] = False
 
     policy: BehaviourPolicy = StudentPolicy()
 
@@ -113,6 +126,25 @@ class Method:
         Raises:
             ValueError: naming the ``method.<key>`` that does not fit.
         """
+
+    def check_sampler(self, temperature: float, top_p: float, top_k: int) -> None:
+        """Whether the method can train on completions sampled with these settings; called at start-up.
+
+        A method with ``uses_sampled_token_logprobs`` refuses top-p < 1 and top-k > 0: its ratio
+        q_θ(y)/q_old(y) and reward log p_T(y) − log q(y) are those of the untruncated student at the
+        sampling temperature, but a truncated sampler draws y from another distribution (renormalised
+        on a subset of the vocabulary, which never proposes the tokens outside it), so both would be
+        biased. vLLM's ``processed_logprobs`` are the truncated ones and do not fix this: the ratio then
+        compares a truncated q_old with an untruncated q_θ, and the reverse KL is the untruncated student's.
+
+        Raises:
+            ValueError: one line naming the settings to change.
+        """
+        if self.uses_sampled_token_logprobs and (top_p < 1.0 or top_k > 0):
+            name = getattr(type(self), "registry_name", type(self).__name__)
+            raise ValueError(f"method {name!r} is a policy-gradient method (importance ratio and reward on the sampled "
+                             f"tokens' untruncated log-probs) and cannot train on top-p/top-k truncated samples; set "
+                             f"sampler.top_p=1.0 and sampler.top_k=0 (got top_p={top_p}, top_k={top_k})")
 
     def sparse_teacher_top_k(self) -> int:
         """The fewest top-k teacher log-probs per position the sparse loss needs (0: the sampled token's only)."""

@@ -59,8 +59,11 @@ class DistiLLM(Method):
     the trainer compute it at every evaluation and hand it to the schedule.
 
     Where our implementation and the official code (``finetune.py``) differ:
-      * the official code's validation loss is the student's cross-entropy on the dev answers; our
-        trainer's is this method's loss (SKL/SRKL) on held-out reference answers;
+      * none in the validation loss: as in the official code, it is the student's cross-entropy on the
+        reference answers of the whole development split, in eval mode (``Trainer.validation_loss``); the
+        split is the task's own dev split (Dolly: the ``dev_num`` held-out rows) or
+        ``trainer.validation_examples`` examples carved from train with a fixed seed, never the
+        evaluation split;
       * the official code compares a new validation loss with the one recorded at the last
         threshold increase (``reference_loss: last_trigger``, our default, since the paper's own
         rule could not be checked against its text); ``last_eval`` compares with the previous

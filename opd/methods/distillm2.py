@@ -40,13 +40,14 @@ class ContrastivePolicy(BehaviourPolicy):
     """Each micro-batch is written either by the teacher or by the current student (or by both, paired).
 
     Args:
-        schedule: "alternate": teacher, student, teacher, ... per micro-batch (resumable counter);
-            "coin": a fair coin per micro-batch (the trainer's seeded policy RNG);
-            "paired": both write a completion for every prompt, in one batch of 2B rows whose
-            ``extras["from_teacher"]`` ``[2B, T]`` marks the teacher rows (the paper's pairs).
+        schedule: "paired" (default): both write a completion for every prompt, in one batch of 2B rows
+            whose ``extras["from_teacher"]`` ``[2B, T]`` marks the teacher rows (the paper's pairs);
+            "alternate": teacher, student, teacher, ... per micro-batch (resumable counter);
+            "coin": a fair coin per micro-batch (the trainer's seeded policy RNG). With these two an
+            optimizer step has both terms only if ``trainer.grad_accum`` is even ("alternate") or by chance ("coin").
     """
 
-    def __init__(self, schedule: str = "alternate") -> None:
+    def __init__(self, schedule: str = "paired") -> None:
         if schedule not in ("alternate", "coin", "paired"):
             raise ValueError(f"schedule must be 'alternate', 'coin' or 'paired', got {schedule!r}")
         self.schedule, self.calls = schedule, 0
@@ -104,14 +105,16 @@ class DistiLLM2(Method):
     curriculum (adaptive α per batch, gradually rising β) is switched off in the official code
     (``update_alpha``/``gradual_beta`` hard-coded False) and is not implemented: α and β are fixed.
 
-    How this differs from the paper's batches: the paper trains on pairs, a teacher response and a
-    student response to the same prompt in the same batch, generated offline with vLLM once per
-    epoch ("batched on-policy"); our loop draws every micro-batch from one policy, fresh each time.
-    ``schedule: alternate`` (default) takes teacher and student micro-batches in turn, so with
-    ``trainer.grad_accum`` even every optimizer step holds as many of each (on different prompts);
-    ``coin`` flips a fair coin per micro-batch; ``paired`` has both write a completion for the same
-    prompts in one micro-batch of twice the size, the paper's pairing. The official code averages
-    per sequence first; we take the token mean over the optimizer step, as every method here.
+    Batches: the paper trains on pairs, a teacher response and a student response to the same prompt
+    in the same batch, so every gradient step sums both terms. ``schedule: paired`` (default) does
+    that: both write a completion for the same prompts in one micro-batch of twice the size (2B rows).
+    How it still differs: the paper generates the responses offline with vLLM once per epoch
+    ("batched on-policy"); ours are fresh every step. The other schedules draw each micro-batch from
+    one policy: ``alternate`` takes teacher and student micro-batches in turn, ``coin`` flips a fair
+    coin; with the default ``trainer.grad_accum: 1`` each optimizer step then trains only one of the
+    two terms, so they need ``grad_accum`` even (``alternate``: as many of each per step, on different
+    prompts). The official code averages per sequence first; we take the token mean over the
+    optimizer step, as every method here.
 
     Args:
         beta: β in [0, 2]; teacher-response terms weigh (2−β), student-response terms β.
@@ -119,11 +122,11 @@ class DistiLLM2(Method):
         srkl_alpha: α of the skew reverse KL on student responses, in [0, 1).
         temperature: loss temperature on both logits.
         detach_mixture: stop the gradient through the student inside the SRKL mixture (official code).
-        schedule: "alternate", "coin" or "paired"; see :class:`ContrastivePolicy`.
+        schedule: "paired" (both terms in every micro-batch), "alternate" or "coin"; see :class:`ContrastivePolicy`.
     """
 
     def __init__(self, beta: float = 1.0, skl_alpha: float = 0.1, srkl_alpha: float = 0.1, temperature: float = 1.0,
-                 detach_mixture: bool = True, schedule: str = "alternate") -> None:
+                 detach_mixture: bool = True, schedule: str = "paired") -> None:
         if not 0.0 <= beta <= 2.0:
             raise ValueError(f"beta must be in [0, 2], got {beta}")
         for name, alpha in (("skl_alpha", skl_alpha), ("srkl_alpha", srkl_alpha)):

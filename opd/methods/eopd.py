@@ -33,6 +33,10 @@ class EOPD(Method):
     quoted (unnormalised teacher mass; its gradient is the teacher-top-K-weighted cross-entropy),
     ``renorm`` and ``tail`` are the alternatives of :func:`topk_forward_kl`.
 
+    Sampling: temperature sampling only. The ratio and reward use the untruncated student's log-probs at the
+    sampling temperature, which top-p/top-k samples are not drawn from, so top-p < 1 or top-k > 0 is
+    refused at start-up (:meth:`Method.check_sampler`).
+
     Args:
         tau: teacher-entropy threshold τ >= 0 in nats (at the loss temperature).
         alpha: weight α >= 0 of the gated forward-KL term.
@@ -41,6 +45,8 @@ class EOPD(Method):
         fkl_mode: top-K forward KL estimator: "raw", "renorm" or "tail".
         temperature: loss temperature of the teacher log-probs, entropy and the forward-KL term.
     """
+
+    uses_sampled_token_logprobs = True
 
     def __init__(self, tau: float = 0.5, alpha: float = 1.0, k: int = 16, clip_eps: float | None = 0.2,
                  fkl_mode: str = "raw", temperature: float = 1.0) -> None:

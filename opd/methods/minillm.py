@@ -44,10 +44,14 @@ class MiniLLM(Method):
       * L_PT: the paper adds a pretraining LM loss on a plain-text corpus, the code (1−kd_ratio)·CE +
         kd_ratio·word-level forward KL on it with ``--lm-coef 1`` and kd_ratio 0.5 (``lm_kd_ratio``). Our
         tasks ship no pretraining corpus, so the term is computed on the task's reference completions of
-        the same prompts (teacher-forced), a per-micro-batch token mean divided by the accumulation steps;
-        off by default (``lm_coef: 0``).
+        the same prompts (teacher-forced), the token mean over each global micro-batch (all processes) divided
+        by the accumulation steps, so N processes give the single-process value; off by default (``lm_coef: 0``).
     Not reproduced: the code's 4 PPO epochs over a 256-rollout store; here each rollout batch is used
     for one update (so ρ_t = w_t up to sampling-time vs training-time numerics).
+
+    Sampling: temperature sampling only. The ratio and reward use the untruncated student's log-probs at the
+    sampling temperature, and the teacher-mixed decoding draws from the untruncated mixture (it would ignore
+    ``sampler.top_p``/``top_k``), so top-p < 1 or top-k > 0 is refused at start-up (:meth:`Method.check_sampler`).
 
     Args:
         alpha: teacher weight α of the sampling mixture, in [0, 1] (0.2 in all experiments).
@@ -65,6 +69,8 @@ class MiniLLM(Method):
         temperature: loss temperature for the teacher log-probs and L_reg (the code divides all logits by
             the sampling temperature: keep it equal to ``sampler.temperature``).
     """
+
+    uses_sampled_token_logprobs = True
 
     def __init__(self, alpha: float = 0.2, gamma: float = 1.0, include_current_reward: bool = False,
                  length_normalize: bool = True, whiten_advantages: bool = True, clip_eps: float | None = 0.2,
@@ -109,7 +115,8 @@ class MiniLLM(Method):
             return None
         lm_batch = encode_targets(ctx.tokenizer, batch.examples, ctx.device)
         student_logits = ctx.student_logits(lm_batch)
-        tokens = lm_batch.num_tokens * ctx.grad_accum  # per-micro-batch token mean, averaged over the step
+        # the global micro-batch's token mean (all ranks), averaged over the step's micro-batches
+        tokens = ctx.sum_over_ranks(lm_batch.num_tokens) * ctx.grad_accum
         ce = completion_cross_entropy(lm_batch, student_logits, tokens)
         term = (1.0 - self.lm_kd_ratio) * ce
         metrics = {"minillm/lm_ce": ce.item()}

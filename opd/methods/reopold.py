@@ -47,6 +47,10 @@ class REOPOLD(Method):
     With ``entropy_source: student`` it needs only log p_T(y_t): runs from a teacher server
     (``teacher.backend=vllm_server``, temperature 1).
 
+    Sampling: temperature sampling only. The ratio and reward use the untruncated student's log-probs at the
+    sampling temperature, which top-p/top-k samples are not drawn from, so top-p < 1 or top-k > 0 is
+    refused at start-up (:meth:`Method.check_sampler`).
+
     Args:
         lmbda: λ in [0, 1); the reward floor is log(λ/(1−λ)) (λ = 0: no floor; λ > 0.5 gives a positive floor).
         keep_fraction: fraction k in (0, 1] of highest-entropy tokens that train (1 = no mask).
@@ -57,6 +61,7 @@ class REOPOLD(Method):
         temperature: loss temperature of the teacher log-probs and of the entropy.
     """
 
+    uses_sampled_token_logprobs = True
     teacher_inputs = "sparse"
 
     def __init__(self, lmbda: float = 0.17, keep_fraction: float = 0.5, entropy_source: str = "student",

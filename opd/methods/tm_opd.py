@@ -38,12 +38,17 @@ class TMOPD(Method):
     Needs only log p_T(y_t): runs from a teacher server (``teacher.backend=vllm_server``, any
     ``teacher.server_top_k``, temperature 1).
 
+    Sampling: temperature sampling only. The ratio and reward use the untruncated student's log-probs at the
+    sampling temperature, which top-p/top-k samples are not drawn from, so top-p < 1 or top-k > 0 is
+    refused at start-up (:meth:`Method.check_sampler`).
+
     Args:
         kl_coef: c > 0, the weight of the reverse-KL advantage (recipe ``kl_penalty_coef`` 1.0).
         kl_discount_factor: γ in [0, 1]; 0 = per-token advantage (recipe default).
         temperature: loss temperature of the teacher's log-probs (the recipe scores at 1).
     """
 
+    uses_sampled_token_logprobs = True
     teacher_inputs = "sparse"
 
     def __init__(self, kl_coef: float = 1.0, kl_discount_factor: float = 0.0, temperature: float = 1.0) -> None:

@@ -108,11 +108,22 @@ def _load_message(role: str, source: str, err: Exception) -> str:
     return f"{role}: could not load {source!r}: {first}.{hint}"
 
 
-def check_same_vocabulary(teacher_tokenizer, student_tokenizer, teacher, student) -> None:
-    """Teacher and student must share a tokenizer for token-level distillation.
+def check_same_vocabulary(teacher_tokenizer, student_tokenizer, teacher, student) -> int:
+    """Teacher and student must share a tokenizer for token-level distillation; returns the shared vocabulary size.
 
+    Output layers whose row counts differ only by padding past the tokenizer (Qwen2.5: 151,936 rows in
+    the small models, 152,064 in the 7B and larger ones, one tokenizer of 151,665 ids) are accepted: the
+    shared size is the smaller row count, the largest width at which both models have a logit. The
+    extra rows of the larger head are padding, never a token id, so the trainer cuts both models'
+    logits to it (``Trainer._trim``); the rows below it that are padding in both are kept, exactly as
+    for a pair whose padded heads have the same size, so a pair differing only by padding trains as
+    if the larger head had been resized to the smaller one.
+
+    Returns:
+        V: the row count both models keep.
     Raises:
-        ModelLoadError: naming the first difference found.
+        ModelLoadError: naming the first difference of the tokenizers, or both row counts when the
+            smaller head would cut a real token id.
     """
     t_vocab, s_vocab = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
     if t_vocab != s_vocab:
@@ -124,6 +135,11 @@ def check_same_vocabulary(teacher_tokenizer, student_tokenizer, teacher, student
                              "Token-level distillation needs one shared vocabulary.")
     t_rows = teacher.get_output_embeddings().weight.shape[0]
     s_rows = student.get_output_embeddings().weight.shape[0]
-    if t_rows != s_rows:
-        raise ModelLoadError(f"teacher and student output layers differ in size ({t_rows} vs {s_rows} rows) although "
-                             "their tokenizers match; resize one of them so the logits line up.")
+    if t_rows == s_rows:
+        return s_rows
+    num_ids = max(len(student_tokenizer), max(s_vocab.values(), default=-1) + 1)  # ids 0..num_ids-1 are real
+    if num_ids > min(t_rows, s_rows):
+        raise ModelLoadError(f"teacher and student output layers differ in size (teacher {t_rows} vs student {s_rows} "
+                             f"rows) and the smaller one has no row for some of the tokenizer's {num_ids} ids; resize "
+                             "the smaller model's embeddings so the logits line up.")
+    return min(t_rows, s_rows)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -77,9 +77,33 @@ def check_sampling_params(temperature: float, top_p: float, top_k: int, max_new_
         raise ValueError(f"n (samples per prompt) must be >= 1, got {n}")
 
 
+def eos_token_ids(tokenizer, *models: torch.nn.Module) -> list[int]:
+    """Every token id that ends a sequence: the tokenizer's EOS plus each model's declared ones.
+
+    A model declares EOS in ``generation_config.eos_token_id`` and/or ``config.eos_token_id``, an int
+    or a list (Qwen3 instruct: ``<|im_end|>`` and ``<|endoftext|>``). Generation stops at, and
+    ``truncate_after_eos`` masks after, the first of *any* of them; stopping at the tokenizer's EOS
+    alone would train on text after the end. Pass the model that writes the completions (each
+    model stops at its own set); with several models (joint decoding) the union of their sets.
+
+    Returns:
+        the ids, deduplicated, the tokenizer's first.
+    """
+    declared: list[Any] = [tokenizer.eos_token_id]
+    for model in models:
+        for config in (getattr(model, "generation_config", None), getattr(model, "config", None)):
+            declared.append(getattr(config, "eos_token_id", None))
+    ids: list[int] = []
+    for entry in declared:
+        for token in ([] if entry is None else [entry] if isinstance(entry, int) else list(entry)):
+            if int(token) not in ids:
+                ids.append(int(token))
+    return ids
+
+
 def truncate_after_eos(completion_ids: torch.Tensor, eos_token_id: int | Sequence[int], pad_token_id: int
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask everything after each row's first EOS.
+    """Mask everything after each row's first EOS (any of ``eos_token_id``: see :func:`eos_token_ids`).
 
     Args:
         completion_ids: ``[B, T]`` generated tokens.
@@ -87,7 +111,7 @@ def truncate_after_eos(completion_ids: torch.Tensor, eos_token_id: int | Sequenc
         ``(ids, mask)``, both ``[B, T]``: ids with pad after the first EOS; mask 1 up to and including it.
     """
     eos_ids = torch.as_tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id),
-                              device=completion_ids.device)
+                              dtype=torch.long, device=completion_ids.device)
     is_eos = torch.isin(completion_ids, eos_ids)
     after_eos = (is_eos.cumsum(dim=1) - is_eos.long()) > 0  # strictly after the first EOS
     mask = (~after_eos).long()

@@ -18,13 +18,14 @@ import collections
 import dataclasses
 import math
 import random
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from opd import distributed as dist
 from opd.data.base import Example
-from opd.sampling.base import RolloutBatch, truncate_after_eos
+from opd.sampling.base import RolloutBatch, eos_token_ids, truncate_after_eos
 from opd.sampling.tokenize import encode_prompts, encode_targets
 
 
@@ -77,13 +78,17 @@ class StudentPolicy(BehaviourPolicy):
 
 
 class TeacherPolicy(BehaviourPolicy):
-    """Samples from the teacher with the configured sampler (sequence-level KD)."""
+    """Samples from the teacher with the configured sampler (sequence-level KD).
+
+    The batch is labelled ``source="teacher"`` and carries no ``sampler_logprobs`` (those are the
+    student's q_old by contract; a vLLM engine's record here would be the teacher's).
+    """
 
     uses_teacher = True
 
     def collect(self, ctx: RolloutContext, examples: list[Example]) -> RolloutBatch:
         batch = ctx.sampler.generate(ctx.teacher, ctx.tokenizer, examples)
-        batch.source = "teacher"
+        batch.source, batch.sampler_logprobs = "teacher", None
         return batch
 
 
@@ -112,7 +117,11 @@ class TeacherMixedPolicy(BehaviourPolicy):
     Student and teacher decode jointly, each with its own KV cache. The batch records, per completion
     token, the student's log-probability at sampling time (``sampler_logprobs``, the q_old of the
     importance ratio) and the mixture's (``extras["mix_logprobs"]``), so the single-step importance
-    weight q_θ/p̃ can be formed by the method.
+    weight q_θ/p̃ can be formed by the method. Decoding uses the HF models themselves, never the
+    configured sampler's engine (only its ``max_new_tokens`` and ``temperature``), so with
+    ``sampler=vllm`` the student and teacher here are always the current ones. A row ends at the
+    first EOS either model declares (:func:`~opd.sampling.base.eos_token_ids` of both): past the
+    teacher's end its p_T is meaningless, past the student's its q_θ is.
 
     Args:
         alpha: teacher weight α of the mixture (0.2 in all MiniLLM experiments).
@@ -129,15 +138,16 @@ class TeacherMixedPolicy(BehaviourPolicy):
     def collect(self, ctx: RolloutContext, examples: list[Example]) -> RolloutBatch:
         tok, sampler = ctx.tokenizer, ctx.sampler
         prompt_ids, prompt_mask = encode_prompts(tok, [ex.prompt for ex in examples], ctx.device)
+        eos = eos_token_ids(tok, ctx.student, ctx.teacher)
         was_training = ctx.student.training
         ctx.student.eval()
         try:
             tokens, student_lp, mix_lp = joint_decode(ctx.student, ctx.teacher, prompt_ids, prompt_mask,
                                                       sampler.max_new_tokens, self.alpha, sampler.temperature,
-                                                      tok.eos_token_id, tok.pad_token_id)
+                                                      eos, tok.pad_token_id)
         finally:
             ctx.student.train(was_training)
-        completion_ids, completion_mask = truncate_after_eos(tokens, tok.eos_token_id, tok.pad_token_id)
+        completion_ids, completion_mask = truncate_after_eos(tokens, eos, tok.pad_token_id)
         batch = RolloutBatch(prompt_ids, prompt_mask, completion_ids, completion_mask, list(examples), "mixed",
                              temperature=sampler.temperature)
         batch.sampler_logprobs = student_lp
@@ -146,12 +156,13 @@ class TeacherMixedPolicy(BehaviourPolicy):
 
 
 def joint_decode(student: torch.nn.Module, teacher: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                 max_new_tokens: int, alpha: float, temperature: float, eos_token_id: int, pad_token_id: int
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 max_new_tokens: int, alpha: float, temperature: float, eos_token_id: int | Sequence[int],
+                 pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sample from α·p_T + (1−α)·q token by token with a KV cache per model.
 
     Args:
         prompt_ids, prompt_mask: ``[B, P]`` left-padded prompts.
+        eos_token_id: the id, or ids, that end a row (every one both models declare: ``eos_token_ids``).
     Returns:
         ``(tokens, student_logprobs, mixture_logprobs)``, each ``[B, T]`` with T ≤ max_new_tokens;
         log-probabilities are of the sampled token under q (at ``temperature``) and under the mixture.
@@ -162,6 +173,8 @@ def joint_decode(student: torch.nn.Module, teacher: torch.nn.Module, prompt_ids:
     caches: list[Any] = [None, None]
     inputs = prompt_ids
     finished = torch.zeros(batch_size, dtype=torch.bool, device=prompt_ids.device)
+    eos_ids = torch.as_tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id),
+                              dtype=torch.long, device=prompt_ids.device)
     tokens, student_lps, mix_lps = [], [], []
     synced = dist.needs_synced_decoding(student) or dist.needs_synced_decoding(teacher)
     log_alpha, log_one_minus = math.log(alpha) if alpha > 0 else -math.inf, math.log1p(-alpha) if alpha < 1 else -math.inf
@@ -179,7 +192,7 @@ def joint_decode(student: torch.nn.Module, teacher: torch.nn.Module, prompt_ids:
         tokens.append(next_token)
         student_lps.append(log_q.gather(1, next_token[:, None]).squeeze(1))
         mix_lps.append(log_mix.gather(1, next_token[:, None]).squeeze(1))
-        finished |= next_token == eos_token_id
+        finished |= torch.isin(next_token, eos_ids)
         done = bool(finished.all())
         if synced:  # ZeRO-3 forwards are collectives: a rank that is done keeps stepping until every rank is
             done = dist.all_ranks_true(done)

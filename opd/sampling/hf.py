@@ -7,7 +7,7 @@ import torch
 from opd import distributed as dist
 from opd.data.base import Example
 from opd.registry import SAMPLERS
-from opd.sampling.base import RolloutBatch, check_sampling_params, repeat_per_example, truncate_after_eos
+from opd.sampling.base import RolloutBatch, check_sampling_params, eos_token_ids, repeat_per_example, truncate_after_eos
 from opd.sampling.tokenize import encode_prompts
 
 
@@ -32,23 +32,24 @@ class HFSampler:
     def generate(self, model: torch.nn.Module, tokenizer, examples: list[Example], greedy: bool = False,
                  n: int | None = None) -> RolloutBatch:
         """``n`` completions per example from ``model`` (eval mode during generation, restored after); rows grouped
-        by example. ``n``: the sampler's when None; always one when ``greedy``."""
+        by example. ``n``: the sampler's when None; always one when ``greedy``. Each row stops at, and is masked
+        after, the first of any EOS id ``model`` declares (:func:`~opd.sampling.base.eos_token_ids`)."""
         device = next(model.parameters()).device
         prompt_ids, prompt_mask = encode_prompts(tokenizer, [ex.prompt for ex in examples], device)
         n = 1 if greedy else (self.n if n is None else n)
         sampling = {} if greedy else {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k or None,
                                       "num_return_sequences": n}
+        eos = eos_token_ids(tokenizer, model)
         was_training = model.training
         model.eval()
         try:
             sequences = model.generate(
                 input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=not greedy, max_new_tokens=self.max_new_tokens,
-                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, use_cache=True,
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=eos or None, use_cache=True,
                 synced_gpus=dist.needs_synced_decoding(model), **sampling)  # ZeRO-3: ranks step together
         finally:
             model.train(was_training)
-        completion_ids, completion_mask = truncate_after_eos(sequences[:, prompt_ids.shape[1]:], tokenizer.eos_token_id,
-                                                             tokenizer.pad_token_id)
+        completion_ids, completion_mask = truncate_after_eos(sequences[:, prompt_ids.shape[1]:], eos, tokenizer.pad_token_id)
         # generate returns the n samples of each prompt next to each other
         prompt_ids, prompt_mask, examples = repeat_per_example(prompt_ids, prompt_mask, examples, n)
         return RolloutBatch(prompt_ids, prompt_mask, completion_ids, completion_mask, list(examples), "student",

@@ -4,36 +4,65 @@ The engine lives in the training process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: 
 runs in-process instead of in a child process). That is what makes the weight sync cheap: the
 student's tensors are handed to vLLM's in-place ``reload_weights`` by reference, with no pickling across a
 process boundary and no checkpoint written to disk.
+
+One engine per sampled model: the student's, and for methods whose behaviour policy also samples
+from the teacher (SeqKD, DistiLLM-2's contrastive policy, GKD with ``off_policy_source: teacher``) a
+second one built from the teacher, which is never re-synced. Memory is per engine: two engines
+reserve ``cpu_kvcache_space_gib`` twice on CPU and ``gpu_memory_utilization`` twice on GPU; an
+engine that cannot fit fails at build time with one line saying so.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 import os
 import shutil
 import tempfile
+import weakref
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from opd.data.base import Example
-from opd.sampling.base import RolloutBatch, check_sampling_params, repeat_per_example, truncate_after_eos
+from opd.errors import ConfigError
+from opd.sampling.base import RolloutBatch, check_sampling_params, eos_token_ids, repeat_per_example, truncate_after_eos
 from opd.sampling.tokenize import encode_prompts
 
 _DTYPES = ("float32", "bfloat16", "float16", "auto")
 _LOGPROBS_MODES = ("processed_logprobs", "raw_logprobs")
 
 
-class VLLMSampler:
-    """One completion per prompt from a colocated vLLM ``LLM`` that mirrors the student's weights.
+@dataclasses.dataclass
+class _Engine:
+    """One vLLM ``LLM`` and the model it was built from (held weakly: a dead model's engine is dropped)."""
 
-    The engine is built lazily on the first ``generate`` from a copy of the student written to a
-    temporary directory (``save_pretrained`` of model and tokenizer). Prompts are passed as token ids
-    (``encode_prompts``, the same ids as :class:`~opd.sampling.hf.HFSampler`), so tokenisation is
-    identical to HF; vLLM's tokenizer is never loaded (``skip_tokenizer_init``) and EOS is passed as a
-    stop token id.
+    llm: Any
+    model_dir: str
+    model: weakref.ref
+    asleep: bool = False
+
+
+class VLLMSampler:
+    """Completions from colocated vLLM ``LLM`` engines, one per sampled model, that mirror those models' weights.
+
+    Each model passed to ``generate`` gets its own engine, built lazily on its first ``generate``
+    from a copy of that model written to a temporary directory (``save_pretrained`` of model and
+    tokenizer), and looked up by the model object afterwards: a teacher-sampled batch always comes
+    from the teacher's engine, a student-sampled one from the student's. ``sync_weights(model)``
+    refreshes only ``model``'s engine (the trainer passes the student: the teacher's engine keeps
+    the weights it was built with). Prompts are passed as token ids (``encode_prompts``, the same
+    ids as :class:`~opd.sampling.hf.HFSampler`), so tokenisation is identical to HF; vLLM's
+    tokenizer is never loaded (``skip_tokenizer_init``) and every EOS id the sampled model declares
+    (:func:`~opd.sampling.base.eos_token_ids`) is passed as a stop token id.
+
+    Memory: every engine has its own KV cache, so with two engines (a teacher-sampling method) CPU
+    reserves ``2 × cpu_kvcache_space_gib`` GiB and GPU ``2 × gpu_memory_utilization`` of the
+    device (with ``enable_sleep_mode`` a sleeping engine gives its share back). Before an engine is
+    built the free memory is checked and, if short, a ``ConfigError`` names what to lower.
 
     The batch has HFSampler's layout (left-padded prompts, right-padded completions that include the
     EOS when produced, ``completion_mask`` from ``truncate_after_eos``) plus ``sampler_logprobs``:
@@ -76,11 +105,12 @@ class VLLMSampler:
         dtype: engine weight/activation dtype; "float32" matches the CPU student bit for bit in layout.
         enforce_eager: no CUDA graphs / torch.compile (fast start-up; needed for in-place weight
             updates to be seen without re-capture on GPU).
-        gpu_memory_utilization: fraction of GPU memory vLLM may take (weights + KV cache); ignored on CPU.
+        gpu_memory_utilization: fraction of GPU memory each engine may take (weights + KV cache); ignored on CPU.
         enable_sleep_mode: GPU only: ``llm.sleep()`` after each ``generate`` (frees KV cache and
             offloads weights while the trainer runs) and ``llm.wake_up()`` before the next one.
         seed: engine seed (sampling is reproducible for a fixed seed and request order).
-        cpu_kvcache_space_gib: CPU only: KV cache size in whole GiB (sets ``VLLM_CPU_KVCACHE_SPACE`` when unset).
+        cpu_kvcache_space_gib: CPU only: KV cache size of each engine in whole GiB (sets ``VLLM_CPU_KVCACHE_SPACE``
+            when unset).
         cpu_omp_threads_bind: CPU only: ``VLLM_CPU_OMP_THREADS_BIND`` when unset ("nobind" leaves
             thread placement to the OS, which shares the cores with the trainer and other jobs).
         max_model_len: engine context length; None = the student config's ``max_position_embeddings``.
@@ -111,13 +141,65 @@ class VLLMSampler:
         self.enable_sleep_mode, self.seed = enable_sleep_mode, seed
         self.cpu_kvcache_space_gib, self.cpu_omp_threads_bind = cpu_kvcache_space_gib, cpu_omp_threads_bind
         self.max_model_len, self.logprobs_mode, self.weight_sync = max_model_len, logprobs_mode, weight_sync
-        self.llm: Any = None
-        self._model_dir: str | None = None
-        self._asleep = False
+        self._engines: dict[int, _Engine] = {}  # id(model) -> its engine
         self.syncs = 0  # weight pushes so far
 
-    # ------------------------------------------------------------------ engine
-    def _build_engine(self, model: torch.nn.Module, tokenizer) -> None:
+    # ------------------------------------------------------------------ engines
+    @property
+    def num_engines(self) -> int:
+        """Engines alive now (one per sampled model)."""
+        return len(self._engines)
+
+    def _engine(self, model: torch.nn.Module) -> _Engine | None:
+        """``model``'s engine, or None (an entry whose model died and whose id was reused is dropped)."""
+        engine = self._engines.get(id(model))
+        if engine is not None and engine.model() is not model:
+            self._close_engine(id(model))
+            return None
+        return engine
+
+    def _engine_for(self, model: torch.nn.Module, tokenizer) -> _Engine:
+        """``model``'s engine, built on first use (after dropping the engines of models that no longer exist)."""
+        engine = self._engine(model)
+        if engine is None:
+            for key in [k for k, e in self._engines.items() if e.model() is None]:
+                self._close_engine(key)
+            self._check_memory(model)
+            engine = self._engines[id(model)] = self._build_engine(model, tokenizer)
+        return engine
+
+    def _check_memory(self, model: torch.nn.Module) -> None:
+        """Fail with one line, before vLLM starts, when another engine's memory is not there."""
+        existing = len(self._engines)
+        why = (f" ({existing} engine(s) already built: sampler=vllm builds one per sampled model, the student's and, "
+               "for seqkd, distillm2 and gkd with off_policy_source=teacher, the teacher's)") if existing else ""
+        gib = 2**30
+        if torch.cuda.is_available():
+            free, total = torch.cuda.mem_get_info()
+            need = self.gpu_memory_utilization * total
+            if need > free:
+                raise ConfigError(
+                    f"sampler=vllm: an engine for {type(model).__name__} needs gpu_memory_utilization="
+                    f"{self.gpu_memory_utilization} x {total / gib:.1f} GiB = {need / gib:.1f} GiB but {free / gib:.1f} GiB "
+                    f"are free{why}; lower sampler.gpu_memory_utilization, set sampler.enable_sleep_mode=true, or use "
+                    "sampler=hf")
+            return
+        import psutil
+
+        weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        need, free = self._cpu_kvcache_bytes() + 2 * weights, psutil.virtual_memory().available
+        if need > free:
+            raise ConfigError(
+                f"sampler=vllm on CPU: an engine for {type(model).__name__} needs about {need / gib:.1f} GiB "
+                f"(KV cache VLLM_CPU_KVCACHE_SPACE / sampler.cpu_kvcache_space_gib plus two copies of the weights) but "
+                f"{free / gib:.1f} GiB are available{why}; lower sampler.cpu_kvcache_space_gib or use sampler=hf")
+
+    def _cpu_kvcache_bytes(self) -> int:
+        """The KV cache vLLM's CPU backend will reserve per engine (the environment variable wins, as in vLLM)."""
+        space = os.environ.get("VLLM_CPU_KVCACHE_SPACE") or self.cpu_kvcache_space_gib
+        return int(space) * 2**30
+
+    def _build_engine(self, model: torch.nn.Module, tokenizer) -> _Engine:
         import vllm  # noqa: F401  (fails here, with the registry's install hint, when the extra is missing)
         from vllm import LLM
 
@@ -126,30 +208,37 @@ class VLLMSampler:
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", self.cpu_omp_threads_bind)
         if not torch.cuda.is_available():
             _check_cpu_head_dim(model.config)
-        self._model_dir = tempfile.mkdtemp(prefix="opd_vllm_")
-        model.save_pretrained(self._model_dir, safe_serialization=True, state_dict=_cpu_state_dict(model))
-        tokenizer.save_pretrained(self._model_dir)
+        model_dir = tempfile.mkdtemp(prefix="opd_vllm_")
+        model.save_pretrained(model_dir, safe_serialization=True, state_dict=_cpu_state_dict(model))
+        tokenizer.save_pretrained(model_dir)
         max_len = self.max_model_len or getattr(model.config, "max_position_embeddings", None)
         kwargs: dict[str, Any] = dict(
-            model=self._model_dir, skip_tokenizer_init=True, dtype=self.dtype, enforce_eager=self.enforce_eager,
+            model=model_dir, skip_tokenizer_init=True, dtype=self.dtype, enforce_eager=self.enforce_eager,
             seed=self.seed, logprobs_mode=self.logprobs_mode, max_model_len=max_len)
         if torch.cuda.is_available():
             kwargs.update(gpu_memory_utilization=self.gpu_memory_utilization, enable_sleep_mode=self.enable_sleep_mode)
         set_num_threads, num_threads = torch.set_num_threads, torch.get_num_threads()
         try:
-            self.llm = LLM(**kwargs)
+            llm = LLM(**kwargs)
+        except BaseException:
+            shutil.rmtree(model_dir, ignore_errors=True)
+            raise
         finally:
             # vLLM's CPU worker replaces torch.set_num_threads with a no-op for the whole process (to protect
             # its thread binding); with the in-process engine that would silently pin the trainer's threads.
             torch.set_num_threads = set_num_threads
             torch.set_num_threads(num_threads)
+        return _Engine(llm, model_dir, weakref.ref(model))
 
-    def _sampling_params(self, tokenizer, greedy: bool, n: int = 1):
+    def _close_engine(self, key: int) -> None:
+        engine = self._engines.pop(key)
+        engine.llm = None
+        shutil.rmtree(engine.model_dir, ignore_errors=True)
+
+    def _sampling_params(self, eos: Sequence[int], greedy: bool, n: int = 1):
         from vllm import SamplingParams
 
-        eos = tokenizer.eos_token_id
-        stop = [eos] if isinstance(eos, int) else list(eos)
-        common = dict(max_tokens=self.max_new_tokens, logprobs=0, stop_token_ids=stop, detokenize=False, n=n)
+        common = dict(max_tokens=self.max_new_tokens, logprobs=0, stop_token_ids=list(eos), detokenize=False, n=n)
         if greedy:
             return SamplingParams(temperature=0.0, **common)
         return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k or -1, **common)
@@ -158,19 +247,20 @@ class VLLMSampler:
     @torch.no_grad()
     def generate(self, model: torch.nn.Module, tokenizer, examples: list[Example], greedy: bool = False,
                  n: int | None = None) -> RolloutBatch:
-        """``n`` completions per example from the engine (built from ``model`` on the first call), rows grouped by
-        example; ``n``: the sampler's when None, one when ``greedy``."""
+        """``n`` completions per example from ``model``'s engine (built from ``model`` on its first call), rows
+        grouped by example; ``n``: the sampler's when None, one when ``greedy``. Rows stop at, and are masked
+        after, the first EOS id ``model`` declares."""
         from vllm.inputs import TokensPrompt
 
         device = next(model.parameters()).device
         prompt_ids, prompt_mask = encode_prompts(tokenizer, [ex.prompt for ex in examples], "cpu")
-        if self.llm is None:
-            self._build_engine(model, tokenizer)
-        self._wake()
+        engine = self._engine_for(model, tokenizer)
+        eos = eos_token_ids(tokenizer, model)
+        self._wake(engine)
         prompts = [TokensPrompt(prompt_token_ids=row[mask.bool()].tolist()) for row, mask in zip(prompt_ids, prompt_mask)]
         n = 1 if greedy else (self.n if n is None else n)
-        outputs = self.llm.generate(prompts, self._sampling_params(tokenizer, greedy, n), use_tqdm=False)
-        self._sleep()
+        outputs = engine.llm.generate(prompts, self._sampling_params(eos, greedy, n), use_tqdm=False)
+        self._sleep(engine)
         rows, lps = [], []
         for out in outputs:
             for completion in out.outputs:  # the n samples of one prompt
@@ -184,7 +274,7 @@ class VLLMSampler:
         for i, (ids, lp) in enumerate(zip(rows, lps)):
             completion_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
             logprobs[i, : len(lp)] = torch.tensor(lp, dtype=torch.float32)
-        completion_ids, completion_mask = truncate_after_eos(completion_ids, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        completion_ids, completion_mask = truncate_after_eos(completion_ids, eos, tokenizer.pad_token_id)
         logprobs = logprobs * completion_mask
         for i, ids in enumerate(rows):  # rows shorter than the widest are padding, not loss positions
             completion_mask[i, len(ids):] = 0
@@ -194,41 +284,41 @@ class VLLMSampler:
 
     @torch.no_grad()
     def sync_weights(self, model: torch.nn.Module) -> None:
-        """Push ``model``'s current weights into the engine in place (no-op before the engine exists)."""
-        if self.llm is None:
+        """Push ``model``'s current weights into ``model``'s engine in place; other engines are untouched (no-op
+        before ``model`` has an engine)."""
+        engine = self._engine(model)
+        if engine is None:
             return
-        self._wake()
+        self._wake(engine)
         if self.weight_sync == "iterator":
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": _named_tensors(model),
-                                                              "is_checkpoint_format": True})
+            engine.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": _named_tensors(model),
+                                                                "is_checkpoint_format": True})
         else:
-            _save_full_state(model, self._model_dir)
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": self._model_dir})
-        self.llm.reset_prefix_cache()
-        self._sleep()
+            _save_full_state(model, engine.model_dir)
+            engine.llm.collective_rpc("reload_weights", kwargs={"weights_path": engine.model_dir})
+        engine.llm.reset_prefix_cache()
+        self._sleep(engine)
         self.syncs += 1
 
     def close(self) -> None:
-        """Drop the engine and its temporary checkpoint."""
-        self.llm = None
-        if self._model_dir is not None:
-            shutil.rmtree(self._model_dir, ignore_errors=True)
-            self._model_dir = None
+        """Drop every engine and its temporary checkpoint."""
+        for key in list(self._engines):
+            self._close_engine(key)
 
     def __del__(self) -> None:  # best effort: temp directories should not pile up over a sweep
         with contextlib.suppress(Exception):
             self.close()
 
     # ------------------------------------------------------------------ sleep mode (GPU)
-    def _sleep(self) -> None:
-        if self.enable_sleep_mode and torch.cuda.is_available() and not self._asleep:
-            self.llm.sleep(level=1)
-            self._asleep = True
+    def _sleep(self, engine: _Engine) -> None:
+        if self.enable_sleep_mode and torch.cuda.is_available() and not engine.asleep:
+            engine.llm.sleep(level=1)
+            engine.asleep = True
 
-    def _wake(self) -> None:
-        if self._asleep:
-            self.llm.wake_up()
-            self._asleep = False
+    def _wake(self, engine: _Engine) -> None:
+        if engine.asleep:
+            engine.llm.wake_up()
+            engine.asleep = False
 
 
 def pad_attention_heads(model: torch.nn.Module, head_dim: int = 32) -> torch.nn.Module:
