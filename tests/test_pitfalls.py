@@ -47,7 +47,8 @@ METHOD_NAMES = list(METHODS)
 GLOBAL_BATCH = 8
 SPLITS = (1, 2, 8)  # micro-batches per step: 1×8, 2×4, 8×1
 SPLIT_RTOL = 1e-6  # loss and gradient (max |Δg| relative to max |g|) across splits, float64 models
-COMMON = ("trainer.num_threads=1", "trainer.max_grad_norm=0", "sampler.max_new_tokens=8",
+COMMON = ("trainer.num_threads=1", "data.num_train=64", "data.num_eval=16", "trainer.validation_examples=16",
+          "trainer.max_grad_norm=0", "sampler.max_new_tokens=8",
           f"trainer.batch_size={GLOBAL_BATCH}", "trainer.grad_accum=1")
 
 
@@ -323,7 +324,9 @@ PIN_RTOL = 1e-4
 def pinned_run(name: str, output_dir: str | Path) -> tuple[float, float]:
     """``train_step()`` once for method ``name`` on the toy teacher and student; (train/loss, train/grad_norm)."""
     cfg = compose_run(f"method={name}", "teacher=toy", "student=toy", "seed=0", "trainer.num_threads=1",
-                      "trainer.batch_size=8", "trainer.grad_accum=1", "sampler.max_new_tokens=8", output_dir=output_dir)
+                      "trainer.batch_size=8", "trainer.grad_accum=1", "sampler.max_new_tokens=8", "data.num_train=64",
+                      "trainer.validation_examples=16",
+                      "data.num_eval=16", output_dir=output_dir)
     metrics = build_trainer(cfg).train_step()
     return metrics["train/loss"], metrics["train/grad_norm"]
 

@@ -28,7 +28,7 @@ from opd.sampling.vllm import VLLMSampler, pad_attention_heads  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 
-STUDENT = ASSETS / "toy" / "student"
+STUDENT, TEACHER = ASSETS / "toy" / "student", ASSETS / "toy" / "teacher"
 MAX_NEW = 48
 
 
@@ -36,19 +36,26 @@ def load_student() -> LlamaForCausalLM:
     return pad_attention_heads(AutoModelForCausalLM.from_pretrained(STUDENT, dtype=torch.float32))
 
 
+def load_teacher() -> LlamaForCausalLM:
+    """The shipped toy teacher (head size 24, hidden 96, 4 layers: another architecture) widened to 96-dim heads."""
+    return pad_attention_heads(AutoModelForCausalLM.from_pretrained(TEACHER, dtype=torch.float32), head_dim=96)
+
+
 @pytest.fixture(scope="module")
 def task():
     return ChainArithmetic(num_train=16, num_eval=8)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def student():
+    """One student object for the module: the engine is keyed by the model object, so the module builds it once;
+    tests that change its weights restore them (and the engine's) at the end."""
     return load_student(), AutoTokenizer.from_pretrained(STUDENT)
 
 
 @pytest.fixture(scope="module")
 def engine_sampler():
-    """One engine for the module (building one costs seconds); tests that change weights re-sync at the end."""
+    """One sampler for the module (building an engine costs seconds)."""
     sampler = VLLMSampler(max_new_tokens=MAX_NEW, seed=0)
     yield sampler
     sampler.close()
@@ -57,6 +64,23 @@ def engine_sampler():
 def rows(batch) -> list[list[int]]:
     """Each row's completion tokens up to and including EOS (what the loss sees)."""
     return [ids[mask.bool()].tolist() for ids, mask in zip(batch.completion_ids, batch.completion_mask)]
+
+
+def train_on_wrong_targets(model, tok, examples) -> None:
+    """A few high-lr SFT steps on *wrong* targets (changes the model's greedy completions)."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    wrong = encode_targets(tok, examples, targets=["7+7=14;#14"] * len(examples))
+    model.train()
+    for _ in range(5):
+        logits = model(input_ids=wrong.input_ids, attention_mask=wrong.attention_mask).logits
+        p = wrong.prompt_ids.shape[1]
+        loss = torch.nn.functional.cross_entropy(logits[:, p - 1:-1].flatten(0, 1), wrong.completion_ids.flatten(),
+                                                 reduction="none")
+        loss = (loss * wrong.completion_mask.flatten()).sum() / wrong.completion_mask.sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
 
 
 def test_widened_student_is_the_shipped_student(student, task):
@@ -110,30 +134,18 @@ def test_sync_weights_makes_the_engine_follow_the_updated_model(engine_sampler, 
     model, tok = student
     examples = task.eval[:8]
     before = rows(engine_sampler.generate(model, tok, examples, greedy=True))
-    # a few high-lr SFT steps on *wrong* targets: the greedy completions must change
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    wrong = encode_targets(tok, examples, targets=["7+7=14;#14"] * len(examples))
-    model.train()
-    for _ in range(5):
-        logits = model(input_ids=wrong.input_ids, attention_mask=wrong.attention_mask).logits
-        p = wrong.prompt_ids.shape[1]
-        loss = torch.nn.functional.cross_entropy(logits[:, p - 1:-1].flatten(0, 1), wrong.completion_ids.flatten(),
-                                                 reduction="none")
-        loss = (loss * wrong.completion_mask.flatten()).sum() / wrong.completion_mask.sum()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
+    train_on_wrong_targets(model, tok, examples)  # the greedy completions must change
     hf_after = rows(HFSampler(max_new_tokens=MAX_NEW).generate(model, tok, examples, greedy=True))
     assert hf_after != before, "the SFT steps did not change the model's greedy output; the test proves nothing"
     stale = rows(engine_sampler.generate(model, tok, examples, greedy=True))
     assert stale == before  # the engine has its own copy of the weights
     engine_sampler.sync_weights(model)
     assert rows(engine_sampler.generate(model, tok, examples, greedy=True)) == hf_after
-    # back to the shipped weights (for the other tests sharing the engine), through the disk fallback
+    # back to the shipped weights (for the other tests sharing model and engine), through the disk fallback
+    model.load_state_dict(load_student().state_dict())
     engine_sampler.weight_sync = "disk"
     try:
-        engine_sampler.sync_weights(load_student())
+        engine_sampler.sync_weights(model)
     finally:
         engine_sampler.weight_sync = "iterator"
     assert rows(engine_sampler.generate(model, tok, examples, greedy=True)) == before
@@ -169,6 +181,130 @@ def test_sampler_logprobs_match_hf_log_softmax(engine_sampler, student, task, te
     diff = (batch.sampler_logprobs - hf_lp)[mask].abs()
     assert diff.max() < 1e-3, diff.max()
     assert (batch.sampler_logprobs[~mask] == 0).all()
+
+
+def hf_logprobs(model, batch) -> torch.Tensor:
+    """``[B, T]`` log-softmax of ``model``'s logits (T=1) at each completion token of ``batch``."""
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    p = batch.prompt_ids.shape[1]
+    return torch.log_softmax(logits[:, p - 1:-1].float(), dim=-1).gather(-1, batch.completion_ids.unsqueeze(-1)).squeeze(-1)
+
+
+def test_teacher_and_student_sample_from_their_own_engines(task):
+    """One sampler, two models (different architectures): teacher-sampled batches are the teacher's (greedy rows
+    equal HF teacher greedy; sampled rows carry the teacher's log-probs), student-sampled ones the student's,
+    and after the student's weights change and are synced, still each their own (the teacher's engine is never
+    re-synced)."""
+    import random
+
+    from opd.methods.seqkd import TeacherDecodePolicy
+    from opd.sampling.behaviour import RolloutContext, StudentPolicy, TeacherPolicy
+
+    tok = AutoTokenizer.from_pretrained(STUDENT)
+    student, teacher = load_student(), load_teacher()
+    examples = task.eval[:8]
+    hf = HFSampler(max_new_tokens=MAX_NEW)
+    hf_student, hf_teacher = (rows(hf.generate(m, tok, examples, greedy=True)) for m in (student, teacher))
+    assert hf_student != hf_teacher, "the toy models agree on these prompts; the test proves nothing"
+    sampler = VLLMSampler(max_new_tokens=MAX_NEW, seed=0)
+    try:
+        ctx = RolloutContext(student, teacher, tok, sampler, torch.device("cpu"), rng=random.Random(0))
+        assert rows(StudentPolicy().collect(ctx, examples[:1])) != []  # the student's engine is built first
+        assert rows(sampler.generate(student, tok, examples, greedy=True)) == hf_student
+        seqkd = TeacherDecodePolicy(greedy=True).collect(ctx, examples)
+        assert seqkd.source == "teacher" and rows(seqkd) == hf_teacher
+        assert sampler.num_engines == 2
+        sampled = sampler.generate(teacher, tok, examples)  # sampled at T=1: its log-probs are the teacher's
+        mask = sampled.completion_mask.bool()
+        assert (sampled.sampler_logprobs - hf_logprobs(teacher, sampled))[mask].abs().max() < 1e-3
+        assert (sampled.sampler_logprobs - hf_logprobs(student, sampled))[mask].abs().max() > 0.1
+        labelled = TeacherPolicy().collect(ctx, examples)
+        assert labelled.source == "teacher" and labelled.sampler_logprobs is None  # not the student's q_old
+
+        train_on_wrong_targets(student, tok, examples)
+        hf_after = rows(hf.generate(student, tok, examples, greedy=True))
+        assert hf_after != hf_student, "the SFT steps did not change the student; the test proves nothing"
+        sampler.sync_weights(student)  # what the trainer does after every optimizer step
+        assert rows(sampler.generate(student, tok, examples, greedy=True)) == hf_after
+        assert rows(sampler.generate(teacher, tok, examples, greedy=True)) == hf_teacher
+        assert sampler.syncs == 1
+    finally:
+        sampler.close()
+    assert sampler.num_engines == 0
+
+
+def test_seqkd_trainer_with_sampler_vllm_trains_on_teacher_samples(compose_cfg, tmp_path):
+    """The real trainer (method=seqkd, greedy teacher, sampler=vllm): batches labelled "teacher" are the HF
+    teacher's greedy output, before and after optimizer steps (each ending with the student's weight sync)."""
+    from opd.train import build_trainer
+
+    dirs = {}
+    for name, model in (("student", load_student()), ("teacher", load_teacher())):
+        dirs[name] = tmp_path / f"wide_{name}"
+        model.save_pretrained(dirs[name])
+        AutoTokenizer.from_pretrained(STUDENT).save_pretrained(dirs[name])
+    cfg = compose_cfg("method=seqkd", "method.greedy=true", "sampler=vllm", "sampler.max_new_tokens=32",
+                      "trainer.lr=0.05", "trainer.warmup_steps=0", f"student.name_or_path={dirs['student']}",
+                      f"teacher.name_or_path={dirs['teacher']}", tiny_models=False)
+    trainer = build_trainer(cfg)
+    try:
+        examples, tok = trainer.eval_examples[:8], trainer.tokenizer
+        hf = HFSampler(max_new_tokens=32)
+        hf_teacher = rows(hf.generate(trainer.teacher, tok, examples, greedy=True))
+        assert hf_teacher != rows(hf.generate(trainer.student, tok, examples, greedy=True))
+        trainer.sampler.generate(trainer.student, tok, examples[:1], greedy=True)  # a student engine, synced per step
+        batch = trainer.collect(examples)
+        assert batch.source == "teacher" and rows(batch) == hf_teacher
+        for _ in range(2):
+            trainer.train_step()
+        assert trainer.sampler.syncs == 2 and trainer.sampler.num_engines == 2
+        assert rows(trainer.collect(examples)) == hf_teacher
+        assert rows(trainer.sampler.generate(trainer.student, tok, examples, greedy=True)) == \
+            rows(hf.generate(trainer.student, tok, examples, greedy=True))
+    finally:
+        trainer.sampler.close()
+
+
+def test_an_engine_that_cannot_fit_fails_in_one_line_before_vllm_starts(student, task, monkeypatch):
+    """Every sampled model reserves its own KV cache: when the memory is not there, a ConfigError says what to lower."""
+    import collections
+
+    import psutil
+
+    from opd.errors import ConfigError
+
+    if torch.cuda.is_available():
+        pytest.skip("CPU-only check")
+    model, tok = student
+    memory = collections.namedtuple("memory", "available")
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: memory(available=2**29))  # 0.5 GiB free
+    sampler = VLLMSampler(max_new_tokens=8)
+    with pytest.raises(ConfigError, match="cpu_kvcache_space_gib"):
+        sampler.generate(model, tok, task.train[:1])
+    assert sampler.num_engines == 0
+
+
+@pytest.mark.parametrize("where", ["generation_config", "config"])
+def test_vllm_stops_and_masks_at_every_declared_eos(student, task, where):
+    """A model that declares ';' as a second EOS (in its generation config, or its model config only) stops
+    there in the engine, as under HF."""
+    model, tok = student
+    semicolon = tok.convert_tokens_to_ids(";")
+    examples = task.eval[:8]
+    before = rows(HFSampler(max_new_tokens=MAX_NEW).generate(model, tok, examples, greedy=True))
+    assert all(r[-1] == tok.eos_token_id for r in before) and sum(semicolon in r for r in before) >= 4
+    declaring = load_student()
+    getattr(declaring, where).eos_token_id = [tok.eos_token_id, semicolon]
+    sampler = VLLMSampler(max_new_tokens=MAX_NEW, seed=0)
+    try:
+        batch = sampler.generate(declaring, tok, examples, greedy=True)
+    finally:
+        sampler.close()
+    expected = [r[: r.index(semicolon) + 1] if semicolon in r else r for r in before]
+    assert rows(batch) == expected
+    assert rows(batch) == rows(HFSampler(max_new_tokens=MAX_NEW).generate(declaring, tok, examples, greedy=True))
+    assert (batch.sampler_logprobs[~batch.completion_mask.bool()] == 0).all()
 
 
 def test_short_training_run_with_sampler_vllm(compose_cfg, tmp_path, monkeypatch):

@@ -29,6 +29,9 @@ def evaluate_accuracy(model: torch.nn.Module, tokenizer, task: Task, examples: l
                       progress: bool = True, num_scored: int | None = None) -> EvalResult:
     """Greedy-decode every example and score the extracted final answer by exact match.
 
+    Decoding (HFSampler) stops at the first EOS id ``model`` declares (``opd.sampling.base.eos_token_ids``); what
+    follows is padding, which decoding skips, so nothing after any declared EOS is scored.
+
     Args:
         model: the causal LM to evaluate.
         examples: the held-out split.
@@ -65,7 +68,8 @@ def evaluate_pass_at_k(model: torch.nn.Module, tokenizer, task: Task, examples: 
                        progress: bool = True, num_scored: int | None = None) -> dict[str, float]:
     """Sample ``num_samples`` completions per example with ``sampler`` and report pass@k (Chen et al. 2021, Eq. 1).
 
-    pass@1 over n samples is the mean sampled accuracy (OPSD's average@n, EOPD's mean@n).
+    pass@1 over n samples is the mean sampled accuracy (OPSD's average@n, EOPD's mean@n). Completions end at the
+    first EOS ``model`` declares (both samplers; with ``sampler=vllm``, ``model``'s own engine).
 
     Args:
         sampler: the rollout sampler (its temperature, top-p and length cap are used).

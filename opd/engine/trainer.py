@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from opd import distributed as dist
 from opd.config import DeepSpeedConfig, LoggerConfig, ModelConfig, TrainerConfig
 from opd.data.base import Example, PromptIterator, Task, validation_split
+from opd.data.chat import apply_chat_template
 from opd.engine import checkpoint as ckpt
 from opd.engine.backends import DeepSpeedBackend, LocalBackend
 from opd.engine.evaluate import EvalResult, evaluate_accuracy, evaluate_pass_at_k
@@ -242,6 +243,11 @@ class Trainer:
         if self.teacher_server is not None and self.teacher_server.max_model_len:  # the served teacher's context
             server_len = self.teacher_server.max_model_len
             limit = (server_len, "teacher server") if limit is None or server_len < limit[0] else limit
+        if teacher_cfg is not None and not server and teacher_cfg.chat_template != student_cfg.chat_template:
+            raise ConfigError(f"teacher.chat_template={teacher_cfg.chat_template} but student.chat_template="
+                              f"{student_cfg.chat_template}: both models must see the same prompt tokens")
+        if student_cfg.chat_template:  # every prompt formatted once, for sampling, scoring and evaluation alike
+            apply_chat_template(task, self.tokenizer)
         # carved out of train before the prompt stream exists: validation examples are never trained on
         validation = validation_split(task, trainer_cfg.validation_examples) if method.needs_validation_loss else []
         train_examples = fit_to_context(task.train, self.tokenizer, limit, sampler.max_new_tokens, "training")
@@ -382,8 +388,8 @@ class Trainer:
         grad_norm, updated = self.backend.step(skip=not (finite and math.isfinite(loss_total)))
         if updated:
             self.skipped_in_a_row = 0
-            if hasattr(self.sampler, "sync_weights"):  # samplers with their own copy of the weights (vLLM)
-                self.sampler.sync_weights(self.student)
+            if hasattr(self.sampler, "sync_weights"):  # samplers with their own copy of the weights (vLLM):
+                self.sampler.sync_weights(self.student)  # the student's engine only; a teacher's is never re-synced
         else:  # skipped: weights (and, in one process, the optimizer moments) stay as they were
             self.skipped_in_a_row += 1
             self.skipped_total += 1

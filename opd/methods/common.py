@@ -7,7 +7,9 @@ old log-probabilities of a sampled token, log q_θ(y_t) and log q_old(y_t), are 
 batch's sampling temperature (``batch.temperature``); then the importance ratio is exactly 1 on
 fresh rollouts, as it should be with one update per rollout batch. A method's own ``temperature``
 (the loss temperature) applies to the teacher and to every full-vocabulary divergence term.
-Both are 1 by default, where the two conventions coincide.
+Both are 1 by default, where the two conventions coincide. These log-probabilities are the untruncated
+student's, so these methods refuse top-p/top-k truncated sampling at start-up
+(``Method.uses_sampled_token_logprobs``, :meth:`opd.methods.base.Method.check_sampler`).
 """
 
 from __future__ import annotations

@@ -71,6 +71,7 @@ class MiniLLM(Method):
     """
 
     uses_sampled_token_logprobs = True
+    batch_dependent = {"whiten_advantages": False}  # whitening statistics of one micro-batch
 
     def __init__(self, alpha: float = 0.2, gamma: float = 1.0, include_current_reward: bool = False,
                  length_normalize: bool = True, whiten_advantages: bool = True, clip_eps: float | None = 0.2,

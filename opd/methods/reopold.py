@@ -62,6 +62,7 @@ class REOPOLD(Method):
     """
 
     uses_sampled_token_logprobs = True
+    batch_dependent = {"mask_scope": "sequence"}  # mask_scope=batch ranks the micro-batch's tokens
     teacher_inputs = "sparse"
 
     def __init__(self, lmbda: float = 0.17, keep_fraction: float = 0.5, entropy_source: str = "student",

@@ -11,6 +11,8 @@ import torch
 
 from opd.config import ModelConfig
 from opd.errors import ModelLoadError
+from opd.models.gguf import dequantized_checkpoint, is_gguf_source, resolve_gguf_file
+from opd.models.pruning import prune_layers
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -39,6 +41,9 @@ def check_model_path(spec: ModelConfig, role: str) -> None:
         ModelLoadError: naming ``<role>.name_or_path`` and the path.
     """
     path = os.path.expanduser(spec.name_or_path)
+    if is_gguf_source(path):  # pkg:<package>/<file>.gguf or a .gguf file: the file must exist
+        resolve_gguf_file(path, f"{role}.name_or_path")
+        return
     if not _looks_local(path):
         return
     if not Path(path).is_dir():
@@ -63,6 +68,8 @@ def load_tokenizer(spec: ModelConfig, role: str):
 
     check_model_path(spec, role)
     source = os.path.expanduser(spec.tokenizer or spec.name_or_path)
+    if is_gguf_source(source):  # the tokenizer saved next to the dequantized weights
+        source = str(dequantized_checkpoint(source, f"{role}.tokenizer" if spec.tokenizer else f"{role}.name_or_path"))
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
     except Exception as err:  # noqa: BLE001 - hub/offline/format errors arrive as many types
@@ -85,6 +92,8 @@ def load_model(spec: ModelConfig, role: str, device: torch.device):
 
     check_model_path(spec, role)
     path = os.path.expanduser(spec.name_or_path)
+    if is_gguf_source(path):  # dequantized once into a cached HF checkpoint (opd/models/gguf.py)
+        path = str(dequantized_checkpoint(path, f"{role}.name_or_path"))
     kwargs = {"dtype": _DTYPES.get(spec.dtype, spec.dtype)}
     if device.type == "cpu" and spec.dtype in ("bfloat16", "float16"):
         warnings.warn(f"{role}: {spec.dtype} on a CPU is far slower than float32 (about 60x for bf16 matmuls on "
@@ -96,6 +105,11 @@ def load_model(spec: ModelConfig, role: str, device: torch.device):
                                                      use_safetensors=spec.use_safetensors, **kwargs)
     except Exception as err:  # noqa: BLE001
         raise ModelLoadError(_load_message(role, path, err)) from None
+    if spec.keep_layers is not None:  # a depth-pruned copy (opd/models/pruning.py)
+        try:
+            prune_layers(model, spec.keep_layers, f"{role}.keep_layers")
+        except ValueError as err:
+            raise ModelLoadError(str(err)) from None
     return model.to(device)
 
 

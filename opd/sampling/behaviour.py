@@ -179,13 +179,14 @@ def joint_decode(student: torch.nn.Module, teacher: torch.nn.Module, prompt_ids:
     synced = dist.needs_synced_decoding(student) or dist.needs_synced_decoding(teacher)
     log_alpha, log_one_minus = math.log(alpha) if alpha > 0 else -math.inf, math.log1p(-alpha) if alpha < 1 else -math.inf
     for _ in range(max_new_tokens):
-        log_probs = []
+        logits = []
         for i, model in enumerate((student, teacher)):
             out = model(input_ids=inputs, attention_mask=mask, position_ids=position_ids, past_key_values=caches[i],
                         use_cache=True)
             caches[i] = out.past_key_values
-            log_probs.append(torch.log_softmax(out.logits[:, -1].float() / temperature, dim=-1))
-        log_q, log_p = log_probs
+            logits.append(out.logits[:, -1].float())
+        vocab = min(x.shape[-1] for x in logits)  # heads padded to different sizes: the shared rows only (Trainer._trim)
+        log_q, log_p = (torch.log_softmax(x[:, :vocab] / temperature, dim=-1) for x in logits)
         log_mix = torch.logsumexp(torch.stack([log_p + log_alpha, log_q + log_one_minus]), dim=0)
         next_token = torch.multinomial(log_mix.exp(), 1).squeeze(1)
         next_token = torch.where(finished, torch.full_like(next_token, pad_token_id), next_token)

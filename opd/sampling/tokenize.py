@@ -20,7 +20,9 @@ def encode_targets(tokenizer, examples: list[Example], device: torch.device | st
     """A batch whose completions are given (reference solutions by default).
 
     Args:
-        targets: completion texts, each followed by EOS; ``example.target`` for each example when None.
+        targets: completion texts, each followed by ``tokenizer.eos_token_id`` (always one of the ids every model
+            stops at: ``opd.sampling.base.eos_token_ids``) and masked 1 up to and including it, as sampled
+            rows are; ``example.target`` for each example when None.
         completion_tokens: completion token ids used as they are (e.g. replayed rollouts); overrides ``targets``.
     """
     prompt_ids, prompt_mask = encode_prompts(tokenizer, [ex.prompt for ex in examples], device)

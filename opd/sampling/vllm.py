@@ -164,7 +164,6 @@ class VLLMSampler:
         if engine is None:
             for key in [k for k, e in self._engines.items() if e.model() is None]:
                 self._close_engine(key)
-            self._check_memory(model)
             engine = self._engines[id(model)] = self._build_engine(model, tokenizer)
         return engine
 
@@ -208,6 +207,7 @@ class VLLMSampler:
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", self.cpu_omp_threads_bind)
         if not torch.cuda.is_available():
             _check_cpu_head_dim(model.config)
+        self._check_memory(model)
         model_dir = tempfile.mkdtemp(prefix="opd_vllm_")
         model.save_pretrained(model_dir, safe_serialization=True, state_dict=_cpu_state_dict(model))
         tokenizer.save_pretrained(model_dir)
