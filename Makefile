@@ -23,7 +23,7 @@ ARGS        ?=
 EXP         ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-all methods train debug table toy-models lint clean-logs bench bench-trl
+.PHONY: help install demo test test-all methods train debug table real toy-models lint clean-logs bench bench-trl
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -69,6 +69,10 @@ train: $(STAMP)  ## a run from an experiment config: make train EXP=<name> [ARGS
 table: $(STAMP)  ## the miniature table: every method x 3 seeds on the toy task, then opd-report (CPU, < 60 min)
 	$(BIN)/opd-train -m experiment=toy_table $(ARGS)
 	$(BIN)/opd-report $$(ls -d logs/toy_table/multiruns/* | tail -n 1)
+
+real: $(STAMP)  ## the real-model experiment: SmolLM2-135M-Instruct teaches its 10-layer copy (4 methods x 2 seeds, CPU, ~45 min)
+	$(BIN)/opd-train -m experiment=real_smollm2 $(ARGS)
+	$(BIN)/opd-report $$(ls -d logs/real_smollm2/multiruns/* | tail -n 1)
 
 debug: $(STAMP)  ## a 3-step plumbing check (seconds)
 	$(BIN)/opd-train debug=tiny $(ARGS)

@@ -33,8 +33,8 @@ class ModelConfig:
     trust_remote_code: bool = False  # run code shipped with a hub model; off unless you trust it
     use_safetensors: Optional[bool] = None  # True: refuse pickle weights; null: transformers decides
     attn_implementation: Optional[str] = None  # eager | sdpa | flash_attention_2; transformers' default when null
-    keep_layers: Any = None  # null = every layer | N = N decoder layers evenly spaced (first and last kept) | [i, j, ...] (opd/models/pruning.py)
-    chat_template: bool = False  # wrap each prompt in the tokenizer's chat template as one user turn (instruct models); teacher and student must agree
+    keep_layers: Any = None  # null = all layers | N = N evenly spaced decoder layers | [i, j, ...] (opd/models/pruning.py)
+    chat_template: bool = False  # prompts as one user turn of the tokenizer's chat template; teacher and student must agree
     # teacher only: where its log-probs come from (opd/teachers/vllm_server.py)
     backend: str = "hf"  # hf = load this model locally (full logits) | vllm_server = ask a running `vllm serve` (top-k log-probs)
     server_url: str = "http://127.0.0.1:8000"  # vllm_server: base URL of the OpenAI-compatible server
@@ -89,8 +89,8 @@ class TrainerConfig:
     num_threads: Optional[int] = None  # torch CPU threads; null = auto: 1 for tiny models on CPU, else torch's default
     loss_chunk_size: Optional[int] = None  # loss from hidden states, N tokens of logits at a time: null = auto, 0 = off
     compile: bool = False  # torch.compile(dynamic=True) the student's and teacher's forward (rollouts, scoring, training)
-    disable_dropout: bool = True  # dropout off in the student while it is trained and scored (opd/models/dropout.py); the teacher is in eval mode
-    validation_examples: int = 500  # validation split (never the eval split) for methods that read one: a task's dev split cut to N, else N carved from train
+    disable_dropout: bool = True  # dropout off in the student while trained and scored (opd/models/dropout.py)
+    validation_examples: int = 500  # validation split for methods that read one: a dev split cut to N, else N carved from train
     progress: bool = True  # tqdm progress bars
 
     def __post_init__(self) -> None:

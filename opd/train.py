@@ -197,7 +197,11 @@ def resolve_resume(resume: str, run_dir: Path) -> tuple[Path, Path | None]:
 
 def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     """Build the trainer, train, and write ``summary.json`` into the run directory; return the summary."""
-    trainer = build_trainer(cfg, run_dir)
+    return _fit(build_trainer(cfg, run_dir))
+
+
+def _fit(trainer) -> dict[str, Any]:
+    """Train a built trainer and write ``summary.json`` into its run directory; return the summary."""
     summary = trainer.fit()
     summary["run_dir"] = str(trainer.run_dir)
     summary["world_size"] = dist.world_size()
@@ -241,15 +245,18 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 @hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> float | None:
     try:
-        summary = run(cfg)
+        try:
+            trainer = build_trainer(cfg)
+        except OPDError:  # a failed start leaves no run directory (Hydra made one before the checks ran)
+            if _hydra_output_dir():
+                _remove_hydra_only_dir(Path(_hydra_output_dir()))
+            raise
+        summary = _fit(trainer)  # past start-up: the run keeps its directories, also if it fails
     except TrainingInterrupted as err:
         print(f"opd-train: {err}", file=sys.stderr)
         sys.exit(128 + err.signum)
     except OPDError as err:
         print(f"opd-train: error: {err}", file=sys.stderr)
-        hydra_dir = _hydra_output_dir()
-        if hydra_dir:  # a failed start leaves no directory; a run that wrote results keeps its own
-            _remove_hydra_only_dir(Path(hydra_dir))
         sys.exit(2)
     if dist.is_main():
         print(format_summary(summary))

