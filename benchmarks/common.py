@@ -192,3 +192,104 @@ def markdown_table(header: list[str], rows: list[list[object]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(cell(x) for x in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- real models (issue 12, `--real`)
+REAL_EXPERIMENT = "real_smollm2"  # conf/experiment/real_smollm2.yaml: SmolLM2-135M-Instruct teacher, 10-layer student
+REAL_KEEP_LAYERS = 10  # the pruned student of that experiment (student.keep_layers)
+
+
+def compose_train_config(overrides: Sequence[str]):
+    """``conf/train.yaml`` composed with Hydra and ``overrides``, as ``opd-train`` would (no run directory)."""
+    from hydra import compose, initialize_config_dir
+
+    from opd.train import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+def load_real_models(keep_layers: int | None = REAL_KEEP_LAYERS):
+    """SmolLM2-135M-Instruct and its depth-pruned copy, loaded through opd's own path (GGUF -> cached HF checkpoint).
+
+    Returns:
+        (tokenizer, {"teacher": 30-layer model, "student": ``keep_layers``-layer model}, composed config); float32, eval mode.
+    """
+    import torch
+
+    from opd.config import typed_sections
+    from opd.models.loading import load_model, load_tokenizer
+
+    cfg = compose_train_config([f"experiment={REAL_EXPERIMENT}", f"student.keep_layers={keep_layers}"])
+    teacher_cfg, student_cfg, _, _ = typed_sections(cfg)
+    cpu = torch.device("cpu")
+    tokenizer = load_tokenizer(student_cfg, "student")
+    models = {role: load_model(spec, role, cpu).eval() for role, spec in (("teacher", teacher_cfg), ("student", student_cfg))}
+    return tokenizer, models, cfg
+
+
+def real_examples(cfg, tokenizer, count: int):
+    """The first ``count`` training examples of the real experiment's task, prompts through the chat template."""
+    from opd.data.chat import apply_chat_template
+    from opd.registry import DATASETS, load_builtin_components
+
+    load_builtin_components()
+    task = DATASETS.build(cfg.data, "data")
+    apply_chat_template(task, tokenizer)  # as the trainer does with student.chat_template=true
+    if len(task.train) < count:
+        raise SystemExit(f"the task has {len(task.train)} training prompts, fewer than the {count} asked for")
+    return task.train[:count]
+
+
+def matmul_peak_flops(threads: int, size: int = 2048, seconds: float = 5.0) -> dict[str, float]:
+    """This machine's float32 matrix-product rate: ``torch.matmul`` of two ``[size, size]`` matrices in a loop.
+
+    Each call is 2·size³ FLOPs (a multiply-add counted as 2). Runs at ``threads`` torch threads for about
+    ``seconds`` after one warm-up call; restores the previous thread count.
+
+    Returns:
+        {"peak_flops": the fastest call's rate, "median_flops": the median call's rate, "calls": n, "size": size}.
+    """
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(0)
+        a, b = torch.randn(size, size, generator=g), torch.randn(size, size, generator=g)
+        out = torch.empty(size, size)
+        torch.matmul(a, b, out=out)  # warm-up: thread pool, pages of out
+        rates, started = [], time.perf_counter()
+        while time.perf_counter() - started < seconds or len(rates) < 3:
+            t0 = time.perf_counter()
+            torch.matmul(a, b, out=out)
+            rates.append(2 * size**3 / (time.perf_counter() - t0))
+    finally:
+        torch.set_num_threads(previous)
+    return {"peak_flops": max(rates), "median_flops": median(rates), "calls": len(rates), "size": size}
+
+
+def matmul_parameters(model) -> tuple[int, int]:
+    """(body, head): weights of the ``nn.Linear`` layers of ``model`` that multiply every token's activations, split
+    into the decoder body and the output head ``[V, H]`` (counted once even when tied to the input embedding).
+
+    The input embedding is a lookup, not a product, so it is not counted (Kaplan et al. 2020, §2.1: N excludes
+    embeddings; the unembedding is a product and is counted here only at the positions whose logits are formed).
+    """
+    import torch
+
+    head = model.get_output_embeddings()
+    body = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head)
+    return body, head.weight.numel()
+
+
+def add_site_packages(venv: Path) -> str | None:
+    """Append ``venv``'s site-packages to ``sys.path`` (after this interpreter's own), e.g. to import ``trl`` from the
+    separate ``.venv-trl`` while torch, transformers and vLLM stay the project venv's. Returns the path, or None."""
+    matches = sorted(Path(venv).glob("lib/python*/site-packages"))
+    if not matches:
+        return None
+    path = str(matches[-1].resolve())
+    if path not in sys.path:
+        sys.path.append(path)
+    return path

@@ -468,9 +468,9 @@ class Trainer:
     def _token_cross_entropy(self, model: torch.nn.Module, batch: RolloutBatch) -> torch.Tensor:
         """``[B, T]`` the model's cross-entropy at each completion token (no ``[B, T, V]`` logits on the chunked path)."""
         if not self.loss_chunk_size:
-            logits = completion_logits(model, batch).float()
+            logits = self._trim(completion_logits(model, batch)).float()
             return torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch.completion_ids, reduction="none")
-        head = completion_hidden_states(model, batch)
+        head = completion_hidden_states(model, batch).first_rows(self.vocab_size)
         hidden, out = head.hidden.flatten(0, 1), []
         for start in range(0, hidden.shape[0], self.loss_chunk_size):
             chunk = hidden[start : start + self.loss_chunk_size] @ head.weight.T
