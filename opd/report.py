@@ -22,6 +22,7 @@ Outputs (in ``--out``; default: the path given, or the working directory when se
     report.md           the table (also printed to stdout), the run list and the plots
     report.json         the same numbers, machine-readable
     <metric>.png        per ``--metric`` (default ``eval_accuracy.png``): mean over seeds per group
+    <metric>_small_multiples.png   the same, one panel per group with SFT as a grey reference (2+ groups)
     train_loss.png      train/loss, moving average over ``--smooth`` steps
 
 Statistics: accuracies are percentages with one decimal; "mean ± std" uses the sample standard
@@ -30,7 +31,9 @@ deviation over the group's runs; a group of one run shows the mean alone (its st
 pool every run's ``teacher_accuracy`` and ``student_accuracy_before``; when runs use different
 teachers or students, read the per-group columns instead. Curves are interpolated onto the union
 of the group's logged steps (each run only inside its own step range); the band spans min..max
-over the runs.
+over the runs. Each group has its own colour, line style and marker (distinct colours for up to 20
+groups), assigned in sorted order of the group labels, so a group keeps its style between reports
+of the same groups.
 """
 
 from __future__ import annotations
@@ -426,35 +429,126 @@ def group_curve(runs: Sequence[Run], metric: str, smooth: int = 1) -> tuple[np.n
     return steps, np.nanmean(grid, axis=0), np.nanmin(grid, axis=0), np.nanmax(grid, axis=0)
 
 
-def plot_metric(groups: Sequence[Group], metric: str, path: Path, smooth: int = 1) -> bool:
-    """Write a PNG of ``metric`` vs step, one line (mean) and band (min..max) per group; False if nothing logged it."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+# 20 colours told apart on screen and in colour print: tab10 (grey swapped for black, grey marks the SFT
+# reference) then 10 more chosen greedily for the largest CIELAB distance to those before (min. distance 27.7).
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#000000", "#bcbd22", "#17becf",
+           "#f032e6", "#00008b", "#556b2f", "#ffa07a", "#800000", "#1b9e77", "#a6761d", "#2f4f4f", "#8b008b", "#ffb000")
+# 4 dash patterns x 7 markers: the (line style, marker) pair repeats only after 28 series, so lines differ in greyscale.
+LINESTYLES = ("solid", (0, (5, 2)), (0, (1, 1.5)), (0, (6, 2, 1, 2)))
+MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+REFERENCE_COLOR = "0.55"  # the SFT reference line in the small multiples
+
+
+def series_styles(names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``name -> {color, linestyle, marker}``, assigned in sorted order of the distinct ``names``.
+
+    Colours are distinct for up to 20 series, (colour, line style, marker) for up to 140; the same set
+    of names always gets the same styles, whatever order the groups come in.
+    """
+    ordered = sorted(set(names))
+    return {name: {"color": PALETTE[i % len(PALETTE)], "linestyle": LINESTYLES[i % len(LINESTYLES)],
+                   "marker": MARKERS[i % len(MARKERS)]} for i, name in enumerate(ordered)}
+
+
+def _draw(ax: Any, curve: tuple[np.ndarray, ...], scale: float, style: dict[str, Any], label: str | None,
+          band_alpha: float = 0.2) -> None:
+    """One mean line with markers (at most ~12 per line) and its min..max band."""
+    steps, mean, low, high = (curve[0], *(scale * c for c in curve[1:]))
+    ax.plot(steps, mean, markersize=4, markevery=max(1, len(steps) // 12), linewidth=1.6, label=label, **style)
+    ax.fill_between(steps, low, high, color=style["color"], alpha=band_alpha, linewidth=0)
+
+
+def _metric_axes_labels(ax: Any, metric: str, scale: float, xlabel: bool = True, ylabel: bool = True) -> None:
     from matplotlib.ticker import MaxNLocator
 
+    if xlabel:
+        ax.set_xlabel("step")
+    if ylabel:
+        ax.set_ylabel(f"{metric} (%)" if scale != 1.0 else metric)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+
+
+def plot_metric(groups: Sequence[Group], metric: str, path: Path, smooth: int = 1) -> bool:
+    """Write a PNG of ``metric`` vs step, one line (mean) and band (min..max) per group; False if nothing logged it.
+
+    Every group has its own colour, line style and marker (``series_styles``); the legend sits outside the axes.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     scale = 100.0 if "accuracy" in metric else 1.0
-    fig = Figure(figsize=(7.5, 4.5), layout="constrained")
+    curves = [(group, curve) for group in groups if (curve := group_curve(group.runs, metric, smooth)) is not None]
+    if not curves:
+        return False
+    styles = series_styles([group.label for group in groups])
+    fig = Figure(figsize=(7.5 + (2.5 if len(curves) > 1 else 0), 4.5), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    drawn = 0
-    for group in groups:
-        curve = group_curve(group.runs, metric, smooth)
-        if curve is None:
-            continue
-        steps, mean, low, high = (curve[0], *(scale * c for c in curve[1:]))
-        (line,) = ax.plot(steps, mean, marker="o" if len(steps) <= 25 else None, markersize=3,
-                          label=f"{group.label} (n={len(group.runs)})")
-        ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
-        drawn += 1
-    if not drawn:
-        return False
+    for group, curve in curves:
+        _draw(ax, curve, scale, styles[group.label], f"{group.label} (n={len(group.runs)})",
+              band_alpha=0.2 if len(curves) <= 4 else 0.08)
     smoothing = f", moving average over {smooth} steps" if smooth > 1 else ""
     ax.set_title(f"{metric}: mean over seeds (band: min–max{smoothing})")
-    ax.set_xlabel("step")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel(f"{metric} (%)" if scale != 1.0 else metric)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    _metric_axes_labels(ax, metric, scale)
+    ax.legend(fontsize="small", handlelength=3.5, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def reference_group(groups: Sequence[Group]) -> Group | None:
+    """The SFT baseline: the first group whose label contains ``sft`` (any case); None when there is none."""
+    return next((group for group in groups if "sft" in group.label.lower()), None)
+
+
+def _panel_title(group: Group) -> str:
+    """The group's value when it is grouped by one key (``gkd``), else its full label."""
+    return _display(next(iter(group.values.values()))) if len(group.values) == 1 else group.label
+
+
+def small_multiples_figure(groups: Sequence[Group], metric: str, smooth: int = 1) -> Any:
+    """A matplotlib Figure with one panel per group that logged ``metric`` (shared axes), None when none did.
+
+    Each panel draws its group in its ``series_styles`` style; every other panel also draws the SFT group
+    (``reference_group``) as a grey dashed reference line labelled ``reference``.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    scale = 100.0 if "accuracy" in metric else 1.0
+    curves = [(group, curve) for group in groups if (curve := group_curve(group.runs, metric, smooth)) is not None]
+    if not curves:
+        return None
+    styles = series_styles([group.label for group in groups])
+    reference = reference_group([group for group, _ in curves])
+    ref_curve = next((curve for group, curve in curves if group is reference), None)
+    ncols = min(4, len(curves))
+    nrows = math.ceil(len(curves) / ncols)
+    fig = Figure(figsize=(2.9 * ncols + 0.6, 2.3 * nrows + 0.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, sharex=True, sharey=True, squeeze=False).ravel()
+    for i, (ax, (group, curve)) in enumerate(zip(axes, curves)):
+        if ref_curve is not None and group is not reference:
+            ax.plot(ref_curve[0], scale * ref_curve[1], color=REFERENCE_COLOR, linestyle=(0, (4, 2)), linewidth=1.4,
+                    label="reference", zorder=1)
+        _draw(ax, curve, scale, styles[group.label], group.label)
+        ax.set_title(f"{_panel_title(group)} (n={len(group.runs)})", fontsize="medium")
+        bottom = i >= len(curves) - ncols  # nothing below it: show its step ticks and label
+        _metric_axes_labels(ax, metric, scale, xlabel=bottom, ylabel=i % ncols == 0)
+        ax.xaxis.set_tick_params(labelbottom=bottom)
+    for ax in axes[len(curves):]:
+        ax.remove()
+    smoothing = f", moving average over {smooth} steps" if smooth > 1 else ""
+    ref_text = f"; grey dashed: {reference.label}" if ref_curve is not None else ""
+    fig.suptitle(f"{metric}: mean over seeds (band: min–max{smoothing}){ref_text}")
+    return fig
+
+
+def plot_small_multiples(groups: Sequence[Group], metric: str, path: Path, smooth: int = 1) -> bool:
+    """Write ``small_multiples_figure`` as a PNG; False when no group logged ``metric``."""
+    fig = small_multiples_figure(groups, metric, smooth)
+    if fig is None:
+        return False
     fig.savefig(path, dpi=120)
     return True
 
@@ -474,6 +568,10 @@ def write_plots(groups: Sequence[Group], metrics: Sequence[str], smooth: int, ou
             written.append(path)
         else:
             warn(f"no run logged {metric!r}; no {path.name}")
+            continue
+        panels = path.with_name(f"{path.stem}_small_multiples.png")
+        if metric != "train/loss" and len(groups) > 1 and plot_small_multiples(groups, metric, panels, window):
+            written.append(panels)
     return written
 
 

@@ -11,7 +11,18 @@ from pathlib import Path
 
 import pytest
 
-from opd.report import Run, describe, format_stat, group_runs, label_keys, main, moving_average
+from opd.report import (
+    Group,
+    Run,
+    describe,
+    format_stat,
+    group_runs,
+    label_keys,
+    main,
+    moving_average,
+    series_styles,
+    small_multiples_figure,
+)
 from opd.train import run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -76,9 +87,10 @@ def test_report_groups_by_method_and_averages_over_seeds(four_runs, tmp_path, ca
     assert f"| teacher | 4 | {expected_cell([s['teacher_accuracy'] for s in everyone])} |" in markdown
     assert f"| initial student | 4 | – | {expected_cell([s['student_accuracy_before'] for s in everyone])} |" in markdown
     assert printed.strip() in markdown and printed.count("\n") == 6  # header, rule, 2 reference rows, 2 groups
-    for name in ("eval_accuracy.png", "train_loss.png"):
+    for name in ("eval_accuracy.png", "eval_accuracy_small_multiples.png", "train_loss.png"):
         assert_png(out / name)
         assert f"]({name})" in markdown
+    assert data["plots"] == ["eval_accuracy.png", "eval_accuracy_small_multiples.png", "train_loss.png"]
 
 
 def test_group_by_seed_key_and_unreadable_summary(four_runs, tmp_path, capsys):
@@ -158,3 +170,60 @@ def test_statistics_and_formatting():
     assert format_stat(describe([0.25]), "pct") == "25.0" and format_stat(describe([None]), "pct") == "n/a"
     assert format_stat(describe([1000, 2001]), "int") == "1,500" and format_stat(describe([2.0, 3.0]), "float") == "2.5"
     assert moving_average([1.0, 3.0, 5.0, 7.0], 2).tolist() == [1.0, 2.0, 4.0, 6.0]
+
+
+def _srgb_distance(a: str, b: str) -> float:
+    """Euclidean distance of two ``#rrggbb`` colours in [0, 1]^3 (computed here, not by matplotlib)."""
+    rgb = [[int(c[i:i + 2], 16) / 255 for i in (1, 3, 5)] for c in (a, b)]
+    return sum((x - y) ** 2 for x, y in zip(*rgb)) ** 0.5
+
+
+def test_series_styles_distinct_for_20_series_and_stable():
+    names = [f"method.name=m{i:02d}" for i in range(20)]
+    styles = series_styles(names)
+    colors = [styles[n]["color"] for n in names]
+    assert len(set(colors)) == 20
+    assert min(_srgb_distance(a, b) for i, a in enumerate(colors) for b in colors[i + 1:]) > 0.15  # not near-duplicates
+    assert "#7f7f7f" not in colors  # grey is kept for the SFT reference line
+    pairs = [(styles[n]["color"], str(styles[n]["linestyle"])) for n in names]
+    assert len(set(pairs)) == 20
+    dash_marker = {(str(styles[n]["linestyle"]), styles[n]["marker"]) for n in names}
+    assert len(dash_marker) == 20  # told apart in greyscale too, without the colour
+    assert series_styles(list(reversed(names))) == styles  # order-independent: sorted names
+    assert series_styles(names[:14]) == series_styles(names[:14]) and series_styles(names[:14])[names[3]] == styles[names[3]]
+
+
+def _curve_run(method: str, seed: int, values: list[float]) -> Run:
+    metrics = {"eval/accuracy": {25 * i: v for i, v in enumerate(values)}}
+    return Run(Path(f"/runs/{method}/{seed}"), {"seed": seed}, {"method.name": method, "seed": seed}, metrics)
+
+
+def test_small_multiples_one_panel_per_group_with_sft_reference(tmp_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    methods = ["sft", "gkd", "kd", "distillm", "seqkd"]
+    groups = group_runs([_curve_run(m, s, [0.1, 0.1 + 0.01 * (i + s), 0.2 + 0.02 * i])
+                         for i, m in enumerate(methods) for s in (0, 1)], ["method.name"])
+    fig = small_multiples_figure(groups, "eval/accuracy")
+    axes = [ax for ax in fig.axes if ax.has_data()]
+    assert len(fig.axes) == len(axes) == 5  # the unused sixth cell of the 4 x 2 grid is removed
+    assert [ax.get_title() for ax in axes] == [f"{m} (n=2)" for m in sorted(methods)]
+    sft = next(g for g in groups if g.values["method.name"] == "sft")
+    sft_mean = [100 * statistics.mean(r.metrics["eval/accuracy"][step] for r in sft.runs) for step in (0, 25, 50)]
+    for ax in axes:
+        refs = [line for line in ax.get_lines() if line.get_label() == "reference"]
+        if ax.get_title().startswith("sft"):
+            assert refs == []
+            continue
+        (ref,) = refs
+        assert matplotlib.colors.to_hex(ref.get_color()) == "#8c8c8c"
+        assert ref.get_ydata().tolist() == pytest.approx(sft_mean)
+    assert len({ax.get_ylim() for ax in axes}) == 1 and len({ax.get_xlim() for ax in axes}) == 1  # shared axes
+    colors = {matplotlib.colors.to_hex(line.get_color()) for ax in axes for line in ax.get_lines()
+              if line.get_label() != "reference"}
+    assert len(colors) == 5
+
+    no_sft = [g for g in groups if g is not sft]
+    fig = small_multiples_figure(no_sft, "eval/accuracy")
+    assert len(fig.axes) == 4 and not any(line.get_label() == "reference" for ax in fig.axes for line in ax.get_lines())
+    assert small_multiples_figure([Group({"method.name": "x"}, [Run(Path("/r"), {}, {})])], "eval/accuracy") is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from opd.data.base import Example, Task
+from opd.data.metrics import math_answers_equal
 from opd.errors import DataError
 from opd.registry import DATASETS
 
@@ -22,7 +23,7 @@ def load_hub_split(path: str, config: str | None, split: str):
 
 @DATASETS.register("gsm8k")
 class GSM8K(Task):
-    """GSM8K grade-school math (Cobbe et al. 2021); answer after '####', exact match."""
+    """GSM8K grade-school math (Cobbe et al. 2021); the answer after '####', judged by math-verify against the gold."""
 
     def __init__(self, path: str = "openai/gsm8k", config: str = "main", train_split: str = "train",
                  eval_split: str = "test", num_eval: int | None = None,
@@ -40,3 +41,8 @@ class GSM8K(Task):
             setattr(self, name, examples)
         if num_eval is not None:
             self.eval = self.eval[:num_eval]
+
+    def is_correct(self, completion: str, example: Example) -> bool:
+        """The number after '####' equals the gold answer by math-verify (``72.0`` = ``72``)."""
+        predicted = self.extract_answer(completion)
+        return predicted is not None and math_answers_equal(predicted, example.answer)

@@ -25,8 +25,9 @@ and, for rows with a non-empty ``input``, "..., paired with an input that provid
 with an ``### Input:`` section before ``### Response:``. Rows that carry a ``prompt`` field (the
 evaluation files) use it as it is, as the official evaluation does.
 
-Metrics: :meth:`InstructTask.score` is ROUGE-L (max over references, :func:`opd.data.metrics.rouge_l_max`),
-the papers' metric. :meth:`InstructTask.is_correct`, which the trainer's evaluation reports as
+Metrics: :meth:`InstructTask.score` is ROUGE-L from Google's ``rouge-score`` with ``use_stemmer=True``
+(max over references, :func:`opd.data.metrics.rouge_l_max`), the papers' metric and scorer.
+:meth:`InstructTask.is_correct`, which the trainer's evaluation reports as
 accuracy, is a normalised exact match against any reference: a sanity number, not the paper's metric.
 """
 

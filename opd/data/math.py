@@ -17,8 +17,9 @@ Prompt (OPSD's student prompt, official ``data_collator.py`` as recorded in the 
     Please reason step by step, and put your final answer within \\boxed{}.
 
 Metrics: :meth:`MathTask.is_correct` (what the trainer's greedy evaluation reports as accuracy) and
-:meth:`MathTask.score` compare the last ``\\boxed{}`` of the completion with the gold answer after a
-simple normalisation (:func:`opd.data.metrics.normalize_math_answer`; no symbolic equivalence).
+:meth:`MathTask.score` are math-verify's verdict (:func:`opd.data.metrics.math_answers_equal`): it extracts the
+completion's answer (a ``\\boxed{}`` first, else other LaTeX or a plain expression) and checks symbolic
+equivalence with the gold answer.
 The papers report average@16 (OPSD) or pass@8 / mean@8 (EOPD) over sampled completions:
 :func:`opd.data.metrics.pass_at_k` computes the unbiased estimate from n samples per problem, but
 sampled multi-completion evaluation is not wired into the trainer yet.
@@ -30,7 +31,7 @@ from typing import Any
 
 from opd.data.base import Example, Task
 from opd.data.instruct import load_rows
-from opd.data.metrics import extract_boxed, math_answers_equal, normalize_math_answer
+from opd.data.metrics import boxed_answer, math_answers_equal, parse_math
 from opd.errors import DataError
 from opd.registry import DATASETS
 
@@ -40,7 +41,7 @@ BOXED_PROMPT = "Problem: {problem}\n\nPlease reason step by step, and put your f
 
 @DATASETS.register("math")
 class MathTask(Task):
-    """Math word problems with ``\\boxed{}`` answers (MATH-500 style): exact match after extraction and normalisation.
+    """Math word problems with ``\\boxed{}`` answers (MATH-500 style), judged by math-verify.
 
     Args:
         train_path: training problems: hub id, local directory (``<train_split>.jsonl``) or ``.jsonl`` file.
@@ -87,7 +88,7 @@ class MathTask(Task):
             raise DataError(f"{where} has no {problem_key!r}: {row!r:.200}")
         solution = row.get(solution_key) if isinstance(row.get(solution_key), str) else ""
         answer = row.get(answer_key)
-        answer = str(answer).strip() if answer is not None and str(answer).strip() else (extract_boxed(solution) or "")
+        answer = str(answer).strip() if answer is not None and str(answer).strip() else (boxed_answer(solution) or "")
         if need_answer and not answer:
             raise DataError(f"{where} has no {answer_key!r} and no \\boxed{{}} answer in its {solution_key!r}: {row!r:.200}")
         # the target is what off-policy methods train on and OPSD shows its teacher: the worked solution
@@ -95,12 +96,10 @@ class MathTask(Task):
         return Example(self.prompt_template.replace("{problem}", problem), target, answer)
 
     def extract_answer(self, completion: str) -> str | None:
-        """The normalised content of the completion's last ``\\boxed{}``, or None."""
-        boxed = extract_boxed(completion)
-        return normalize_math_answer(boxed) if boxed is not None else None
+        """math-verify's answer in the completion as its SymPy value's string (``\\tfrac{2}{4}`` -> ``1/2``), or None."""
+        parsed = parse_math(completion)
+        return str(parsed[0]) if parsed else None
 
     def is_correct(self, completion: str, example: Example) -> bool:
-        """The last ``\\boxed{}`` answer equals the gold answer after normalisation (numbers also by value)."""
-        boxed = extract_boxed(completion)
-        return boxed is not None and math_answers_equal(boxed, example.answer)
-
+        """math-verify finds the completion's answer equivalent to the gold answer (``\\frac{1}{2}`` = ``0.5``)."""
+        return math_answers_equal(completion, example.answer)
