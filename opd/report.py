@@ -469,6 +469,12 @@ def _metric_axes_labels(ax: Any, metric: str, scale: float, xlabel: bool = True,
     ax.grid(alpha=0.3)
 
 
+def _metric_curves(groups: Sequence[Group], metric: str, smooth: int) -> tuple[float, list[tuple[Group, tuple]]]:
+    """(display scale: 100 for accuracies, else 1; ``(group, curve)`` for every group that logged ``metric``)."""
+    scale = 100.0 if "accuracy" in metric else 1.0
+    return scale, [(group, curve) for group in groups if (curve := group_curve(group.runs, metric, smooth)) is not None]
+
+
 def plot_metric(groups: Sequence[Group], metric: str, path: Path, smooth: int = 1) -> bool:
     """Write a PNG of ``metric`` vs step, one line (mean) and band (min..max) per group; False if nothing logged it.
 
@@ -477,8 +483,7 @@ def plot_metric(groups: Sequence[Group], metric: str, path: Path, smooth: int = 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    scale = 100.0 if "accuracy" in metric else 1.0
-    curves = [(group, curve) for group in groups if (curve := group_curve(group.runs, metric, smooth)) is not None]
+    scale, curves = _metric_curves(groups, metric, smooth)
     if not curves:
         return False
     styles = series_styles([group.label for group in groups])
@@ -515,8 +520,7 @@ def small_multiples_figure(groups: Sequence[Group], metric: str, smooth: int = 1
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    scale = 100.0 if "accuracy" in metric else 1.0
-    curves = [(group, curve) for group in groups if (curve := group_curve(group.runs, metric, smooth)) is not None]
+    scale, curves = _metric_curves(groups, metric, smooth)
     if not curves:
         return None
     styles = series_styles([group.label for group in groups])

@@ -248,8 +248,8 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         try:
             trainer = build_trainer(cfg)
         except OPDError:  # a failed start leaves no run directory (Hydra made one before the checks ran)
-            if _hydra_output_dir():
-                _remove_hydra_only_dir(Path(_hydra_output_dir()))
+            if hydra_dir := _hydra_output_dir():
+                _remove_hydra_only_dir(Path(hydra_dir))
             raise
         summary = _fit(trainer)  # past start-up: the run keeps its directories, also if it fails
     except TrainingInterrupted as err:

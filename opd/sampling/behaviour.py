@@ -25,7 +25,7 @@ import torch
 
 from opd import distributed as dist
 from opd.data.base import Example
-from opd.sampling.base import RolloutBatch, eos_token_ids, truncate_after_eos
+from opd.sampling.base import RolloutBatch, eos_id_tensor, eos_token_ids, truncate_after_eos
 from opd.sampling.tokenize import encode_prompts, encode_targets
 
 
@@ -173,8 +173,7 @@ def joint_decode(student: torch.nn.Module, teacher: torch.nn.Module, prompt_ids:
     caches: list[Any] = [None, None]
     inputs = prompt_ids
     finished = torch.zeros(batch_size, dtype=torch.bool, device=prompt_ids.device)
-    eos_ids = torch.as_tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id),
-                              dtype=torch.long, device=prompt_ids.device)
+    eos_ids = eos_id_tensor(eos_token_id, prompt_ids.device)
     tokens, student_lps, mix_lps = [], [], []
     synced = dist.needs_synced_decoding(student) or dist.needs_synced_decoding(teacher)
     log_alpha, log_one_minus = math.log(alpha) if alpha > 0 else -math.inf, math.log1p(-alpha) if alpha < 1 else -math.inf

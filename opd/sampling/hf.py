@@ -23,6 +23,10 @@ class HFSampler:
         n: completions sampled per prompt (``num_return_sequences``); each is its own row of the batch.
     """
 
+    #: ``generate`` applies the model's ``generation_config.suppress_tokens`` (the trainer relies on it to keep a
+    #: model with a padded head from sampling ids past the vocabulary it shares with the other model)
+    honours_suppress_tokens = True
+
     def __init__(self, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, max_new_tokens: int = 64,
                  n: int = 1) -> None:
         check_sampling_params(temperature, top_p, top_k, max_new_tokens, n)
