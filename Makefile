@@ -23,7 +23,7 @@ ARGS        ?=
 EXP         ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-all methods train debug table real toy-models lint clean-logs bench bench-trl bench-real
+.PHONY: help install demo test test-all methods train debug tune table real toy-models lint clean-logs bench bench-trl bench-real
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -66,9 +66,11 @@ methods: $(STAMP)  ## list the registered methods, samplers and datasets
 train: $(STAMP)  ## a run from an experiment config: make train EXP=<name> [ARGS="key=value ..."]
 	$(BIN)/opd-train $(if $(EXP),experiment=$(EXP)) $(ARGS)
 
-table: $(STAMP)  ## the miniature table: every method x 3 seeds on the toy task, then opd-report (CPU, < 60 min)
-	$(BIN)/opd-train -m experiment=toy_table $(ARGS)
-	$(BIN)/opd-report $$(ls -d logs/toy_table/multiruns/* | tail -n 1)
+tune: $(STAMP)  ## per-method search (one Optuna study each, on a validation split) -> conf/tuned/toy/<method>.yaml (CPU, ~45 min)
+	$(BIN)/python scripts/tune_toy.py $(ARGS)
+
+table: $(STAMP)  ## the miniature table v2 at the tuned settings + the papers' claims with verdicts (CPU, ~80 min)
+	$(BIN)/python scripts/miniature_v2.py --real $(ARGS)
 
 real: $(STAMP)  ## the real-model experiment: SmolLM2-135M-Instruct teaches its 10-layer copy (4 methods x 2 seeds, CPU, ~45 min)
 	$(BIN)/opd-train -m experiment=real_smollm2 $(ARGS)

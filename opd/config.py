@@ -24,7 +24,10 @@ ASSETS = Path(__file__).parent / "assets"
 
 @dataclasses.dataclass
 class ModelConfig:
-    """A causal LM: a local directory or a hub id, loaded with ``AutoModelForCausalLM.from_pretrained``."""
+    """A causal LM: a local directory or a hub id, loaded with ``AutoModelForCausalLM.from_pretrained``.
+
+    The student's schema, and that of ``teacher.kind: hf`` (``opd/teachers/hf.py``); other teacher kinds have their own.
+    """
 
     name_or_path: str = MISSING  # local directory or hub id
     tokenizer: Optional[str] = None  # tokenizer directory or id; the model's own when null
@@ -35,20 +38,9 @@ class ModelConfig:
     attn_implementation: Optional[str] = None  # eager | sdpa | flash_attention_2; transformers' default when null
     keep_layers: Any = None  # null = all layers | N = N evenly spaced decoder layers | [i, j, ...] (opd/models/pruning.py)
     chat_template: bool = False  # prompts as one user turn of the tokenizer's chat template; teacher and student must agree
-    # teacher only: where its log-probs come from (opd/teachers/vllm_server.py)
-    backend: str = "hf"  # hf = load this model locally (full logits) | vllm_server = ask a running `vllm serve` (top-k log-probs)
-    server_url: str = "http://127.0.0.1:8000"  # vllm_server: base URL of the OpenAI-compatible server
-    server_model: Optional[str] = None  # vllm_server: served model name (--served-model-name); null = the server's only model
-    server_top_k: int = 20  # vllm_server: top-k log-probs per position; <= the server's --max-logprobs
-    server_timeout_s: float = 300.0  # vllm_server: socket timeout per request
-    server_max_retries: int = 3  # vllm_server: retries with backoff on connection errors, timeouts, HTTP 408/429/5xx
-    server_api_key: Optional[str] = None  # vllm_server: Bearer token for servers started with --api-key
-
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16", "float16", "auto"):
             raise ConfigError(f"model dtype must be float32, bfloat16, float16 or auto, got {self.dtype!r}")
-        if self.backend not in ("hf", "vllm_server"):
-            raise ConfigError(f"teacher.backend must be hf or vllm_server, got {self.backend!r}")
         if self.keep_layers is not None:
             from opd.models.pruning import keep_layer_indices
 
@@ -56,9 +48,6 @@ class ModelConfig:
                 keep_layer_indices(10**9, self.keep_layers if isinstance(self.keep_layers, int) else list(self.keep_layers))
             except (TypeError, ValueError) as err:
                 raise ConfigError(f"keep_layers: {err}") from None
-        if self.server_top_k < 0 or self.server_timeout_s <= 0 or self.server_max_retries < 0:
-            raise ConfigError("teacher.server_top_k and teacher.server_max_retries must be >= 0, "
-                              "teacher.server_timeout_s > 0")
 
 
 @dataclasses.dataclass
@@ -91,6 +80,7 @@ class TrainerConfig:
     compile: bool = False  # torch.compile(dynamic=True) the student's and teacher's forward (rollouts, scoring, training)
     disable_dropout: bool = True  # dropout off in the student while trained and scored (opd/models/dropout.py)
     validation_examples: int = 500  # validation split for methods that read one: a dev split cut to N, else N carved from train
+    evaluate_on: str = "eval"  # eval = the task's held-out split | validation = the validation split (tuning: eval is never read)
     progress: bool = True  # tqdm progress bars
 
     def __post_init__(self) -> None:
@@ -109,6 +99,8 @@ class TrainerConfig:
                               f"got {list(self.eval_pass_k)}")
         if self.lr <= 0:
             raise ConfigError(f"trainer.lr must be > 0, got {self.lr}")
+        if self.evaluate_on not in ("eval", "validation"):
+            raise ConfigError(f"trainer.evaluate_on must be eval or validation, got {self.evaluate_on!r}")
         if self.lr_schedule not in ("cosine", "linear", "constant"):
             raise ConfigError(f"trainer.lr_schedule must be cosine, linear or constant, got {self.lr_schedule!r}")
 
@@ -163,10 +155,12 @@ class DeepSpeedConfig:
 
 @dataclasses.dataclass
 class TrainConfig:
-    """The whole run. Group nodes (method, sampler, data) are validated by their registries."""
+    """The whole run. Group nodes (method, sampler, data, teacher) are validated by their registries."""
 
     method: Any = MISSING  # conf/method/<name>.yaml
-    teacher: Optional[ModelConfig] = None  # conf/teacher/<name>.yaml; null for teacher-free methods (sft)
+    teacher: Any = None  # conf/teacher/<name>.yaml, checked by its kind's schema (opd/teachers/); null for teacher-free methods
+    teachers: Any = None  # several teachers: name -> teacher node; each example goes to the one named by its data source
+    #                       (Example.source, data=mixture; opd/teachers/router.py). Needs teacher null (~teacher)
     student: ModelConfig = MISSING  # conf/student/<name>.yaml
     sampler: Any = MISSING  # conf/sampler/<name>.yaml
     data: Any = MISSING  # conf/data/<name>.yaml
@@ -179,16 +173,35 @@ class TrainConfig:
 
 
 def register_configs() -> None:
-    """Put the schema into Hydra's ConfigStore (``train_schema`` is the root's first default)."""
-    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    """Put the schema into Hydra's ConfigStore (``train_schema`` is the root's first default).
+
+    The ``teacher`` node is typed by :func:`opd.teachers.node_schema`, every key of every registered teacher kind, so
+    ``teacher.chat_template=true`` overrides a key its YAML entry does not set; the kind's own schema checks it later.
+    """
+    from opd.teachers import node_schema
+
+    node = node_schema()
+    schema = dataclasses.make_dataclass("TrainConfig", [("teacher", Optional[node], None),
+                                                        ("teachers", Optional[dict[str, node]], None)], bases=(TrainConfig,))
+    ConfigStore.instance().store(name="train_schema", node=schema)
 
 
-SECTIONS: dict[str, type] = {"teacher": ModelConfig, "student": ModelConfig, "trainer": TrainerConfig,
+SECTIONS: dict[str, type] = {"student": ModelConfig, "trainer": TrainerConfig,
                               "logger": LoggerConfig, "deepspeed": DeepSpeedConfig}  # the fixed (typed) sections
 
 
-def typed_sections(cfg: Any) -> tuple[Optional[ModelConfig], ModelConfig, TrainerConfig, LoggerConfig]:
-    """Instantiate the fixed sections as dataclasses, which runs their range checks (``__post_init__``).
+def section_keys(section: str) -> set[str]:
+    """The valid keys of a fixed section, or of ``teacher`` (those of every registered teacher kind, and ``kind``)."""
+    if section == "teacher":
+        from opd.teachers import node_schema
+
+        return {f.name for f in dataclasses.fields(node_schema())}
+    return {f.name for f in dataclasses.fields(SECTIONS[section])}
+
+
+def typed_sections(cfg: Any) -> tuple[Any, ModelConfig, TrainerConfig, LoggerConfig]:
+    """Instantiate the fixed sections as dataclasses, which runs their range checks (``__post_init__``); the teacher
+    as its kind's ``Config`` (``opd.teachers.teacher_config``: ``ModelConfig`` for ``kind: hf``), or None.
 
     Unknown keys anywhere in the fixed part (a ``+foo=1`` or ``+trainer.lrr=1`` override gets past the
     schema) are refused first by :func:`check_known_keys`.
@@ -201,7 +214,9 @@ def typed_sections(cfg: Any) -> tuple[Optional[ModelConfig], ModelConfig, Traine
             return None
         return schema(**OmegaConf.to_container(node, resolve=True))
 
-    return build("teacher", ModelConfig), build("student", ModelConfig), build("trainer", TrainerConfig), \
+    from opd.teachers import teacher_config
+
+    return teacher_config(cfg.get("teacher")), build("student", ModelConfig), build("trainer", TrainerConfig), \
         build("logger", LoggerConfig)
 
 
@@ -227,14 +242,14 @@ def check_known_keys(cfg: Any) -> None:
     for key in cfg:
         if key not in valid:
             raise unknown_key_error(str(key), valid)
-    for section in SECTIONS:
+    for section in (*SECTIONS, "teacher"):
         node = cfg.get(section)
         if node is not None:
             _check_section_keys(section, node)
 
 
 def _check_section_keys(section: str, node: Any) -> None:
-    valid = {f.name for f in dataclasses.fields(SECTIONS[section])}
+    valid = section_keys(section)
     for key in node:
         if key not in valid:
             raise unknown_key_error(f"{section}.{key}", valid, section)
@@ -310,10 +325,20 @@ def check_cli_overrides(args: list[str], conf_dir: str | Path) -> None:
         section, _, rest = key.partition(".")
         if not rest and section not in root_keys:
             raise unknown_key_error(section, root_keys | groups)
-        if rest and section in SECTIONS:
-            valid = {f.name for f in dataclasses.fields(SECTIONS[section])}
+        if rest and (section in SECTIONS or section == "teacher"):
+            valid = section_keys(section)
             if rest.split(".")[0] not in valid:
                 raise unknown_key_error(f"{section}.{rest.split('.')[0]}", valid, section)
+
+
+def flatten_config(node: Any, prefix: str = "") -> dict[str, Any]:
+    """{"method": {"beta": 0.5}} -> {"method.beta": 0.5} (W&B run config, and opd-report's columns)."""
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(flatten_config(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: node}
 
 
 def _asset(relative: str) -> str:

@@ -33,10 +33,11 @@ class Registry(Generic[T]):
     Args:
         kind: what the registry holds ("method", "sampler", ...), used in messages and as the
             config group name.
+        name_key: the config key that picks the entry (``name``; teachers: ``kind``).
     """
 
-    def __init__(self, kind: str) -> None:
-        self.kind = kind
+    def __init__(self, kind: str, name_key: str = "name") -> None:
+        self.kind, self.name_key = kind, name_key
         self._entries: dict[str, type[T] | str] = {}
 
     def register(self, name: str) -> Callable[[type[T]], type[T]]:
@@ -96,10 +97,15 @@ class Registry(Generic[T]):
         return rows
 
     def schema(self, name: str) -> type:
-        """A dataclass whose fields mirror ``cls.__init__``'s keyword arguments (types and defaults)."""
+        """A dataclass whose fields mirror ``cls.__init__``'s keyword arguments (types and defaults), or, for a class
+        that declares its keys as a ``Config`` dataclass (teacher kinds), that dataclass's fields."""
         cls = self.get(name)
+        config = getattr(cls, "Config", None)
+        if dataclasses.is_dataclass(config):
+            return dataclasses.make_dataclass(f"{cls.__name__}Config",
+                                              [(self.name_key, str, dataclasses.field(default=name))], bases=(config,))
         hints = typing.get_type_hints(cls.__init__)
-        fields: list[tuple[str, Any, Any]] = [("name", str, dataclasses.field(default=name))]
+        fields: list[tuple[str, Any, Any]] = [(self.name_key, str, dataclasses.field(default=name))]
         for param in list(inspect.signature(cls.__init__).parameters.values())[1:]:
             if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
                 continue
@@ -119,9 +125,9 @@ class Registry(Generic[T]):
                 types and missing required values.
         """
         key = key or self.kind
-        if node is None or "name" not in node:
-            raise ConfigError(f"{key}: missing `name`; choose one of: {', '.join(self)}")
-        name = node["name"]
+        if node is None or self.name_key not in node:
+            raise ConfigError(f"{key}: missing `{self.name_key}`; choose one of: {', '.join(self)}")
+        name = node[self.name_key]
         schema = OmegaConf.structured(self.schema(name))
         try:
             merged = OmegaConf.merge(schema, node)
@@ -131,22 +137,24 @@ class Registry(Generic[T]):
             msg = str(err).splitlines()[0]
             raise ConfigError(f"{key}.{full_key}: {msg} (valid keys for {self.kind} {name!r}: "
                               f"{', '.join(f.name for f in dataclasses.fields(self.schema(name)))})") from None
-        kwargs.pop("name")
+        kwargs.pop(self.name_key)
         return kwargs
 
     def build(self, node: DictConfig | dict, key: str | None = None, **extra: Any) -> T:
         """Validate ``node`` and construct the registered class with its kwargs plus ``extra``."""
         kwargs = self.validate(node, key)
-        cls = self.get(node["name"])
+        cls = self.get(node[self.name_key])
         try:
             return cls(**kwargs, **extra)
         except (ValueError, TypeError) as err:
-            raise ConfigError(f"{key or self.kind} ({node['name']}): {err}") from None
+            raise ConfigError(f"{key or self.kind} ({node[self.name_key]}): {err}") from None
 
 
 METHODS: Registry = Registry("method")
 SAMPLERS: Registry = Registry("sampler")
 DATASETS: Registry = Registry("data")
+#: teacher kinds (``teacher.kind``): ``opd/teachers/<kind>.py`` registers itself when ``opd.teachers`` is imported
+TEACHERS: Registry = Registry("teacher", name_key="kind")
 
 
 def load_builtin_components() -> None:
@@ -154,3 +162,4 @@ def load_builtin_components() -> None:
     importlib.import_module("opd.methods")
     importlib.import_module("opd.sampling")
     importlib.import_module("opd.data")
+    importlib.import_module("opd.teachers")

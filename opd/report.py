@@ -52,8 +52,8 @@ from typing import Any
 import numpy as np
 from omegaconf import OmegaConf
 
+from opd.config import flatten_config
 from opd.errors import OPDError
-from opd.train import _flatten
 
 PROG = "opd-report"
 SUMMARY = "summary.json"
@@ -163,7 +163,7 @@ def read_config(run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
     """The flattened ``resolved_config.yaml``; without one, the method name and seed from the summary."""
     path = run_dir / "resolved_config.yaml"
     try:
-        return _flatten(OmegaConf.to_container(OmegaConf.load(path), resolve=True))
+        return flatten_config(OmegaConf.to_container(OmegaConf.load(path), resolve=True))
     except Exception as err:  # noqa: BLE001 - missing or malformed YAML: fall back, with a warning
         warn(f"{run_dir}: no readable resolved_config.yaml ({type(err).__name__}); using method and seed from {SUMMARY}")
         return {"method.name": summary.get("method"), "seed": summary.get("seed")}
@@ -318,7 +318,24 @@ def describe(values: Sequence[Any]) -> dict[str, Any]:
                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
     return {"mean": statistics.fmean(numbers) if numbers else None,
             "std": statistics.stdev(numbers) if len(numbers) > 1 else None,
-            "n": len(numbers), "values": list(values)}
+            "ci95": mean_confidence_interval(numbers), "n": len(numbers), "values": list(values)}
+
+
+def mean_confidence_interval(numbers: Sequence[float], level: float = 0.95) -> list[float] | None:
+    """``[low, high]`` Student-t confidence interval of the mean over seeds (None below two values).
+
+    With n seeds it is mean ± t_{(1+level)/2, n−1} · s/√n, from ``scipy.stats.t.interval`` (at n = 3, t = 4.30:
+    three seeds bound the mean only loosely, which is the honest width).
+    """
+    if len(numbers) < 2:
+        return None
+    from scipy import stats
+
+    mean, sem = statistics.fmean(numbers), statistics.stdev(numbers) / math.sqrt(len(numbers))
+    if sem == 0:
+        return [mean, mean]
+    low, high = stats.t.interval(level, len(numbers) - 1, loc=mean, scale=sem)
+    return [float(low), float(high)]
 
 
 def group_row(group: Group, seed_key: str) -> dict[str, Any]:
@@ -361,19 +378,25 @@ def format_stat(stat: dict[str, Any], kind: str) -> str:
     return text if stat["std"] is None or kind != "pct" else f"{text} ± {format(scale * stat['std'], spec)}"
 
 
+def format_interval(interval: Sequence[float] | None) -> str:
+    """``[21.3, 30.1]`` in percent; ``n/a`` below two seeds."""
+    return "n/a" if interval is None else f"[{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]"
+
+
 def _md_row(cells: Sequence[str]) -> str:
     return "| " + " | ".join(str(cell).replace("|", "\\|") for cell in cells) + " |"
 
 
 def format_table(report: dict[str, Any]) -> str:
     """The markdown table: the teacher and initial-student rows, then one row per group."""
-    headers = ["run", "n seeds", *(header for _, header, _ in _COLUMNS)]
+    headers = ["run", "n seeds", *(header for _, header, _ in _COLUMNS), "95 % CI of acc. after"]
     lines = [_md_row(headers), _md_row(["---"] * len(headers))]
     for ref in report["reference"]:
         cells = [format_stat(ref[key], kind) if key == ref["column"] else "–" for key, _, kind in _COLUMNS]
-        lines.append(_md_row([ref["label"], ref["n"], *cells]))
+        lines.append(_md_row([ref["label"], ref["n"], *cells, "–"]))
     for row in report["groups"]:
-        lines.append(_md_row([row["label"], row["n"], *(format_stat(row[key], kind) for key, _, kind in _COLUMNS)]))
+        lines.append(_md_row([row["label"], row["n"], *(format_stat(row[key], kind) for key, _, kind in _COLUMNS),
+                              format_interval(row["student_accuracy_after"].get("ci95"))]))
     return "\n".join(lines)
 
 
@@ -382,7 +405,8 @@ def format_markdown(report: dict[str, Any], table: str, plots: Sequence[Path], o
     keys = ", ".join(f"`{k}`" for k in report["group_keys"]) or "(none)"
     lines = ["# Run report", "", table, "",
              (f"{report['num_runs']} runs, grouped by {keys}; seeds from `{report['seed_key']}`. Accuracies in %, "
-              "mean ± sample std over seeds (mean alone for one seed); tokens and wall time are means."),
+              "mean ± sample std over seeds (mean alone for one seed), and the Student-t 95 % confidence interval of the "
+              "mean accuracy after training; tokens and wall time are means."),
              "", "## Runs", "", _md_row(["group", "seed", "student acc. after (%)", "run directory"]),
              _md_row(["---"] * 4)]
     for row in report["groups"]:

@@ -23,9 +23,11 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from opd import distributed as dist
-from opd.config import check_cli_overrides, deepspeed_section, register_configs, typed_sections
+from opd.config import check_cli_overrides, deepspeed_section, flatten_config, register_configs, typed_sections
 from opd.errors import ConfigError, OPDError, TrainingInterrupted
-from opd.registry import DATASETS, METHODS, SAMPLERS, load_builtin_components
+from opd.registry import DATASETS, METHODS, SAMPLERS, TEACHERS, load_builtin_components
+from opd.teachers import build_teacher
+from opd.teachers.router import build_router
 from opd.tracking.loggers import NullLogger
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -52,9 +54,18 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path | None = None):
     from opd.engine.trainer import Trainer
     from opd.tracking.loggers import build_logger
 
-    teacher_cfg, student_cfg, trainer_cfg, logger_cfg = typed_sections(cfg)
+    _, student_cfg, trainer_cfg, logger_cfg = typed_sections(cfg)
     ds_cfg = deepspeed_section(cfg)
     method = METHODS.build(cfg.method, "method")
+    teacher = build_teacher(cfg.get("teacher"), method.teacher_kind)  # OPSD fixes its kind: the initial student
+    if cfg.get("teachers"):  # several teachers, routed by the data's source
+        if method.teacher_kind is not None:
+            raise ConfigError(f"teachers: method {cfg.method.name!r} distils from its own teacher ({method.teacher_kind}); "
+                              "drop teachers")
+        if cfg.get("teacher") is not None:
+            raise ConfigError("set either teacher or teachers, not both: add ~teacher (in an experiment: "
+                              "`- override /teacher: null`)")
+        teacher = build_router(cfg.teachers)
     sampler = SAMPLERS.build(cfg.sampler, "sampler")
     try:  # e.g. policy-gradient methods refuse top-p/top-k truncated sampling
         method.check_sampler(sampler.temperature, sampler.top_p, sampler.top_k)
@@ -82,7 +93,7 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path | None = None):
     if resume_from is None:  # a fresh start, also for trainer.resume=auto without a checkpoint
         check_fresh_run_dir(run_dir, resume_auto=trainer_cfg.resume == "auto")
     task = DATASETS.build(cfg.data, "data")
-    trainer = Trainer(method, sampler, task, teacher_cfg, student_cfg, trainer_cfg, None, run_dir, seed=cfg.seed,
+    trainer = Trainer(method, sampler, task, teacher, student_cfg, trainer_cfg, None, run_dir, seed=cfg.seed,
                       logger_cfg=logger_cfg, deepspeed_cfg=ds_cfg)
     if resume_from is not None:
         trainer.restore(resume_from)
@@ -93,7 +104,7 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path | None = None):
         return trainer
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    flat_config = _flatten(OmegaConf.to_container(cfg, resolve=True))
+    flat_config = flatten_config(OmegaConf.to_container(cfg, resolve=True))
     trainer.attach_logger(build_logger(logger_cfg, run_dir, run_name=run_dir.name, group=cfg.name, config=flat_config))
     return trainer
 
@@ -232,16 +243,6 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join([line, *(f"{k:<{width}}  {v}" for k, v in rows), line])
 
 
-def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    """{"method": {"beta": 0.5}} -> {"method.beta": 0.5} (W&B run config and report columns)."""
-    if isinstance(node, dict):
-        out: dict[str, Any] = {}
-        for key, value in node.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: node}
-
-
 @hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> float | None:
     try:
@@ -264,9 +265,9 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 
 def describe_registries() -> str:
-    """One line per registered method, sampler and dataset (``make methods``, ``opd-train --help``)."""
+    """One line per registered method, sampler, dataset and teacher kind (``make methods``, ``opd-train --help``)."""
     lines = []
-    for registry in (METHODS, SAMPLERS, DATASETS):
+    for registry in (METHODS, SAMPLERS, DATASETS, TEACHERS):
         lines.append(f"{registry.kind}:")
         width = max(len(name) for name in registry)
         lines += [f"  {name:<{width}}  {doc}" for name, doc in registry.describe()]

@@ -15,6 +15,12 @@ Run from the repository root; the shipped checkpoints come from exactly this com
 
     python scripts/make_toy_models.py --threads 1
 
+A specialist teacher for another toy task (multi-teacher distillation) is trained alone with ``--task``
+and ``--teacher-only``; it goes to ``opd/assets/toy_<task>/teacher`` and its README also records its
+accuracy on the other toy tasks and that of the shipped ``opd/assets/toy`` teacher and student on its task::
+
+    python scripts/make_toy_models.py --task multiplication --teacher-only --threads 1 --teacher-steps 2500
+
 Everything is seeded and runs in float32 on the CPU.
 """
 
@@ -43,22 +49,32 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM  
 
 from opd.data.arithmetic import ChainArithmetic  # noqa: E402
 from opd.data.base import Example, PromptIterator, Task  # noqa: E402
+from opd.data.multiplication import Multiplication  # noqa: E402
 from opd.engine.evaluate import evaluate_accuracy  # noqa: E402
 from opd.engine.scoring import completion_logits  # noqa: E402
 from opd.models.toy import build_char_tokenizer, tiny_llama_config  # noqa: E402
 from opd.sampling.hf import HFSampler  # noqa: E402
 from opd.sampling.tokenize import encode_targets  # noqa: E402
 
-#: a well-formed completion: one or more "a+b=c;" steps, then "#answer" (EOS is checked separately).
-WELL_FORMED = re.compile(r"(-?\d+[+-]\d+=-?\d+;)+#-?\d+")
+#: the toy tasks (all share the character tokenizer), by --task name
+TASKS = {"arithmetic": ChainArithmetic, "multiplication": Multiplication}
+#: a well-formed completion per task: one or more "a+b=c;" steps, then "#answer" (EOS is checked separately).
+WELL_FORMED = {"arithmetic": re.compile(r"(-?\d+[+-]\d+=-?\d+;)+#-?\d+"),
+               "multiplication": re.compile(r"(\d+[*+]\d+=\d+;)+#\d+")}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line flags; the defaults reproduce the shipped checkpoints."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out-dir", type=Path, default=REPO_ROOT / "opd" / "assets" / "toy",
-                   help="where teacher/, student/ and README.md are written")
+    p.add_argument("--task", choices=sorted(TASKS), default="arithmetic",
+                   help="the toy task to train on (every task uses the same character tokenizer)")
+    p.add_argument("--teacher-only", action="store_true",
+                   help="train and save only the teacher (a specialist for --task), then measure it on every toy "
+                        "task and the shipped opd/assets/toy teacher and student on --task")
+    p.add_argument("--out-dir", type=Path, default=None,
+                   help="where teacher/, student/ and README.md are written (default opd/assets/toy for "
+                        "arithmetic, opd/assets/toy_<task> otherwise)")
     p.add_argument("--seed", type=int, default=0, help="seed for model init, data order and torch")
     p.add_argument("--threads", type=int, default=min(os.cpu_count() or 1, 4),
                    help="torch CPU threads; tiny models stop scaling beyond a few, and on a machine busy with "
@@ -69,9 +85,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "is only used for the final, reported accuracies")
     p.add_argument("--eval-batch-size", type=int, default=128, help="prompts per greedy-decoding batch")
     p.add_argument("--max-new-tokens", type=int, default=64, help="completion length cap when decoding")
-    # task (the defaults of ChainArithmetic, i.e. of the default run)
-    p.add_argument("--num-train", type=int, default=20000, help="training problems")
-    p.add_argument("--num-eval", type=int, default=200, help="held-out problems (before de-duplication)")
+    # task (None = the task class's defaults, i.e. those of a run with data=<task>)
+    p.add_argument("--num-train", type=int, default=None, help="training problems (default: the task's)")
+    p.add_argument("--num-eval", type=int, default=None, help="held-out problems before de-duplication (default: the task's)")
     p.add_argument("--task-seed", type=int, default=0, help="seed of the problem generator")
     # teacher
     p.add_argument("--teacher-hidden", type=int, default=96, help="teacher hidden size")
@@ -104,7 +120,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm")
     p.add_argument("--eval-every", type=int, default=250, help="teacher validation interval in steps")
     p.add_argument("--student-eval-every", type=int, default=25, help="student validation interval in steps")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.out_dir is None:
+        args.out_dir = REPO_ROOT / "opd" / "assets" / ("toy" if args.task == "arithmetic" else f"toy_{args.task}")
+    return args
+
+
+def build_task(name: str, args: argparse.Namespace) -> Task:
+    """The toy task ``name`` with its default settings, except --num-train/--num-eval/--task-seed when given."""
+    sizes = {key: value for key, value in (("num_train", args.num_train), ("num_eval", args.num_eval))
+             if value is not None}
+    return TASKS[name](seed=args.task_seed, **sizes)
 
 
 def seed_everything(seed: int) -> None:
@@ -226,7 +252,7 @@ class SFTRun:
 
 @torch.no_grad()
 def well_formed_rate(model: torch.nn.Module, tokenizer, examples: list[Example], batch_size: int,
-                     max_new_tokens: int) -> float:
+                     max_new_tokens: int, pattern: re.Pattern = WELL_FORMED["arithmetic"]) -> float:
     """Fraction of greedy completions that are ``step;...;#answer`` and end with EOS (right or wrong)."""
     sampler = HFSampler(max_new_tokens=max_new_tokens)
     good = 0
@@ -237,7 +263,7 @@ def well_formed_rate(model: torch.nn.Module, tokenizer, examples: list[Example],
         for ids, length in zip(rollout.completion_ids, lengths.tolist()):
             ended = length > 0 and ids[length - 1].item() == tokenizer.eos_token_id
             text = tokenizer.decode(ids[:length], skip_special_tokens=True)
-            good += ended and WELL_FORMED.fullmatch(text) is not None
+            good += ended and pattern.fullmatch(text) is not None
     return good / max(len(examples), 1)
 
 
@@ -249,14 +275,16 @@ def save_checkpoint(model: LlamaForCausalLM, tokenizer, path: Path) -> int:
     return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
 
 
-def reload_and_evaluate(path: Path, task: Task, args: argparse.Namespace) -> tuple[float, float]:
+def reload_and_evaluate(path: Path, task: Task, args: argparse.Namespace,
+                        task_name: str = "arithmetic") -> tuple[float, float]:
     """Load ``path`` exactly as a user would and measure (eval accuracy, well-formed rate) on the eval split."""
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     acc = evaluate_accuracy(model, tokenizer, task, task.eval, batch_size=args.eval_batch_size,
                             max_new_tokens=args.max_new_tokens, desc=f"eval {path.name}").accuracy
-    fmt = well_formed_rate(model, tokenizer, task.eval, args.eval_batch_size, args.max_new_tokens)
+    fmt = well_formed_rate(model, tokenizer, task.eval, args.eval_batch_size, args.max_new_tokens,
+                           WELL_FORMED[task_name])
     return acc, fmt
 
 
@@ -325,19 +353,100 @@ and possibly the early-stopping step. Run `python scripts/make_toy_models.py --h
     (out_dir / "README.md").write_text(text)
 
 
+def write_teacher_readme(out_dir: Path, metrics: dict, command: str) -> None:
+    """Document a specialist teacher: architecture, training, and accuracy on every toy task (its own and the others)."""
+    t, name = metrics["teacher"], metrics["task"]
+    rows = "\n".join(f"| `{task}` ({row['num_eval']} eval problems) | **{row['teacher']:.3f}** | {row['toy_teacher']:.3f} | "
+                     f"{row['toy_student']:.3f} |" for task, row in metrics["cross"].items())
+    text = f"""# Toy specialist teacher for the `{name}` task
+
+A tiny character-level Llama trained by supervised fine-tuning on `data={name}` only
+(`{metrics['task_class']}()` with its default settings, `seed=0`, {metrics['num_train']} train /
+{metrics['num_eval']} held-out eval problems), for multi-teacher distillation next to the arithmetic
+teacher in `opd/assets/toy/teacher`. Same character tokenizer (`opd.models.toy.build_char_tokenizer()`),
+so the two teachers and the toy student share one vocabulary. Config: `teacher=toy_{name}`.
+
+| | teacher |
+|---|---|
+| architecture | {t['architecture']} |
+| parameters | {t['params']:,} |
+| size on disk | {t['bytes'] / 1e6:.2f} MB |
+| SFT steps (batch {metrics['batch_size']}) | {t['steps']} |
+| training time | {t['seconds']:.0f} s |
+| well-formed completions on `{name}` | {t['well_formed']:.3f} |
+
+Greedy exact-match accuracy on each toy task's eval split (each model reloaded from disk, then
+`opd.engine.evaluate.evaluate_accuracy`, `max_new_tokens={metrics['max_new_tokens']}`):
+
+| task | this teacher (`toy_{name}/teacher`) | arithmetic teacher (`toy/teacher`) | toy student (`toy/student`) |
+|---|---|---|---|
+{rows}
+
+Each teacher is a specialist: this one on `{name}`, the shipped `toy/teacher` on `arithmetic`.
+
+## How it was made
+
+```bash
+{command}
+```
+
+Seeded (`--seed {metrics['seed']}`), float32, `--threads {metrics['threads']}`; {metrics['total_seconds'] / 60:.1f} minutes
+of wall time (training, reload and all evaluations) on {metrics['machine']}. Stopping decisions used
+{metrics['val_size']} held-out training problems; the eval splits were read only for the table above.
+"""
+    (out_dir / "README.md").write_text(text)
+
+
+def teacher_only(args: argparse.Namespace, task: Task, train: list[Example], common: dict, tokenizer,
+                 wall_start: float) -> None:
+    """Train and save a specialist teacher for ``args.task``, then measure it and the shipped toy models on every task."""
+    teacher = build_model(tokenizer, args.teacher_hidden, args.teacher_layers, args.teacher_heads, args.seed)
+    print(f"teacher: {describe(teacher)}; {num_params(teacher):,} parameters")
+    run = SFTRun.create(teacher, tokenizer, train, args, args.teacher_lr, args.teacher_steps)
+    run.train(args.teacher_steps, f"{args.task} teacher SFT", eval_every=args.eval_every,
+              stop_acc=args.teacher_stop_acc, **common)
+    teacher_bytes = save_checkpoint(teacher, tokenizer, args.out_dir / "teacher")
+    shipped = REPO_ROOT / "opd" / "assets" / "toy"
+    cross, own_fmt = {}, 0.0
+    for name in TASKS:  # every toy task with its default settings (the split a data=<name> run evaluates on)
+        other = task if name == args.task else TASKS[name]()
+        acc, fmt = reload_and_evaluate(args.out_dir / "teacher", other, args, name)
+        own_fmt = fmt if name == args.task else own_fmt
+        cross[name] = {"num_eval": len(other.eval), "teacher": acc,
+                       "toy_teacher": reload_and_evaluate(shipped / "teacher", other, args, name)[0],
+                       "toy_student": reload_and_evaluate(shipped / "student", other, args, name)[0]}
+        print(f"{name}: {cross[name]}")
+    metrics = {
+        "task": args.task, "task_class": TASKS[args.task].__name__, "seed": args.seed, "threads": args.threads,
+        "batch_size": args.batch_size, "val_size": len(common["val"]), "num_train": len(task.train),
+        "num_eval": len(task.eval), "max_new_tokens": args.max_new_tokens, "machine": f"{os.cpu_count()} CPU cores",
+        "total_seconds": time.perf_counter() - wall_start, "cross": cross,
+        "teacher": {"architecture": describe(teacher), "params": num_params(teacher), "bytes": teacher_bytes,
+                    "steps": run.step, "seconds": run.seconds, "well_formed": own_fmt},
+    }
+    print(json.dumps(metrics, indent=2))
+    write_teacher_readme(args.out_dir, metrics, " ".join(["python scripts/make_toy_models.py", *sys.argv[1:]]))
+    if cross[args.task]["teacher"] < args.teacher_min_acc:
+        raise SystemExit(f"teacher eval accuracy {cross[args.task]['teacher']:.3f} < {args.teacher_min_acc}: train it "
+                         f"longer (--teacher-steps) or make it bigger")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     wall_start = time.perf_counter()
     torch.set_num_threads(args.threads)
     seed_everything(args.seed)
 
-    task = ChainArithmetic(num_train=args.num_train, num_eval=args.num_eval, seed=args.task_seed)
+    task = build_task(args.task, args)
     # Stopping decisions use held-out *training* problems, so the eval split stays untouched until the end.
     train, val = task.train[: -args.val_size], task.train[-args.val_size:]
     tokenizer = build_char_tokenizer()
     print(f"task: {len(train)} train / {len(val)} validation / {len(task.eval)} eval problems; "
           f"vocab {len(tokenizer)}; {args.threads} threads")
     common = dict(val=val, task=task, eval_batch_size=args.eval_batch_size, max_new_tokens=args.max_new_tokens)
+    if args.teacher_only:
+        teacher_only(args, task, train, common, tokenizer, wall_start)
+        return
 
     # --- teacher: train to high accuracy -------------------------------------------------------------
     teacher = build_model(tokenizer, args.teacher_hidden, args.teacher_layers, args.teacher_heads, args.seed)

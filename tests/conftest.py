@@ -79,10 +79,10 @@ def vllm_teacher_server(tmp_path_factory):
     """
     pytest.importorskip("vllm")
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from vllm_server_harness import launch_server
 
     from opd.config import ASSETS
     from opd.sampling.vllm import pad_attention_heads
-    from opd.teachers import launch_server
 
     teacher = ASSETS / "toy" / "teacher"
     directory = tmp_path_factory.mktemp("wide_teacher")

@@ -310,26 +310,29 @@ def test_teacher_logits_reach_the_gradient(compose_cfg, name, monkeypatch):
     trainer = make_trainer(compose_cfg, name)
     batch = fixed_batch(trainer)
     _, grads = step_gradients(trainer, [batch])
-    real = trainer.teacher_logits
+    real = trainer.teacher_component.score
     generator = torch.Generator().manual_seed(0)
 
-    def perturbed(b):
-        logits = real(b)
+    def perturbed(b, output, prompt=None):
+        logits = real(b, output, prompt)
         return logits + 2.0 * torch.randn(logits.shape, generator=generator, dtype=logits.dtype)
 
-    monkeypatch.setattr(trainer, "teacher_logits", perturbed)
+    monkeypatch.setattr(trainer.teacher_component, "score", perturbed)
     _, other = step_gradients(trainer, [batch])
     assert gradient_gap(other, grads) > 1e-3, f"{name}: the gradient does not depend on the teacher's logits"
 
 
 # ---------------------------------------------------------------------------------------------- 4. served teacher
 def accepts_server(name: str) -> bool:
-    """Whether method ``name`` with its defaults runs from a vLLM server teacher (``Method.check_teacher_backend``)."""
+    """Whether method ``name`` with its defaults runs from a vLLM server teacher (``opd.engine.loss_paths.check_pair``)."""
     from conftest import VLLM_SERVER_MAX_LOGPROBS
 
+    from opd.engine.loss_paths import check_pair
+    from opd.teachers import build_teacher
+
     try:
-        METHODS.get(name)().check_teacher_backend("vllm_server", VLLM_SERVER_MAX_LOGPROBS)
-    except ValueError:
+        check_pair(METHODS.get(name)(), build_teacher({"kind": "vllm_server", "server_top_k": VLLM_SERVER_MAX_LOGPROBS}))
+    except ConfigError:
         return False
     return True
 
@@ -403,7 +406,7 @@ def test_heads_padded_to_other_sizes_train_on_the_shared_rows(compose_cfg, padde
     assert student.shape[-1] == 40 and (teacher is None or teacher.shape[-1] == 40)
     want = trainer.method.loss(batch, student, teacher, batch.num_tokens).loss.item()
     assert math.isfinite(loss) and loss == pytest.approx(want, rel=1e-6, abs=1e-9)
-    if METHODS.get(name).supports_hidden_loss:  # the chunked hidden-state path cuts the heads' rows the same way
+    if METHODS.get(name)().teacher_input_blocker("hidden") is None:  # the chunked path cuts the heads' rows the same way
         chunked = make_trainer(compose_cfg, name, f"student.name_or_path={padded_pair['student']}", "trainer.loss_chunk_size=4",
                                f"teacher.name_or_path={padded_pair['teacher']}", float64=False)
         assert chunked.loss_chunk_size == 4

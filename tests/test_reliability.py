@@ -307,4 +307,6 @@ def test_loading_is_safe_by_default():
     assert ModelConfig(name_or_path="x").trust_remote_code is False
     for file in [*Path(CONF_DIR, "teacher").glob("*.yaml"), *Path(CONF_DIR, "student").glob("*.yaml")]:
         text = file.read_text()
+        if "\nkind: " in text and "\nkind: hf" not in text:  # a teacher that loads no weights (a server, the student's copy)
+            continue
         assert "use_safetensors: true" in text and "trust_remote_code: true" not in text, file

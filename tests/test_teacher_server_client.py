@@ -14,7 +14,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
+from vllm_server_harness import free_port
 
+from opd.engine.loss_paths import check_pair
 from opd.errors import ConfigError
 from opd.losses.divergences import forward_kl, masked_reduce
 from opd.losses.topk import topk_forward_kl
@@ -25,8 +27,8 @@ from opd.methods.minillm import MiniLLM
 from opd.methods.reopold import REOPOLD
 from opd.methods.tm_opd import TMOPD
 from opd.sampling.base import RolloutBatch
-from opd.teachers import SparseTeacherLogprobs, TeacherServerError, VLLMServerTeacher
-from opd.teachers.vllm_server import free_port, parse_prompt_logprobs
+from opd.teachers import SparseTeacherLogprobs, TeacherServerError, VLLMServerTeacher, build_teacher
+from opd.teachers.vllm_server import parse_prompt_logprobs
 
 V = 12
 PAD = 0
@@ -203,12 +205,18 @@ def test_configuration_errors(server):
 
 
 # ---------------------------------------------------------------------- methods
-def test_backend_check_per_method():
+def served(top_k: int = 4):
+    """A ``teacher.kind: vllm_server`` teacher, built (not connected): what the engine checks pairs against."""
+    return build_teacher({"kind": "vllm_server", "server_top_k": top_k})
+
+
+def test_pair_check_per_method():
     assert set(sparse_teacher_methods()) >= {"gkd", "kd", "tm_opd", "reopold"}
+    local = build_teacher({"name_or_path": "unused"})
     for method in (GKD(beta=0.0), KD(), KD(temperature=2.0, sparse_mode="renorm"), TMOPD(), REOPOLD()):
-        method.check_teacher_backend("vllm_server", top_k=4)
-        method.check_teacher_backend("hf")
-    TMOPD().check_teacher_backend("vllm_server", top_k=0)
+        check_pair(method, served())
+        check_pair(method, local)
+    check_pair(TMOPD(), served(top_k=0))
     cases = [(GKD(), "beta=0.5: the JSD needs the teacher's full distribution"),
              (GKD(beta=0.0, off_policy_source="teacher", lmbda=0.5), "samples completions from the teacher"),
              (KD(temperature=2.0), "needs method.sparse_mode=renorm"),
@@ -216,16 +224,16 @@ def test_backend_check_per_method():
              (REOPOLD(entropy_source="teacher"), "entropy_source=teacher"),
              (MiniLLM(), "samples completions from the teacher")]
     for method, message in cases:
-        with pytest.raises(ValueError, match=message):
-            method.check_teacher_backend("vllm_server", top_k=4)
+        with pytest.raises(ConfigError, match=message):
+            check_pair(method, served())
     from opd.methods.eopd import EOPD
 
-    with pytest.raises(ValueError, match=r"needs the teacher's full logits; .* works with methods: gkd, kd, reopold, tm_opd"):
-        EOPD().check_teacher_backend("vllm_server")
-    with pytest.raises(ValueError, match="server_top_k >= 1"):
-        GKD(beta=0.0).check_teacher_backend("vllm_server", top_k=0)
-    with pytest.raises(ValueError, match="teacher.backend must be one of"):
-        GKD().check_teacher_backend("sglang")
+    with pytest.raises(ConfigError, match=r"needs the teacher's full logits; .* works with methods: gkd, kd, reopold, tm_opd"):
+        check_pair(EOPD(), served())
+    with pytest.raises(ConfigError, match="server_top_k >= 1"):
+        check_pair(GKD(beta=0.0), served(top_k=0))
+    with pytest.raises(ConfigError, match=r"teacher: unknown name 'sglang'"):
+        build_teacher({"kind": "sglang"})
 
 
 def method_inputs(k: int):
@@ -281,7 +289,7 @@ def test_the_trainer_checks_the_server_teacher_before_loading(compose_cfg, overr
     cfg = compose_cfg("teacher=vllm_server", "teacher.server_url=http://127.0.0.1:9", "teacher.server_max_retries=0",
                       "teacher.server_timeout_s=2", *overrides)
     if message is None:
-        assert build_trainer(cfg).teacher_server is None
+        assert type(build_trainer(cfg).teacher_component).registry_name == "initial_student"
         return
     with pytest.raises(ConfigError) as err:
         build_trainer(cfg)

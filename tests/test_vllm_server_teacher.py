@@ -16,6 +16,7 @@ pytest.importorskip("vllm")
 
 from conftest import VLLM_SERVER_MAX_LOGPROBS  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+from vllm_server_harness import free_port  # noqa: E402
 
 from opd.config import ASSETS  # noqa: E402
 from opd.data.arithmetic import ChainArithmetic  # noqa: E402
@@ -28,7 +29,6 @@ from opd.methods.tm_opd import TMOPD  # noqa: E402
 from opd.sampling.hf import HFSampler  # noqa: E402
 from opd.sampling.tokenize import encode_targets  # noqa: E402
 from opd.teachers import VLLMServerTeacher  # noqa: E402
-from opd.teachers.vllm_server import free_port  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 

@@ -44,16 +44,16 @@ class ChainArithmetic(Task):
     """Chained +/- arithmetic with worked solutions (reasoning_gym ``chain_sum``), exact-match accuracy."""
 
     def __init__(self, num_train: int = 20000, num_eval: int = 200, min_terms: int = 3, max_terms: int = 4,
-                 min_digits: int = 1, max_digits: int = 2, seed: int = 0) -> None:
+                 min_digits: int = 1, max_digits: int = 2, seed: int = 0, num_validation: int = 0) -> None:
         if not (2 <= min_terms <= max_terms):
             raise ValueError(f"need 2 <= min_terms <= max_terms, got {min_terms}, {max_terms}")
         if not (1 <= min_digits <= max_digits):
             raise ValueError(f"need 1 <= min_digits <= max_digits, got {min_digits}, {max_digits}")
-        if num_train < 1 or num_eval < 1:
-            raise ValueError("num_train and num_eval must be positive")
+        if num_train < 1 or num_eval < 1 or num_validation < 0:
+            raise ValueError("num_train and num_eval must be positive, num_validation >= 0")
         import reasoning_gym
 
-        total = num_train + num_eval
+        total = num_train + num_eval + num_validation  # entry i depends on (seed, i) only: train and eval never move
         source = reasoning_gym.create_dataset("chain_sum", size=total, seed=seed, min_terms=min_terms,
                                               max_terms=max_terms, min_digits=min_digits, max_digits=max_digits)
         examples, seen = [], set()
@@ -65,4 +65,9 @@ class ChainArithmetic(Task):
         # Held-out split: the last num_eval problems, with any prompt also seen in training removed.
         self.train = examples[:num_train]
         seen = {ex.prompt for ex in self.train}
-        self.eval = [ex for ex in examples[num_train:] if ex.prompt not in seen] or examples[num_train:]
+        held_out = examples[num_train:num_train + num_eval]
+        self.eval = [ex for ex in held_out if ex.prompt not in seen] or held_out
+        # A dev split drawn like eval (after it, with prompts seen in train or eval removed): hyperparameter search
+        # and DistiLLM's schedule read it instead of problems carved out of train, which the toy models were trained on.
+        seen |= {ex.prompt for ex in self.eval}
+        self.validation = [ex for ex in examples[num_train + num_eval:] if ex.prompt not in seen]

@@ -17,11 +17,14 @@ class Example:
         target: a reference completion (worked solution + final answer), used by off-policy
             methods (SFT, dataset batches of GKD) and as privileged information (OPSD).
         answer: the gold final answer, compared by exact match after extraction.
+        source: the task this example came from in a mixed dataset (``data=mixture``), which routes it to its
+            teacher and its scoring; "" for a single task.
     """
 
     prompt: str
     target: str
     answer: str
+    source: str = ""
 
 
 class Task:

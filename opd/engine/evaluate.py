@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 
 from opd.data.base import Example, Task
 from opd.data.metrics import pass_at_k
+from opd.data.mixture import per_source_accuracy
 from opd.sampling.hf import HFSampler
 
 
@@ -21,6 +22,10 @@ class EvalResult:
     mean_length: float
     samples: list[tuple[str, str, bool]]
     score: float = 0.0  # mean of task.score (ROUGE-L for instruction tasks; equals accuracy for exact-match tasks)
+    #: accuracy per ``Example.source`` (mixed data, ``data=mixture``; logged as ``eval/accuracy/<source>``); {} otherwise
+    by_source: dict[str, float] = dataclasses.field(default_factory=dict)
+    #: scored examples per source (to merge ranks' shares: ``opd.data.mixture.merge_per_source``)
+    source_counts: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 @torch.no_grad()
@@ -41,7 +46,7 @@ def evaluate_accuracy(model: torch.nn.Module, tokenizer, task: Task, examples: l
     """
     num_scored = len(examples) if num_scored is None else num_scored
     sampler = HFSampler(max_new_tokens=max_new_tokens)
-    correct, lengths, samples, score = 0, 0, [], 0.0
+    correct, lengths, samples, score, flags = 0, 0, [], 0.0, []
     batches = range(0, len(examples), batch_size)
     for start in tqdm(batches, desc=desc, leave=False, disable=not progress, unit="batch"):
         chunk = examples[start : start + batch_size]
@@ -54,12 +59,14 @@ def evaluate_accuracy(model: torch.nn.Module, tokenizer, task: Task, examples: l
             lengths += row_lengths[index]
             ok = task.is_correct(text, example)
             correct += ok
+            flags.append(ok)
             score += task.score(text, example)
             if len(samples) < num_samples:
                 samples.append((example.prompt, text, ok))
     n = max(num_scored, 1)
+    by_source, source_counts = per_source_accuracy(examples[: len(flags)], flags)
     return EvalResult(accuracy=correct / n, num_examples=num_scored, mean_length=lengths / n, samples=samples,
-                      score=score / n)
+                      score=score / n, by_source=by_source, source_counts=source_counts)
 
 
 @torch.no_grad()

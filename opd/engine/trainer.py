@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import copy
 import math
 import random
 import signal
@@ -38,19 +37,22 @@ from opd import distributed as dist
 from opd.config import DeepSpeedConfig, LoggerConfig, ModelConfig, TrainerConfig
 from opd.data.base import Example, PromptIterator, Task, validation_split
 from opd.data.chat import apply_chat_template
+from opd.data.mixture import merge_per_source
 from opd.engine import checkpoint as ckpt
 from opd.engine.backends import DeepSpeedBackend, LocalBackend
 from opd.engine.evaluate import EvalResult, evaluate_accuracy, evaluate_pass_at_k
-from opd.engine.scoring import completion_logits
+from opd.engine.loss_paths import LossPath, check_pair, path_loss, select_loss_path
 from opd.errors import ConfigError, DataError, TrainingError, TrainingInterrupted
-from opd.losses.chunked import HeadInputs, completion_hidden_states, linear_head, resolve_loss_chunk_size
+from opd.losses.chunked import completion_hidden_states, linear_head
 from opd.methods.base import AuxiliaryContext, Method
 from opd.models.dropout import disable_dropout
-from opd.models.loading import check_model_path, check_same_vocabulary, load_model, load_tokenizer, resolve_device
+from opd.models.loading import check_model_path, load_model, load_tokenizer, resolve_device
+from opd.models.scoring import completion_logits
 from opd.sampling.base import RolloutBatch
 from opd.sampling.behaviour import RolloutContext
 from opd.sampling.tokenize import encode_targets
-from opd.teachers import SparseTeacherLogprobs, VLLMServerTeacher
+from opd.teachers import SparseTeacherLogprobs, Teacher
+from opd.teachers.router import per_teacher_means
 from opd.tracking.loggers import JsonlLogger
 
 
@@ -155,7 +157,7 @@ class Trainer:
 
     Args:
         method, sampler, task: built components (see ``opd.registry``).
-        teacher_cfg: the teacher's model config, or None for teacher-free methods.
+        teacher: the teacher, built but not loaded (``opd.teachers.build_teacher``), or None for teacher-free methods.
         student_cfg, trainer_cfg: typed config sections.
         logger: a metrics sink (``metrics.jsonl`` at least), or None to attach one later with
             :meth:`attach_logger` (``build_trainer`` does, so nothing is written before every check passed).
@@ -170,7 +172,7 @@ class Trainer:
         TrainingError: the method needs a teacher model but none is configured.
     """
 
-    def __init__(self, method: Method, sampler, task: Task, teacher_cfg: ModelConfig | None, student_cfg: ModelConfig,
+    def __init__(self, method: Method, sampler, task: Task, teacher: Teacher | None, student_cfg: ModelConfig,
                  trainer_cfg: TrainerConfig, logger: JsonlLogger | None, run_dir: Path, seed: int = 0,
                  logger_cfg: LoggerConfig | None = None, deepspeed_cfg: DeepSpeedConfig | None = None) -> None:
         self.method, self.sampler, self.task, self.cfg = method, sampler, task, trainer_cfg
@@ -178,58 +180,66 @@ class Trainer:
         self.num_samples = logger_cfg.num_completions if logger_cfg else 8
         seed_everything(seed)
         self.device = resolve_device(trainer_cfg.device)
+        self._check_components(teacher, student_cfg)  # everything that needs no model: one-line errors in a second
+        self._setup_student(student_cfg)
+        self._setup_teacher(teacher)
+        self._setup_loss_path()
+        self._setup_backend(student_cfg, deepspeed_cfg)
+        self._setup_data(student_cfg)
+        self._setup_state()
 
-        if method.requires_teacher_model and teacher_cfg is None:
-            raise TrainingError(f"method {type(method).registry_name!r} needs a teacher model, but teacher is null")
-        if teacher_cfg is not None and student_cfg.backend != "hf":
-            raise ConfigError("student.backend must be hf: only the teacher can be a server")
-        server = teacher_cfg is not None and teacher_cfg.backend == "vllm_server" and not method.teacher_is_initial_student
-        if teacher_cfg is not None and not method.teacher_is_initial_student:
-            try:  # a method that needs full teacher logits cannot use a server (before anything loads)
-                method.check_teacher_backend(teacher_cfg.backend, teacher_cfg.server_top_k if server else None)
-            except ValueError as err:
-                raise ConfigError(str(err)) from None
-        for spec, role in ((student_cfg, "student"),
-                           (None if method.teacher_is_initial_student or server else teacher_cfg, "teacher")):
-            if spec is not None:
-                check_model_path(spec, role)  # both paths checked before either model loads
+    # ------------------------------------------------------------------ set-up steps, in order
+    def _check_components(self, teacher: Teacher | None, student_cfg: ModelConfig) -> None:
+        """The method/teacher pair (:func:`~opd.engine.loss_paths.check_pair`), the chat templates and both model
+        paths, before any model loads."""
+        check_pair(self.method, teacher)
+        if teacher is not None and teacher.chat_template is not None and teacher.chat_template != student_cfg.chat_template:
+            raise ConfigError(f"teacher.chat_template={teacher.chat_template} but student.chat_template="
+                              f"{student_cfg.chat_template}: both models must see the same prompt tokens")
+        check_model_path(student_cfg, "student")
+        if teacher is not None:
+            teacher.check()
+            teacher.check_sources({example.source for example in self.task.train})
+
+    def _setup_student(self, student_cfg: ModelConfig) -> None:
+        """The shared tokenizer and the student (train mode, dropout off unless configured), CPU threads."""
         self.tokenizer = load_tokenizer(student_cfg, "student")
         self.student = load_model(student_cfg, "student", self.device)
-        if trainer_cfg.disable_dropout:  # scoring passes in train mode must equal eval-mode ones (opd/models/dropout.py)
+        if self.cfg.disable_dropout:  # scoring passes in train mode must equal eval-mode ones (opd/models/dropout.py)
             disable_dropout(self.student)
         self.student.train()
-        set_cpu_threads(trainer_cfg.num_threads, self.device, self.student)
-        self.teacher = None
-        self.teacher_server: VLLMServerTeacher | None = None
+        set_cpu_threads(self.cfg.num_threads, self.device, self.student)
+
+    def _setup_teacher(self, teacher: Teacher | None) -> None:
+        """Load the teacher beside the student (frozen); the vocabulary the pair shares; padding rows hidden."""
+        self.teacher_component = teacher
         #: logits keep the first vocab_size rows: less than a model's rows when the pair differs only by padding
         self.vocab_size = self.student.get_output_embeddings().weight.shape[0]
-        if server:  # a `vllm serve` teacher: checked now (reachable, model, k, vocabulary), nothing loaded
-            self.teacher_server = VLLMServerTeacher(
-                teacher_cfg.server_url, teacher_cfg.server_model, teacher_cfg.server_top_k, teacher_cfg.server_timeout_s,
-                teacher_cfg.server_max_retries, api_key=teacher_cfg.server_api_key)
-            self.teacher_server.check(vocab_size=self.student.get_output_embeddings().weight.shape[0])
-        elif method.teacher_is_initial_student:  # self-distillation: the frozen step-0 student is the teacher
-            self.teacher = copy.deepcopy(self.student)
-        elif teacher_cfg is not None:  # loaded even for teacher-free losses (SFT): the summary reports its accuracy
-            teacher_tokenizer = load_tokenizer(teacher_cfg, "teacher")
-            self.teacher = load_model(teacher_cfg, "teacher", self.device)
-            self.vocab_size = check_same_vocabulary(teacher_tokenizer, self.tokenizer, self.teacher, self.student)
-        if self.teacher is not None:
-            self.teacher.eval().requires_grad_(False)
+        if teacher is not None:  # loaded even for teacher-free losses (SFT): the summary reports its accuracy
+            self.vocab_size = teacher.setup(self.student, self.tokenizer, self.device)
+            teacher.vocab_size = self.vocab_size
         self._hide_padded_rows()
         try:  # checks that need the vocabulary, before any training
-            method.check_vocabulary(self.vocab_size)
+            self.method.check_vocabulary(self.vocab_size)
         except ValueError as err:
             raise ConfigError(str(err)) from None
-        self.loss_chunk_size = self._loss_chunk_size(trainer_cfg.loss_chunk_size)
 
+    def _setup_loss_path(self) -> None:
+        """Full logits, chunked hidden states or sparse log-probs (:func:`~opd.engine.loss_paths.select_loss_path`)."""
+        self.loss_path = select_loss_path(self.method, self.teacher_component, self.student, self.cfg.loss_chunk_size,
+                                          stacklevel=4)
+
+    def _setup_backend(self, student_cfg: ModelConfig, deepspeed_cfg: DeepSpeedConfig | None) -> None:
+        """The optimizer and schedule: a torch optimizer in one process, or DeepSpeed ZeRO engines; torch.compile."""
+        trainer_cfg = self.cfg
         if deepspeed_cfg is not None and deepspeed_cfg.enabled:
+            teacher_dtype = (self.teacher_component.dtype if self.teacher_component else None) or student_cfg.dtype
             self.backend = DeepSpeedBackend(self.student, self.teacher, deepspeed_cfg, trainer_cfg, lr_lambda(trainer_cfg),
-                                            student_cfg.dtype, teacher_cfg.dtype if teacher_cfg else student_cfg.dtype)
-            if self.loss_chunk_size and deepspeed_cfg.stage == 3:
+                                            student_cfg.dtype, teacher_dtype)
+            if self.loss_path.chunk_size and deepspeed_cfg.stage == 3:
                 warnings.warn("the chunked hidden-state loss is not used under ZeRO-3 (the student's output head is "
-                              "partitioned); using full logits", UserWarning, stacklevel=2)
-                self.loss_chunk_size = 0
+                              "partitioned); using full logits", UserWarning, stacklevel=3)
+                self.loss_path = LossPath("logits")
         else:
             self.backend = LocalBackend(self.student, trainer_cfg, lr_lambda(trainer_cfg))
         if trainer_cfg.compile:  # after DeepSpeed has wrapped/sharded the modules; one compile serves every shape
@@ -237,31 +247,43 @@ class Trainer:
                 if model is not None:
                     model.forward = torch.compile(model.forward, dynamic=True)
         if dist.world_size() > 1:  # different rollout samples on every rank; the same prompts and coin flips
-            torch.manual_seed(seed + 1_000_003 * dist.rank())
-        # prompt + completion must fit the position embeddings of both models
-        limit = context_limit({"student": self.student, "teacher": self.teacher})
-        if self.teacher_server is not None and self.teacher_server.max_model_len:  # the served teacher's context
-            server_len = self.teacher_server.max_model_len
-            limit = (server_len, "teacher server") if limit is None or server_len < limit[0] else limit
-        if teacher_cfg is not None and not server and teacher_cfg.chat_template != student_cfg.chat_template:
-            raise ConfigError(f"teacher.chat_template={teacher_cfg.chat_template} but student.chat_template="
-                              f"{student_cfg.chat_template}: both models must see the same prompt tokens")
+            torch.manual_seed(self.seed + 1_000_003 * dist.rank())
+
+    def _setup_data(self, student_cfg: ModelConfig) -> None:
+        """Chat template, the splits cut to what fits every model's context, the prompt stream and the rollout and
+        auxiliary-loss contexts."""
+        trainer_cfg, task, sampler = self.cfg, self.task, self.sampler
+        # prompt + completion must fit the position embeddings of both models (a served teacher: the server's context)
+        limit = context_limit({"student": self.student})
+        teacher_len = self.teacher_component.context_length() if self.teacher_component is not None else None
+        if teacher_len is not None:
+            role = "teacher" if self.teacher_component.local else "teacher server"
+            if limit is None or teacher_len < limit[0]:
+                limit = (teacher_len, role)
+            elif teacher_len == limit[0]:
+                limit = (teacher_len, f"{limit[1]} and {role}")
         if student_cfg.chat_template:  # every prompt formatted once, for sampling, scoring and evaluation alike
             apply_chat_template(task, self.tokenizer)
         # carved out of train before the prompt stream exists: validation examples are never trained on
-        validation = validation_split(task, trainer_cfg.validation_examples) if method.needs_validation_loss else []
+        tuning = trainer_cfg.evaluate_on == "validation"  # hyperparameter search: score on validation, never on eval
+        validation = (validation_split(task, trainer_cfg.validation_examples)
+                      if self.method.needs_validation_loss or tuning else [])
         train_examples = fit_to_context(task.train, self.tokenizer, limit, sampler.max_new_tokens, "training")
-        eval_examples = fit_to_context(task.eval, self.tokenizer, limit, sampler.max_new_tokens, "evaluation")
-        self.prompts = PromptIterator(train_examples, trainer_cfg.batch_size, seed)
+        eval_examples = fit_to_context(validation if tuning else task.eval, self.tokenizer, limit,
+                                       sampler.max_new_tokens, "validation" if tuning else "evaluation")
+        self.prompts = PromptIterator(train_examples, trainer_cfg.batch_size, self.seed)
         self.aux_ctx = AuxiliaryContext(self.tokenizer, self.device,
                                         lambda b: self._trim(completion_logits(self.backend.train_model, b)),
                                         self.teacher_logits, trainer_cfg.grad_accum,
                                         lambda count: int(dist.all_reduce_sum([count])[0]))
         self.rollout_ctx = RolloutContext(self.student, self.teacher, self.tokenizer, sampler, self.device,
-                                          rng=random.Random(seed), max_steps=trainer_cfg.max_steps)
+                                          rng=random.Random(self.seed), max_steps=trainer_cfg.max_steps)
         self.eval_examples = eval_examples[: trainer_cfg.eval_examples] if trainer_cfg.eval_examples else eval_examples
         self.validation_examples = fit_to_context(validation, self.tokenizer, limit, sampler.max_new_tokens,
                                                   "validation") if validation else []
+
+    def _setup_state(self) -> None:
+        """Counters a checkpoint saves and restores."""
         self.step = 0
         self.tokens_trained = 0
         self.skipped_in_a_row = 0
@@ -271,18 +293,15 @@ class Trainer:
         self.last_pass_at_k: dict[str, float] = {}  # the latest sampled evaluation (trainer.eval_samples > 0)
         self.restored_from: Path | None = None  # the checkpoint this run continues, if any
 
-    def _loss_chunk_size(self, setting: int | None) -> int:
-        """Tokens per chunk of the hidden-state loss path, or 0 for the full-logits path (``trainer.loss_chunk_size``)."""
-        if self.teacher_server is not None:  # sparse server log-probs: the full-logits path of the student only
-            return 0
-        heads = [linear_head(self.student)] + ([linear_head(self.teacher)] if self.method.needs_teacher else [])
-        if not self.method.supports_hidden_loss or any(head is None for head in heads):
-            if setting:
-                warnings.warn(f"trainer.loss_chunk_size={setting} ignored: method {type(self.method).registry_name!r} "
-                              "or a model's output head does not support the hidden-state loss; using full logits",
-                              UserWarning, stacklevel=3)
-            return 0
-        return resolve_loss_chunk_size(setting, heads[0].out_features)
+    @property
+    def teacher(self) -> torch.nn.Module | None:
+        """The teacher's local model (sampling, evaluation, DeepSpeed), or None (no teacher, or a served one)."""
+        return self.teacher_component.model if self.teacher_component is not None else None
+
+    @property
+    def loss_chunk_size(self) -> int:
+        """Tokens per chunk of the hidden-state loss path, or 0 (full logits or sparse)."""
+        return self.loss_path.chunk_size
 
     # ------------------------------------------------------------------ rollouts and scoring
     def collect(self, examples: list[Example]) -> RolloutBatch:
@@ -290,33 +309,18 @@ class Trainer:
         self.rollout_ctx.step = self.step
         return self.method.policy.collect(self.rollout_ctx, examples)
 
-    @torch.no_grad()
     def teacher_logits(self, batch: RolloutBatch) -> torch.Tensor | SparseTeacherLogprobs:
-        """``[B, T, V]`` teacher logits on the batch's completion tokens (its own prompt or the method's), or
-        the server teacher's top-k and sampled-token log-probs (``teacher.backend=vllm_server``)."""
-        prompt = self.method.teacher_prompt(batch, self.tokenizer)
-        if self.teacher_server is not None:
-            return self.teacher_server.score(batch, prompt)
-        return self._trim(completion_logits(self.teacher, batch, *(prompt or ())))
-
-    @torch.no_grad()
-    def teacher_hidden(self, batch: RolloutBatch) -> HeadInputs:
-        """``[B, T, H_t]`` teacher hidden states and head on the batch's completion tokens (no grad)."""
-        prompt = self.method.teacher_prompt(batch, self.tokenizer)
-        return completion_hidden_states(self.teacher, batch, *(prompt or ())).first_rows(self.vocab_size)
+        """``[B, T, V]`` teacher logits on the batch's completion tokens (its own prompt or the method's), or a
+        sparse teacher's top-k and sampled-token log-probs (MiniLLM's auxiliary term, tests)."""
+        output = "logits" if "logits" in self.teacher_component.provides else "sparse"
+        return self.teacher_component.score(batch, output, self.method.teacher_prompt(batch, self.tokenizer))
 
     def micro_batch_loss(self, batch: RolloutBatch, num_tokens: int):
-        """The method's loss on one micro-batch: from chunked hidden states or from full logits."""
-        if self.loss_chunk_size:
-            # a ZeRO-3 teacher's head is partitioned: gathered while the chunks are projected (no grad, so safe)
-            with _gathered_head(self.teacher if self.method.needs_teacher else None):
-                teacher = self.teacher_hidden(batch) if self.method.needs_teacher else None
-                student = completion_hidden_states(self.student, batch).first_rows(self.vocab_size)
-                return self.method.loss_from_hidden(batch, student, teacher,
-                                                    num_tokens, self.loss_chunk_size)
-        teacher_logits = self.teacher_logits(batch) if self.method.needs_teacher else None
-        return self.method.loss(batch, self._trim(completion_logits(self.backend.train_model, batch)), teacher_logits,
-                                num_tokens)
+        """The method's loss on one micro-batch along the loss path chosen at start-up (:mod:`opd.engine.loss_paths`)."""
+        # a ZeRO-3 teacher's head is partitioned: gathered while the chunks are projected (no grad, so safe)
+        with _gathered_head(self.teacher if self.loss_path.teacher_output == "hidden" else None):
+            return path_loss(self.loss_path, self.method, batch, self.backend.train_model, self.teacher_component,
+                             self.tokenizer, self.vocab_size, num_tokens)
 
     def _trim(self, logits: torch.Tensor) -> torch.Tensor:
         """``[..., V]`` the first ``vocab_size`` logits: a model's padding rows beyond the pair's shared vocabulary
@@ -389,6 +393,7 @@ class Trainer:
         rollout_time = time.perf_counter() - started
         num_tokens = int(dist.all_reduce_sum([sum(b.num_tokens for b in batches)])[0])  # all ranks, all micro-batches
         loss_total, finite, metrics = self.accumulate_gradients(batches, num_tokens)
+        metrics = per_teacher_means(metrics, num_tokens)  # several teachers: each one's loss per routed token
 
         grad_norm, updated = self.backend.step(skip=not (finite and math.isfinite(loss_total)))
         if updated:
@@ -480,6 +485,7 @@ class Trainer:
 
     def _log_eval(self, result: EvalResult) -> None:
         metrics = {"eval/accuracy": result.accuracy, "eval/mean_length": result.mean_length}
+        metrics.update({f"eval/accuracy/{source}": value for source, value in result.by_source.items()})  # data=mixture
         if self.task.score_name != "exact_match":  # e.g. eval/rouge_l for instruction tasks
             metrics[f"eval/{self.task.score_name}"] = result.score
         if self.cfg.eval_samples:  # sampled evaluation: pass@k over n samples per prompt
@@ -589,6 +595,10 @@ class Trainer:
             before = self.evaluate(self.student, "eval student")
             self.initial_results = {"teacher_accuracy": teacher_result.accuracy if teacher_result else None,
                                     "student_accuracy_before": before.accuracy}
+            if before.by_source:  # mixed data: the accuracy on each source task as well
+                self.initial_results.update(
+                    teacher_accuracy_by_source=teacher_result.by_source if teacher_result else None,
+                    student_accuracy_before_by_source=before.by_source)
             if teacher_result is not None:
                 self.logger.log({"eval/teacher_accuracy": teacher_result.accuracy}, self.step)
             self._log_eval(before)
@@ -612,8 +622,10 @@ class Trainer:
             "seed": self.seed,
             **self.initial_results,
             "student_accuracy_after": after.accuracy,
+            **({"student_accuracy_after_by_source": after.by_source} if after.by_source else {}),
             **{f"student_{key}_after": value for key, value in self.last_pass_at_k.items()},
             "eval_examples": after.num_examples,
+            "evaluated_on": self.cfg.evaluate_on,  # "validation" in a tuning run: the accuracies are validation ones
             "steps": self.step,
             "tokens": self.tokens_trained,
             "skipped_steps": self.skipped_total,
@@ -650,9 +662,11 @@ def merge_eval_results(parts: list[EvalResult]) -> EvalResult:
     total = sum(p.num_examples for p in parts)
     n = max(total, 1)
     samples = [sample for p in parts for sample in p.samples][: max(len(parts[0].samples), 1)]
+    by_source, source_counts = merge_per_source([(p.by_source, p.source_counts) for p in parts])
     return EvalResult(accuracy=sum(p.accuracy * p.num_examples for p in parts) / n, num_examples=total,
                       mean_length=sum(p.mean_length * p.num_examples for p in parts) / n, samples=samples,
-                      score=sum(p.score * p.num_examples for p in parts) / n)
+                      score=sum(p.score * p.num_examples for p in parts) / n, by_source=by_source,
+                      source_counts=source_counts)
 
 
 def _sum_over_ranks(metrics: dict[str, float]) -> dict[str, float]:

@@ -117,7 +117,7 @@ def completion_hidden_states(model: torch.nn.Module, batch: Any, prompt_ids: tor
                              prompt_mask: torch.Tensor | None = None) -> HeadInputs:
     """The final hidden states at every completion position, with the head that projects them.
 
-    The hidden-state twin of ``opd.engine.scoring.completion_logits``: the same inputs, and
+    The hidden-state twin of ``opd.models.scoring.completion_logits``: the same inputs, and
     ``hidden @ weight.T + bias`` equals its logits. Runs ``model.base_model`` (``model.model`` for
     Llama/Qwen, ``model.transformer`` for GPT-2), whose last hidden state is already normalised.
 

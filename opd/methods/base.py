@@ -8,13 +8,10 @@ from typing import Any, ClassVar
 
 import torch
 
-from opd.losses.chunked import HeadInputs
+from opd.losses.divergences import masked_reduce
 from opd.sampling.base import RolloutBatch
 from opd.sampling.behaviour import BehaviourPolicy, StudentPolicy
 from opd.teachers.base import SparseTeacherLogprobs
-
-#: ``teacher.backend`` values: a local Hugging Face model (full logits) or a vLLM server (sparse log-probs)
-TEACHER_BACKENDS = ("hf", "vllm_server")
 
 
 @dataclasses.dataclass
@@ -65,14 +62,13 @@ class Method:
 
     #: whether the loss needs teacher logits (SFT does not).
     needs_teacher: ClassVar[bool] = True
-    #: the teacher is a frozen copy of the student at step 0 instead of the ``teacher`` model (OPSD).
-    teacher_is_initial_student: ClassVar[bool] = False
+    #: a teacher kind the method is defined by, used whatever ``teacher`` says (OPSD: "initial_student"); None = the
+    #: configured teacher
+    teacher_kind: ClassVar[str | None] = None
     #: the trainer computes a validation loss at each evaluation and passes it to ``on_evaluate``.
     needs_validation_loss: ClassVar[bool] = False
-    #: :meth:`loss_from_hidden` computes the same loss from hidden states without full logits (``trainer.loss_chunk_size``).
-    supports_hidden_loss: ClassVar[bool] = False
     #: what :meth:`loss` can take as the teacher: "logits" (``[B, T, V]`` only) or "sparse" (also a
-    #: :class:`SparseTeacherLogprobs`, top-k and sampled-token log-probs from ``teacher.backend=vllm_server``).
+    #: :class:`SparseTeacherLogprobs`, top-k and sampled-token log-probs from a ``vllm_server`` teacher).
     teacher_inputs: ClassVar[str] = "logits"
     #: config keys whose default makes the loss depend on how a step's batch is split into micro-batches or
     #: ranks (a statistic over the micro-batch), each mapped to the value that makes it split-invariant.
@@ -85,11 +81,6 @@ class Method:
 
     policy: BehaviourPolicy = StudentPolicy()
 
-    @property
-    def requires_teacher_model(self) -> bool:
-        """Whether the ``teacher`` model must be loaded: for the loss or for sampling, unless it is the student's copy."""
-        return (self.needs_teacher or self.policy.uses_teacher) and not self.teacher_is_initial_student
-
     def teacher_prompt(self, batch: RolloutBatch, tokenizer) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``([B, P'], [B, P'])`` left-padded prompt the teacher is conditioned on instead of the batch's own
         (privileged information, OPSD); None = the same prompt as the student."""
@@ -99,26 +90,71 @@ class Method:
              teacher_logits: torch.Tensor | SparseTeacherLogprobs | None, num_tokens: int) -> LossOutput:
         """The loss on completion tokens.
 
+        A method whose loss is a per-token divergence declares :meth:`token_divergence` (and, to run from a sparse
+        teacher, :meth:`sparse_token_divergence`) and :meth:`divergence_loss` instead: this default then is its
+        loss, and the engine derives the chunked hidden-state path from the same :meth:`token_divergence`.
+
         Args:
             batch: the rollouts (``completion_mask`` ``[B, T]`` marks the tokens that count).
             student_logits: ``[B, T, V]`` student logits at completion positions (with gradient).
             teacher_logits: ``[B, T, V]`` teacher logits at the same positions (no gradient); a
-                :class:`SparseTeacherLogprobs` for methods with ``teacher_inputs == "sparse"`` under
-                ``teacher.backend=vllm_server``; or None when ``needs_teacher`` is False.
+                :class:`SparseTeacherLogprobs` for methods with ``teacher_inputs == "sparse"`` under a sparse
+                teacher (``teacher.kind: vllm_server``); or None when ``needs_teacher`` is False.
             num_tokens: completion tokens in the whole optimizer step (the normaliser).
         """
+        if not self.has_token_divergence:
+            raise NotImplementedError(f"{type(self).__name__} implements neither loss nor token_divergence")
+        if isinstance(teacher_logits, SparseTeacherLogprobs):
+            per_token = self.sparse_token_divergence(student_logits, teacher_logits)
+        else:
+            per_token = self.token_divergence(student_logits, teacher_logits)
+        return self.divergence_loss(batch, masked_reduce(per_token, batch.completion_mask, num_tokens), student_logits,
+                                    num_tokens)
+
+    def token_divergence(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        """``[...]`` the method's divergence D(teacher ‖ student) at each position, from ``[..., V]`` logits of both
+        (the method's temperature and coefficients applied). Declared once: the full-logits loss and the chunked
+        hidden-state loss (``trainer.loss_chunk_size``, :mod:`opd.engine.loss_paths`) both use it."""
         raise NotImplementedError
 
-    def loss_from_hidden(self, batch: RolloutBatch, student: HeadInputs, teacher: HeadInputs | None, num_tokens: int,
-                         chunk_size: int) -> LossOutput:
-        """The same loss as :meth:`loss`, from final hidden states and output heads, ``chunk_size`` positions of
-        logits at a time (only called when ``supports_hidden_loss``).
+    def sparse_token_divergence(self, student_logits: torch.Tensor, teacher: SparseTeacherLogprobs) -> torch.Tensor:
+        """``[B, T]`` the divergence from a sparse teacher's top-k log-probs (methods with ``teacher_inputs == "sparse"``).
+
+        It stays a second function where the divergence needs the teacher's full distribution (a JSD, a skew KL):
+        on the top-k support it is another estimator (:func:`opd.losses.topk.sparse_topk_forward_kl`), not the same
+        formula on other inputs."""
+        raise NotImplementedError
+
+    def divergence_loss(self, batch: RolloutBatch, divergence: torch.Tensor, student_logits: torch.Tensor | None,
+                        num_tokens: int) -> LossOutput:
+        """The loss and metrics from the masked token sum of :meth:`token_divergence` divided by ``num_tokens``.
 
         Args:
-            student: ``[B, T, H]`` student hidden states at completion positions (with gradient) and its head.
-            teacher: the teacher's (no gradient), or None when ``needs_teacher`` is False.
+            divergence: that scalar (with gradient), from any path.
+            student_logits: ``[B, T, V]`` on the full-logits and sparse paths (e.g. for a cross-entropy term); None on
+                the chunked hidden-state path, which :meth:`teacher_input_blocker` refuses for configurations needing it.
         """
-        raise NotImplementedError
+        return LossOutput(divergence, {"loss/divergence": divergence.item()})
+
+    @property
+    def has_token_divergence(self) -> bool:
+        """Whether the method declares :meth:`token_divergence` (its loss is a per-token divergence)."""
+        return type(self).token_divergence is not Method.token_divergence
+
+    def teacher_input_blocker(self, output: str) -> str | None:
+        """Why the loss, as configured, cannot run from the teacher's ``output``, or None if it can.
+
+        ``output`` is "logits" (full ``[B, T, V]``), "hidden" (the chunked path: hidden states and heads, needs
+        :meth:`token_divergence`) or "sparse" (top-k log-probs, needs ``teacher_inputs == "sparse"``). Methods add
+        their configuration-dependent reasons (``super()`` first). One line, read by
+        :func:`opd.engine.loss_paths.check_pair` at start-up.
+        """
+        if output == "hidden" and not self.has_token_divergence:
+            return "its loss is not a per-token divergence of the two distributions (no chunked hidden-state path)"
+        if output == "sparse" and self.teacher_inputs != "sparse":
+            return (f"it needs the teacher's full logits; a sparse teacher works with methods: "
+                    f"{', '.join(sparse_teacher_methods())}")
+        return None
 
     def check_vocabulary(self, vocab_size: int) -> None:
         """Checks that need the vocabulary size, called once the models are loaded (e.g. top-K <= V).
@@ -149,45 +185,6 @@ class Method:
     def sparse_teacher_top_k(self) -> int:
         """The fewest top-k teacher log-probs per position the sparse loss needs (0: the sampled token's only)."""
         return 0
-
-    def sparse_teacher_blocker(self) -> str | None:
-        """Why this configuration needs full teacher logits although ``teacher_inputs == "sparse"``, or None."""
-        return None
-
-    def check_teacher_backend(self, backend: str, top_k: int | None = None) -> None:
-        """Whether the method can run with ``teacher.backend``; called at start-up, before any model loads.
-
-        ``vllm_server`` returns only the top-k and sampled-token log-probs, at temperature 1, and cannot
-        sample: it needs ``teacher_inputs == "sparse"``, no blocker, a behaviour policy that does not
-        sample from the teacher, and ``top_k >= sparse_teacher_top_k()``.
-
-        Args:
-            backend: one of :data:`TEACHER_BACKENDS`.
-            top_k: the server's k (``teacher.server_top_k``), or None to skip that check.
-        Raises:
-            ValueError: one line naming the problem (and, for a method that needs logits, those that work).
-        """
-        if backend not in TEACHER_BACKENDS:
-            raise ValueError(f"teacher.backend must be one of {TEACHER_BACKENDS}, got {backend!r}")
-        if backend == "hf" or not (self.needs_teacher or self.policy.uses_teacher):
-            return
-        name = getattr(type(self), "registry_name", type(self).__name__)
-        if self.teacher_is_initial_student:
-            raise ValueError(f"method {name!r} distils from a frozen copy of the student, not a teacher server; "
-                             "use teacher.backend=hf")
-        if self.policy.uses_teacher:
-            raise ValueError(f"method {name!r} samples completions from the teacher ({type(self.policy).__name__}), "
-                             "which teacher.backend=vllm_server cannot do; use teacher.backend=hf")
-        if self.teacher_inputs != "sparse":
-            raise ValueError(f"method {name!r} needs the teacher's full logits; teacher.backend=vllm_server works with "
-                             f"methods: {', '.join(sparse_teacher_methods())}")
-        blocker = self.sparse_teacher_blocker()
-        if blocker:
-            raise ValueError(f"method {name!r} with teacher.backend=vllm_server: {blocker}")
-        need = self.sparse_teacher_top_k()
-        if top_k is not None and top_k < need:
-            raise ValueError(f"method {name!r} needs the teacher's top-{need} log-probs; set teacher.server_top_k >= {need} "
-                             f"(got {top_k})")
 
     def auxiliary_loss(self, batch: RolloutBatch, ctx: AuxiliaryContext) -> LossOutput | None:
         """An extra term on sequences other than the rollouts (MiniLLM's language-modelling term); none by default.

@@ -17,9 +17,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from opd.engine.scoring import token_logprobs
 from opd.losses.divergences import masked_reduce
 from opd.losses.topk import SPARSE_MODES, sparse_topk_forward_kl
+from opd.models.scoring import token_logprobs
 from opd.sampling.base import RolloutBatch
 from opd.teachers.base import SparseTeacherLogprobs
 

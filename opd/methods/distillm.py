@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from opd.losses.chunked import HeadInputs, chunked_divergence_loss
-from opd.losses.divergences import masked_reduce, skew_forward_kl, skew_reverse_kl
+from opd.losses.divergences import skew_forward_kl, skew_reverse_kl
 from opd.methods.base import LossOutput, Method
 from opd.methods.common import mix_with_cross_entropy
 from opd.registry import METHODS
@@ -100,24 +99,25 @@ class DistiLLM(Method):
         if loss_eps < 0 or threshold_step < 0:
             raise ValueError(f"loss_eps and threshold_step must be >= 0, got {loss_eps}, {threshold_step}")
         self.divergence, self.alpha, self.temperature, self.ce_weight = divergence, alpha, temperature, ce_weight
-        self.supports_hidden_loss = ce_weight == 0  # the chunked path computes teacher-vs-student divergences only
         self.policy = DistiLLMReplayPolicy(reference_loss, init_threshold=init_threshold, capacity=capacity,
                                            loss_eps=loss_eps, replay_ratio=replay_ratio, threshold_step=threshold_step)
 
-    def loss(self, batch: RolloutBatch, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None,
-             num_tokens: int) -> LossOutput:
-        skew = skew_forward_kl if self.divergence == "skl" else skew_reverse_kl
-        mask = batch.completion_mask
-        distil = masked_reduce(skew(student_logits, teacher_logits, self.alpha, self.temperature), mask, num_tokens)
-        metrics = {f"loss/{self.divergence}": distil.item(), f"distillm/{batch.source}_batches": 1.0}
-        return LossOutput(mix_with_cross_entropy(batch, student_logits, distil, self.ce_weight, num_tokens, metrics), metrics)
+    def teacher_input_blocker(self, output: str) -> str | None:
+        reason = super().teacher_input_blocker(output)
+        if reason is None and output == "hidden" and self.ce_weight > 0:
+            return (f"method.ce_weight={self.ce_weight}: the cross-entropy term needs the student's full logits "
+                    "(the chunked path computes teacher-vs-student divergences only)")
+        return reason
 
-    def loss_from_hidden(self, batch: RolloutBatch, student: HeadInputs, teacher: HeadInputs | None, num_tokens: int,
-                         chunk_size: int) -> LossOutput:
-        """The same skew divergence (``ce_weight == 0``) from hidden states, ``chunk_size`` positions of logits at a time."""
+    def token_divergence(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        """SKL (Eq. 4) or SRKL (Eq. 5) with skew α at temperature τ."""
         skew = skew_forward_kl if self.divergence == "skl" else skew_reverse_kl
-        distil = chunked_divergence_loss(student.hidden, student.weight, teacher.hidden, teacher.weight,
-                                         batch.completion_mask, skew, num_tokens, chunk_size=chunk_size,
-                                         temperature=self.temperature, student_bias=student.bias,
-                                         teacher_bias=teacher.bias, alpha=self.alpha)
-        return LossOutput(distil, {f"loss/{self.divergence}": distil.item(), f"distillm/{batch.source}_batches": 1.0})
+        return skew(student_logits, teacher_logits, self.alpha, self.temperature)
+
+    def divergence_loss(self, batch: RolloutBatch, divergence: torch.Tensor, student_logits: torch.Tensor | None,
+                        num_tokens: int) -> LossOutput:
+        metrics = {f"loss/{self.divergence}": divergence.item(), f"distillm/{batch.source}_batches": 1.0}
+        if student_logits is None:  # the chunked path (ce_weight == 0)
+            return LossOutput(divergence, metrics)
+        return LossOutput(mix_with_cross_entropy(batch, student_logits, divergence, self.ce_weight, num_tokens, metrics),
+                          metrics)

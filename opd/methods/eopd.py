@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from opd.engine.scoring import token_logprobs
 from opd.losses.divergences import entropy, masked_reduce
 from opd.losses.sampled import policy_gradient_loss
 from opd.losses.topk import FORWARD_MODES, topk_forward_kl
 from opd.methods.base import LossOutput, Method
 from opd.methods.common import check_choice, check_k_fits, check_positive, policy_logprobs
+from opd.models.scoring import token_logprobs
 from opd.registry import METHODS
 from opd.sampling.base import RolloutBatch
 from opd.sampling.behaviour import StudentPolicy

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from opd.losses.chunked import HeadInputs, chunked_divergence_loss
-from opd.losses.divergences import generalized_jsd, masked_reduce
+from opd.losses.divergences import generalized_jsd
 from opd.losses.topk import SPARSE_MODES
 from opd.methods.base import LossOutput, Method
 from opd.methods.common import check_choice, sparse_forward_kl, sparse_mode_blocker
@@ -28,7 +27,7 @@ class GKD(Method):
     (TRL's token mean; the paper averages per sequence first). β = 0 / 1 are exactly forward / reverse
     KL, as in TRL.
 
-    With a teacher server (``teacher.backend=vllm_server``, β = 0 only) the teacher is known by its
+    With a teacher server (``teacher.kind: vllm_server``, β = 0 only) the teacher is known by its
     top-k log-probs, and D is the forward KL on that support (:func:`opd.losses.topk.sparse_topk_forward_kl`):
     ``sparse_mode: tail`` adds a bucket for the mass outside the top-k (the full forward KL at k = V),
     ``renorm`` renormalises both distributions on the top-k.
@@ -41,7 +40,6 @@ class GKD(Method):
         sparse_mode: top-k forward KL from a teacher server: "tail" or "renorm" (unused with full logits).
     """
 
-    supports_hidden_loss = True
     teacher_inputs = "sparse"
 
     def __init__(self, beta: float = 0.5, lmbda: float = 1.0, temperature: float = 1.0,
@@ -61,27 +59,26 @@ class GKD(Method):
     def sparse_teacher_top_k(self) -> int:
         return 1
 
-    def sparse_teacher_blocker(self) -> str | None:
+    def teacher_input_blocker(self, output: str) -> str | None:
+        reason = super().teacher_input_blocker(output)
+        if reason or output != "sparse":
+            return reason
         if self.beta != 0.0:
             return (f"method.beta={self.beta}: the JSD needs the teacher's full distribution; only beta=0 (forward KL "
-                    "on the teacher's top-k) runs from a server")
+                    "on the teacher's top-k) runs from a sparse teacher")
         return sparse_mode_blocker(self.sparse_mode, self.temperature)
 
-    def loss(self, batch: RolloutBatch, student_logits: torch.Tensor,
-             teacher_logits: torch.Tensor | SparseTeacherLogprobs | None, num_tokens: int) -> LossOutput:
-        if isinstance(teacher_logits, SparseTeacherLogprobs):
-            blocker = self.sparse_teacher_blocker()
-            if blocker:
-                raise ValueError(f"gkd: {blocker}")
-            per_token = sparse_forward_kl(student_logits, teacher_logits, self.sparse_mode, self.temperature)
-        else:
-            per_token = generalized_jsd(student_logits, teacher_logits, beta=self.beta, temperature=self.temperature)
-        loss = masked_reduce(per_token, batch.completion_mask, num_tokens)
-        return LossOutput(loss, {"loss/jsd": loss.item(), f"gkd/{batch.source}_batches": 1.0})
+    def token_divergence(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        """Generalized JSD(β) at temperature τ (paper Eq. 1)."""
+        return generalized_jsd(student_logits, teacher_logits, beta=self.beta, temperature=self.temperature)
 
-    def loss_from_hidden(self, batch: RolloutBatch, student: HeadInputs, teacher: HeadInputs | None, num_tokens: int,
-                         chunk_size: int) -> LossOutput:
-        loss = chunked_divergence_loss(student.hidden, student.weight, teacher.hidden, teacher.weight, batch.completion_mask,
-                                       generalized_jsd, num_tokens, chunk_size=chunk_size, temperature=self.temperature,
-                                       student_bias=student.bias, teacher_bias=teacher.bias, beta=self.beta)
-        return LossOutput(loss, {"loss/jsd": loss.item(), f"gkd/{batch.source}_batches": 1.0})
+    def sparse_token_divergence(self, student_logits: torch.Tensor, teacher: SparseTeacherLogprobs) -> torch.Tensor:
+        """β = 0 only: the forward KL on the teacher's top-k (the JSD needs the full teacher distribution)."""
+        blocker = self.teacher_input_blocker("sparse")
+        if blocker:
+            raise ValueError(f"gkd: {blocker}")
+        return sparse_forward_kl(student_logits, teacher, self.sparse_mode, self.temperature)
+
+    def divergence_loss(self, batch: RolloutBatch, divergence: torch.Tensor, student_logits: torch.Tensor | None,
+                        num_tokens: int) -> LossOutput:
+        return LossOutput(divergence, {"loss/jsd": divergence.item(), f"gkd/{batch.source}_batches": 1.0})

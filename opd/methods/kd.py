@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from opd.losses.chunked import HeadInputs, chunked_divergence_loss
-from opd.losses.divergences import forward_kl, masked_reduce
+from opd.losses.divergences import forward_kl
 from opd.losses.topk import SPARSE_MODES
 from opd.methods.base import LossOutput, Method
 from opd.methods.common import check_choice, mix_with_cross_entropy, sparse_forward_kl, sparse_mode_blocker
@@ -32,7 +31,7 @@ class KD(Method):
     teacher cross-entropy −Σ p_T log q_θ, which differs from KL(p_T‖q_θ) only by the teacher's entropy
     (a constant: the same gradient), and has no τ² factor (it trains at τ = 1 where the two agree).
 
-    With a teacher server (``teacher.backend=vllm_server``) the KL is the forward KL on the teacher's
+    With a teacher server (``teacher.kind: vllm_server``) the KL is the forward KL on the teacher's
     top-k (:func:`opd.losses.topk.sparse_topk_forward_kl`; ``sparse_mode`` "tail" or "renorm", τ ≠ 1
     only with "renorm").
 
@@ -55,31 +54,31 @@ class KD(Method):
         self.temperature, self.ce_weight, self.scale_by_t2 = temperature, ce_weight, scale_by_t2
         self.sparse_mode = sparse_mode
         self.policy = DatasetPolicy()
-        self.supports_hidden_loss = ce_weight == 0  # the chunked path computes teacher-vs-student divergences only
 
     def sparse_teacher_top_k(self) -> int:
         return 1
 
-    def sparse_teacher_blocker(self) -> str | None:
-        return sparse_mode_blocker(self.sparse_mode, self.temperature)
+    def teacher_input_blocker(self, output: str) -> str | None:
+        reason = super().teacher_input_blocker(output)
+        if reason:
+            return reason
+        if output == "hidden" and self.ce_weight > 0:
+            return (f"method.ce_weight={self.ce_weight}: the cross-entropy term needs the student's full logits "
+                    "(the chunked path computes teacher-vs-student divergences only)")
+        return sparse_mode_blocker(self.sparse_mode, self.temperature) if output == "sparse" else None
 
-    def loss(self, batch: RolloutBatch, student_logits: torch.Tensor,
-             teacher_logits: torch.Tensor | SparseTeacherLogprobs | None, num_tokens: int) -> LossOutput:
-        mask = batch.completion_mask
-        scale = self.temperature ** 2 if self.scale_by_t2 else 1.0
-        if isinstance(teacher_logits, SparseTeacherLogprobs):
-            per_token = sparse_forward_kl(student_logits, teacher_logits, self.sparse_mode, self.temperature)
-        else:
-            per_token = forward_kl(student_logits, teacher_logits, self.temperature)
-        fkl = masked_reduce(per_token, mask, num_tokens) * scale
+    def token_divergence(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        """KL(p_T^τ ‖ q_θ^τ) (Hinton et al. Sec. 2); the τ² factor is applied in :meth:`divergence_loss`."""
+        return forward_kl(student_logits, teacher_logits, self.temperature)
+
+    def sparse_token_divergence(self, student_logits: torch.Tensor, teacher: SparseTeacherLogprobs) -> torch.Tensor:
+        """The forward KL on the teacher's top-k (another estimator of the same KL, exact at k = V in "tail" mode)."""
+        return sparse_forward_kl(student_logits, teacher, self.sparse_mode, self.temperature)
+
+    def divergence_loss(self, batch: RolloutBatch, divergence: torch.Tensor, student_logits: torch.Tensor | None,
+                        num_tokens: int) -> LossOutput:
+        fkl = divergence * (self.temperature ** 2 if self.scale_by_t2 else 1.0)
         metrics = {"loss/fkl": fkl.item()}
+        if student_logits is None:  # the chunked path (ce_weight == 0)
+            return LossOutput(fkl, metrics)
         return LossOutput(mix_with_cross_entropy(batch, student_logits, fkl, self.ce_weight, num_tokens, metrics), metrics)
-
-    def loss_from_hidden(self, batch: RolloutBatch, student: HeadInputs, teacher: HeadInputs | None, num_tokens: int,
-                         chunk_size: int) -> LossOutput:
-        """The same forward KL (``ce_weight == 0``) from hidden states, ``chunk_size`` positions of logits at a time."""
-        scale = self.temperature ** 2 if self.scale_by_t2 else 1.0
-        fkl = chunked_divergence_loss(student.hidden, student.weight, teacher.hidden, teacher.weight, batch.completion_mask,
-                                      forward_kl, num_tokens, chunk_size=chunk_size, temperature=self.temperature,
-                                      student_bias=student.bias, teacher_bias=teacher.bias) * scale
-        return LossOutput(fkl, {"loss/fkl": fkl.item()})

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from opd.engine.scoring import token_logprobs
 from opd.losses.divergences import forward_kl, masked_reduce, reverse_kl
 from opd.losses.sampled import discounted_returns, masked_whiten, policy_gradient_loss
 from opd.methods.base import AuxiliaryContext, LossOutput, Method
 from opd.methods.common import check_positive, check_unit, completion_cross_entropy, policy_logprobs
+from opd.models.scoring import token_logprobs
 from opd.registry import METHODS
 from opd.sampling.base import RolloutBatch
 from opd.sampling.behaviour import TeacherMixedPolicy

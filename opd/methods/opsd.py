@@ -23,8 +23,8 @@ class OPSD(Method):
 
     Objective (Eq. 6), on completions ŷ sampled from the current student given the problem x only:
         L(θ) = E_{(x,y*), ŷ~q_θ(·|x)} [ (1/|ŷ|) Σ_t D( sg[p_θ0(·|x, y*, ŷ_<t)] ‖ q_θ(·|x, ŷ_<t) ) ]
-    The teacher is the frozen step-0 student (``teacher_is_initial_student``: the trainer deep-copies
-    the student before training and ignores the ``teacher`` model config; the official code gets the
+    The teacher is the frozen step-0 student (``teacher_kind = "initial_student"``, opd/teachers/initial_student.py: a copy of
+    the student before training; the ``teacher`` config is not read; the official code gets the
     same weights by disabling the LoRA adapters) conditioned on privileged information: its prompt
     is ``template`` with ``{prompt}`` (the problem as the student sees it) and ``{solution}`` (the
     example's reference ``target``) filled in. Both views score the same completion tokens; the
@@ -55,7 +55,7 @@ class OPSD(Method):
         temperature: loss temperature on both logits, > 0.
     """
 
-    teacher_is_initial_student = True
+    teacher_kind = "initial_student"
 
     def __init__(self, template: str = "{prompt}{solution} {prompt}", divergence: str = "fkl_clip", clip: float = 0.05,
                  jsd_beta: float = 0.5, temperature: float = 1.1) -> None:

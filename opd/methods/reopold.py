@@ -45,7 +45,7 @@ class REOPOLD(Method):
     runs (resume from the first with a smaller λ / larger keep fraction).
 
     With ``entropy_source: student`` it needs only log p_T(y_t): runs from a teacher server
-    (``teacher.backend=vllm_server``, temperature 1).
+    (``teacher=vllm_server``, temperature 1).
 
     Sampling: temperature sampling only. The ratio and reward use the untruncated student's log-probs at the
     sampling temperature, which top-p/top-k samples are not drawn from, so top-p < 1 or top-k > 0 is
@@ -80,7 +80,10 @@ class REOPOLD(Method):
         self.floor = math.log(lmbda / (1.0 - lmbda)) if lmbda > 0 else float("-inf")
         self.policy = StudentPolicy()
 
-    def sparse_teacher_blocker(self) -> str | None:
+    def teacher_input_blocker(self, output: str) -> str | None:
+        reason = super().teacher_input_blocker(output)
+        if reason or output != "sparse":
+            return reason
         if self.entropy_source == "teacher":
             return "method.entropy_source=teacher needs the teacher's full distribution; use entropy_source=student"
         return server_temperature_blocker(self.temperature)
@@ -95,7 +98,7 @@ class REOPOLD(Method):
         reward_hat = reward.clamp(min=self.floor)
 
         if self.entropy_source == "teacher" and isinstance(teacher_logits, SparseTeacherLogprobs):
-            raise ValueError(f"reopold: {self.sparse_teacher_blocker()}")
+            raise ValueError(f"reopold: {self.teacher_input_blocker('sparse')}")
         ranked = student_logits if self.entropy_source == "student" else teacher_logits
         keep = top_fraction_mask(entropy(ranked.detach(), self.temperature), mask, self.keep_fraction,
                                  per_sequence=self.mask_scope == "sequence")

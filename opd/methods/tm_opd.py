@@ -35,7 +35,7 @@ class TMOPD(Method):
     The expected gradient is the per-token reverse-KL gradient; at ratio 1 it is −A_t·∇log q_θ(y_t).
     No paper/code disagreement: the blog describes the cookbook's loss.
 
-    Needs only log p_T(y_t): runs from a teacher server (``teacher.backend=vllm_server``, any
+    Needs only log p_T(y_t): runs from a teacher server (``teacher=vllm_server``, any
     ``teacher.server_top_k``, temperature 1).
 
     Sampling: temperature sampling only. The ratio and reward use the untruncated student's log-probs at the
@@ -58,8 +58,9 @@ class TMOPD(Method):
         self.kl_coef, self.kl_discount_factor, self.temperature = kl_coef, kl_discount_factor, temperature
         self.policy = StudentPolicy()
 
-    def sparse_teacher_blocker(self) -> str | None:
-        return server_temperature_blocker(self.temperature)
+    def teacher_input_blocker(self, output: str) -> str | None:
+        reason = super().teacher_input_blocker(output)
+        return reason if reason or output != "sparse" else server_temperature_blocker(self.temperature)
 
     def loss(self, batch: RolloutBatch, student_logits: torch.Tensor,
              teacher_logits: torch.Tensor | SparseTeacherLogprobs | None, num_tokens: int) -> LossOutput:

