@@ -36,7 +36,9 @@ def adopt_slurm_env(env: dict[str, str] | None = None) -> None:
         return
     env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
     env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
-    env.setdefault("MASTER_ADDR", first_slurm_host(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1"))))
+    # rank 0 runs on the first node of the step (srun -N2 in a larger allocation), not necessarily of the job
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST", "127.0.0.1")
+    env.setdefault("MASTER_ADDR", first_slurm_host(nodelist))
     env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))  # the same on every task
 
 

@@ -43,6 +43,7 @@ import difflib
 import json
 import math
 import statistics
+import textwrap
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -366,7 +367,11 @@ def build_report(runs: Sequence[Run], groups: Sequence[Group], keys: Sequence[st
 
 
 def _display(value: Any) -> str:
-    return value if isinstance(value, str) else json.dumps(value, default=str)
+    """A value as a label shows it; an absolute path keeps its last two parts (``…/toy/teacher``), so that
+    legends stay legible when runs differ by a model directory."""
+    if isinstance(value, str):
+        return "…/" + "/".join(Path(value).parts[-2:]) if value.startswith("/") and value.count("/") > 2 else value
+    return json.dumps(value, default=str)
 
 
 def format_stat(stat: dict[str, Any], kind: str) -> str:
@@ -531,8 +536,10 @@ def reference_group(groups: Sequence[Group]) -> Group | None:
 
 
 def _panel_title(group: Group) -> str:
-    """The group's value when it is grouped by one key (``gkd``), else its full label."""
-    return _display(next(iter(group.values.values()))) if len(group.values) == 1 else group.label
+    """The group's value when it is grouped by one key (``gkd``), else its full label wrapped to the panel's width."""
+    if len(group.values) == 1:
+        return _display(next(iter(group.values.values())))
+    return "\n".join(textwrap.wrap(group.label, width=32))
 
 
 def small_multiples_figure(groups: Sequence[Group], metric: str, smooth: int = 1) -> Any:

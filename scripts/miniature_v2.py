@@ -37,7 +37,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from opd.report import Run, find_run_dirs, load_runs, make_report  # noqa: E402
+from opd.report import ReportError, Run, find_run_dirs, load_runs, make_report  # noqa: E402
 
 TABLE_METHODS = ["sft", "kd", "seqkd", "gkd", "minillm", "distillm", "distillm2", "opsd", "eopd", "tm_opd", "tip",
                  "reopold", "aopd", "topk_rkl_sg"]
@@ -74,6 +74,9 @@ class Claim:
     kind: str
     better: list[str]
     worse: str | None = None
+    #: OPSD: the model whose privileged view must know more than its plain view ("toy" or "real"), else the claim
+    #: cannot be tested at this scale
+    privileged_model: str | None = None
 
 
 CLAIMS = [
@@ -95,9 +98,9 @@ CLAIMS = [
           "steps than SeqKD", "Agarwal et al. 2024; the on-policy distillation reports surveyed in ../shared/papers/",
           "steps", ["gkd"], "seqkd"),
     Claim("opsd_toy", "OPSD: a teacher that knows the answer in context improves the student (toy model)",
-          "Zhao et al., arXiv:2601.18734, Eq. 6", "gain", ["opsd"]),
+          "Zhao et al., arXiv:2601.18734, Eq. 6", "gain", ["opsd"], privileged_model="toy"),
     Claim("opsd_real", "OPSD: a teacher that knows the answer in context improves the student (SmolLM2-135M)",
-          "Zhao et al., arXiv:2601.18734, Eq. 6", "gain", ["real_opsd"]),
+          "Zhao et al., arXiv:2601.18734, Eq. 6", "gain", ["real_opsd"], privileged_model="real"),
 ]
 
 
@@ -150,6 +153,14 @@ def run_arms(arms: dict[str, list[str]], runs_dir: Path, jobs: int) -> list[str]
 # ---------------------------------------------------------------------------------------------- statistics
 
 
+def finished_runs(arm_dir: Path) -> list[Run]:
+    """The arm's finished runs (those with a summary.json); none when it was not run or was stopped early."""
+    try:
+        return load_runs(find_run_dirs([arm_dir])) if arm_dir.exists() else []
+    except ReportError:
+        return []
+
+
 def final_accuracies(runs: list[Run]) -> list[float]:
     return [run.summary["student_accuracy_after"] for run in runs]
 
@@ -187,6 +198,8 @@ def difference_interval(a: list[float], b: list[float], paired: bool = False) ->
 def verdict(ci95: list[float]) -> str:
     """holds: the interval excludes 0 in the claimed direction; does not hold otherwise (reversed, or within noise)."""
     low, high = ci95
+    if low == high == 0:
+        return "does not hold (a tie: every seed of both arms reached it at the same evaluation)"
     if low > 0:
         return "holds"
     if high < 0:
@@ -274,6 +287,22 @@ def privileged_accuracy(overrides: list[str], limit: int | None = None) -> dict[
 # ---------------------------------------------------------------------------------------------- writing
 
 
+#: the privileged view must beat the plain one by this much (accuracy) for OPSD's claim to be testable
+PRIVILEGED_MARGIN = 0.05
+
+
+def apply_precondition(claim: Claim, result: dict[str, Any], precondition: dict[str, dict[str, float]]) -> None:
+    """OPSD can only teach what its teacher's view knows: without a privileged view that beats the plain one by
+    PRIVILEGED_MARGIN, the claim cannot be tested on this model (whatever the runs did)."""
+    accuracy = precondition.get(claim.privileged_model) if claim.privileged_model else None
+    if accuracy is None:
+        return
+    result["precondition"] = accuracy
+    if accuracy["privileged"] - accuracy["plain"] < PRIVILEGED_MARGIN:
+        result["verdict"] = (f"cannot be tested at this scale: the model does not use the answer in context "
+                             f"(privileged {pct(accuracy['privileged'])} % vs plain {pct(accuracy['plain'])} %)")
+
+
 def claims_markdown(results: dict[str, dict[str, Any]], precondition: dict[str, dict[str, float]]) -> str:
     lines = ["# The papers' claims at miniature scale", "",
              "Each claim is a comparison of arms of `scripts/miniature_v2.py` (3 seeds each; every arm at the tuned "
@@ -298,8 +327,10 @@ def claims_markdown(results: dict[str, dict[str, Any]], precondition: dict[str, 
                   "Greedy accuracy of the initial student on the eval prompts, as the student sees them and with "
                   "OPSD's privileged template (the worked solution in context):", "",
                   "| model | examples | plain prompt (%) | privileged prompt (%) |", "|---|---|---|---|"]
+        models = {"toy": "toy student (`tuned/toy=opsd`)", "real": "SmolLM2-135M-Instruct (`experiment=real_opsd`)"}
         for name, acc in precondition.items():
-            lines.append(f"| {name} | {acc['examples']} | {pct(acc['plain'])} | {pct(acc['privileged'])} |")
+            lines.append(f"| {models.get(name, name)} | {acc['examples']} | {pct(acc['plain'])} | "
+                         f"{pct(acc['privileged'])} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -314,8 +345,10 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"miniature_v2: unknown arms {unknown}; known: {', '.join([*ARMS, *REAL_ARMS])}")
         arms = {arm: overrides for arm, overrides in {**ARMS, **REAL_ARMS}.items() if arm in args.arms}
     missing = [m for m in TABLE_METHODS if not (ROOT / "conf" / "tuned" / "toy" / f"{m}.yaml").exists()]
-    if missing and any(arm in ARMS for arm in arms):
-        sys.exit(f"miniature_v2: no tuned settings for {', '.join(missing)}; run `make tune` first")
+    needed = sorted({o.split("=", 1)[1] for overrides in arms.values() for o in overrides if o.startswith("tuned/toy=")})
+    if set(needed) & set(missing):
+        sys.exit(f"miniature_v2: no tuned settings for {', '.join(sorted(set(needed) & set(missing)))}; "
+                 "run `make tune` first")
     started = time.perf_counter()
     if not args.analyse_only:
         print(f"miniature_v2: {len(arms)} arms x {len(SEEDS)} seeds into {runs_dir}, {args.jobs} at a time")
@@ -331,16 +364,20 @@ def main(argv: list[str] | None = None) -> None:
     table_dirs = [runs_dir / m for m in TABLE_METHODS if (runs_dir / m).exists()]
     _, table = make_report(table_dirs, args.out, group_by=["method.name"], metrics=[METRIC, "train/loss"])
     print(table)
-    loaded = {arm: load_runs(find_run_dirs([runs_dir / arm])) if (runs_dir / arm).exists() else []
-              for arm in {**ARMS, **REAL_ARMS}}
+    loaded = {arm: finished_runs(runs_dir / arm) for arm in {**ARMS, **REAL_ARMS}}
     for claim in CLAIMS:  # one curve figure per claim, its arms only
         names = [n for n in claim.better + ([claim.worse] if claim.worse else []) if loaded.get(n)]
         if names and claim.kind != "gain":
             make_report([runs_dir / n for n in names], args.out / "claims" / claim.key, metrics=[METRIC], smooth=1)
-    precondition = {"toy student (opsd arm's model)": privileged_accuracy(ARMS["opsd"])}
-    if loaded.get("real_opsd"):
-        precondition["SmolLM2-135M-Instruct (real_opsd arm's model)"] = privileged_accuracy(REAL_ARMS["real_opsd"])
-    results = {claim.key: r for claim in CLAIMS if (r := evaluate_claim(claim, loaded)) is not None}
+    precondition = {"toy": privileged_accuracy(ARMS["opsd"])}
+    if args.real or (runs_dir / "real_opsd").exists():
+        precondition["real"] = privileged_accuracy(REAL_ARMS["real_opsd"])
+    results = {}
+    for claim in CLAIMS:
+        result = evaluate_claim(claim, loaded)
+        if result is not None:
+            apply_precondition(claim, result, precondition)
+            results[claim.key] = result
     (args.out / "claims.json").write_text(json.dumps({"runs_dir": str(runs_dir), "claims": results,
                                                       "opsd_precondition": precondition,
                                                       "wall_minutes_this_call": round(wall_minutes, 1)}, indent=2) + "\n")

@@ -131,12 +131,13 @@ def write_tuned_config(method: str, best: dict, trials: list[dict], study_dir: P
              f"# {method} at its best settings for the miniature table (conf/experiment/miniature_v2.yaml).",
              f"# Chosen by scripts/tune_toy.py: an Optuna study of {len(trials)} trials "
              f"({'a grid' if len(space) == 1 else 'TPE, seed 0'}), 200 steps, training seed 0,",
-             f"# scored on 500 validation problems (never the eval split); best validation accuracy "
+             f"# scored on the fresh validation split (489 problems; never the eval split); best validation accuracy "
              f"{100 * best['validation_accuracy']:.1f} % (trial {best['trial']}).",
              f"# Study: {study_dir.relative_to(ROOT) if study_dir.is_relative_to(ROOT) else study_dir}",
              "defaults:", f"  - override /method: {method}"]
     sections: dict[str, list[str]] = {}
     for key, expression in space.items():
+        expression = LR_GRID if len(space) == 1 else expression  # a learning-rate-only study searches the grid
         section, _, name = key.partition(".")
         value = round_value(key, best["params"][key])
         sections.setdefault(section, []).append(f"  {name}: {value}  # searched over {expression}")
@@ -171,11 +172,14 @@ def collect(studies_dir: Path, methods: list[str], record: Path, tuned_dir: Path
     (record / "tuning.json").write_text(json.dumps({"studies_dir": str(studies_dir), "results": results}, indent=2) + "\n")
     lines = ["# Per-method tuning (scripts/tune_toy.py)", "",
              f"Studies: `{studies_dir.relative_to(ROOT) if studies_dir.is_relative_to(ROOT) else studies_dir}`. "
-             "Validation accuracy (%) of the toy student after 200 steps, seed 0, on 500 fresh validation problems.", "",
+             "Validation accuracy (%) of the toy student after 200 steps, seed 0, on the fresh validation split "
+             "(`data.num_validation=600`: 489 problems once those seen in train or eval are dropped).", "",
              "| method | chosen | best val. acc. | range over trials | trials | train minutes |", "|---|---|---|---|---|---|",
              *rows, "", "## Every trial", ""]
     for method, result in results.items():
-        lines.append(f"**{method}** (search: {', '.join(f'`{k}={v}`' for k, v in result['space'].items())})")
+        space = {"trainer.lr": LR_GRID} if len(result["space"]) == 1 else result["space"]
+        sampler = "grid" if len(result["space"]) == 1 else "TPE, seed 0, 4 random start-up trials"
+        lines.append(f"**{method}** ({sampler}: {', '.join(f'`{k}={v}`' for k, v in space.items())})")
         lines.append("")
         for trial in sorted(result["trials"], key=lambda t: -t["validation_accuracy"]):
             lines.append(f"- trial {trial['trial']}: {format_params(trial['params'])} → "

@@ -141,6 +141,7 @@ def test_verdicts():
     assert claims.verdict([0.5, 3.0]) == "holds"
     assert claims.verdict([-3.0, -0.1]).startswith("does not hold (reversed)")
     assert "within seed noise" in claims.verdict([-1.0, 2.0])
+    assert claims.verdict([0.0, 0.0]).startswith("does not hold (a tie")
 
 
 def _run(method: str, seed: int, curve: dict[int, float]) -> Run:
@@ -181,3 +182,18 @@ def test_final_and_gain_claims_on_hand_made_runs():
     gain = claims.evaluate_claim(next(c for c in claims.CLAIMS if c.key == "opsd_real"), {"real_opsd": opsd})
     assert gain["difference"] == pytest.approx(11.0) and gain["verdict"] == "holds"
     assert claims.evaluate_claim(claim, {"minillm": minillm}) is None  # an arm without runs: no verdict
+
+
+def test_opsd_claim_cannot_be_tested_when_the_privileged_view_knows_no_more():
+    claims = load_script("miniature_v2")
+    claim = next(c for c in claims.CLAIMS if c.key == "opsd_toy")
+    runs = [_run("opsd", s, {0: 0.10, 200: 0.0}) for s in range(3)]
+    result = claims.evaluate_claim(claim, {"opsd": runs})
+    assert result["verdict"] == "does not hold (reversed)"  # 10 % -> 0 % on every seed
+    claims.apply_precondition(claim, result, {"toy": {"plain": 0.101, "privileged": 0.095, "examples": 158}})
+    assert result["verdict"].startswith("cannot be tested at this scale")
+    real = next(c for c in claims.CLAIMS if c.key == "opsd_real")
+    gained = claims.evaluate_claim(real, {"real_opsd": [_run("real_opsd", s, {0: 0.47, 30: 0.6 + 0.01 * s})
+                                                         for s in range(3)]})
+    claims.apply_precondition(real, gained, {"real": {"plain": 0.47, "privileged": 0.89, "examples": 64}})
+    assert gained["verdict"] == "holds" and gained["precondition"]["privileged"] == 0.89

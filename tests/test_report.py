@@ -227,3 +227,12 @@ def test_small_multiples_one_panel_per_group_with_sft_reference(tmp_path):
     fig = small_multiples_figure(no_sft, "eval/accuracy")
     assert len(fig.axes) == 4 and not any(line.get_label() == "reference" for ax in fig.axes for line in ax.get_lines())
     assert small_multiples_figure([Group({"method.name": "x"}, [Run(Path("/r"), {}, {})])], "eval/accuracy") is None
+
+
+def test_labels_shorten_absolute_paths_and_keep_other_values():
+    from opd.report import Group
+
+    group = Group({"method.name": "gkd", "teacher.name_or_path": "/work/repo/opd/assets/toy_multiplication/teacher",
+                   "method.beta": 0.5, "data.path": "data/train.jsonl"}, runs=[])
+    assert group.label == ("method.name=gkd teacher.name_or_path=…/toy_multiplication/teacher method.beta=0.5 "
+                           "data.path=data/train.jsonl")

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import re
 
-from opd.data.base import Example, Task
+from opd.data.base import Task
+from opd.data.generated import fixed_splits, worked_examples
 from opd.registry import DATASETS
 
 _TERM = re.compile(r"([+-]?)\s*(\d+)")
@@ -51,23 +52,6 @@ class ChainArithmetic(Task):
             raise ValueError(f"need 1 <= min_digits <= max_digits, got {min_digits}, {max_digits}")
         if num_train < 1 or num_eval < 1 or num_validation < 0:
             raise ValueError("num_train and num_eval must be positive, num_validation >= 0")
-        import reasoning_gym
-
-        total = num_train + num_eval + num_validation  # entry i depends on (seed, i) only: train and eval never move
-        source = reasoning_gym.create_dataset("chain_sum", size=total, seed=seed, min_terms=min_terms,
-                                              max_terms=max_terms, min_digits=min_digits, max_digits=max_digits)
-        examples, seen = [], set()
-        for entry in source:
-            prompt, target, answer = worked_solution(entry["metadata"]["expression"])
-            if answer != str(int(entry["answer"])):  # our worked solution must agree with the library's verifier
-                raise AssertionError(f"worked solution {answer} != reasoning_gym answer {entry['answer']} for {prompt}")
-            examples.append(Example(prompt, target, answer))
-        # Held-out split: the last num_eval problems, with any prompt also seen in training removed.
-        self.train = examples[:num_train]
-        seen = {ex.prompt for ex in self.train}
-        held_out = examples[num_train:num_train + num_eval]
-        self.eval = [ex for ex in held_out if ex.prompt not in seen] or held_out
-        # A dev split drawn like eval (after it, with prompts seen in train or eval removed): hyperparameter search
-        # and DistiLLM's schedule read it instead of problems carved out of train, which the toy models were trained on.
-        seen |= {ex.prompt for ex in self.eval}
-        self.validation = [ex for ex in examples[num_train + num_eval:] if ex.prompt not in seen]
+        examples = worked_examples("chain_sum", worked_solution, num_train + num_eval + num_validation, seed,
+                                   min_terms=min_terms, max_terms=max_terms, min_digits=min_digits, max_digits=max_digits)
+        self.train, self.eval, self.validation = fixed_splits(examples, num_train, num_eval)

@@ -24,7 +24,8 @@ class Example:
     prompt: str
     target: str
     answer: str
-    source: str = ""
+    #: keyword-only, so that subclasses' positional fields (InstructExample's references) keep their place
+    source: str = dataclasses.field(default="", kw_only=True)
 
 
 class Task:

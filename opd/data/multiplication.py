@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import re
 
-from opd.data.base import Example, Task
+from opd.data.base import Task
+from opd.data.generated import fixed_splits, worked_examples
 from opd.registry import DATASETS
 
 _FACTOR = re.compile(r"\d+")
@@ -70,20 +71,6 @@ class Multiplication(Task):
             raise ValueError(f"need 1 <= min_digits <= max_digits, got {min_digits}, {max_digits}")
         if num_train < 1 or num_eval < 1 or num_validation < 0:
             raise ValueError("num_train and num_eval must be positive, num_validation >= 0")
-        import reasoning_gym
-
-        source = reasoning_gym.create_dataset("products", size=num_train + num_eval + num_validation, seed=seed,
-                                              min_terms=min_terms, max_terms=max_terms, min_digits=min_digits,
-                                              max_digits=max_digits)
-        examples = []
-        for entry in source:
-            prompt, target, answer = worked_solution(entry["metadata"]["expression"])
-            if answer != str(int(entry["answer"])):  # our worked solution must agree with the library's answer
-                raise AssertionError(f"worked solution {answer} != reasoning_gym answer {entry['answer']} for {prompt}")
-            examples.append(Example(prompt, target, answer))
-        self.train = examples[:num_train]
-        seen = {ex.prompt for ex in self.train}
-        held_out = examples[num_train:num_train + num_eval]
-        self.eval = [ex for ex in held_out if ex.prompt not in seen] or held_out
-        seen |= {ex.prompt for ex in self.eval}
-        self.validation = [ex for ex in examples[num_train + num_eval:] if ex.prompt not in seen]
+        examples = worked_examples("products", worked_solution, num_train + num_eval + num_validation, seed,
+                                   min_terms=min_terms, max_terms=max_terms, min_digits=min_digits, max_digits=max_digits)
+        self.train, self.eval, self.validation = fixed_splits(examples, num_train, num_eval)
