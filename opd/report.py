@@ -43,8 +43,8 @@ import difflib
 import json
 import math
 import statistics
-import textwrap
 import sys
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
