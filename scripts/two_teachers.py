@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from miniature_v2 import run_arms  # noqa: E402
 
-from opd.report import find_run_dirs, load_runs, make_report, mean_confidence_interval  # noqa: E402
+from opd.report import describe, find_run_dirs, format_interval, format_stat, load_runs, make_report  # noqa: E402
 
 ARMS: dict[str, list[str]] = {
     "two_teachers": ["experiment=two_teachers", "~teacher", "+teacher@teachers.arithmetic=toy",
@@ -49,10 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def stat(values: list[float]) -> str:
-    mean = 100 * statistics.fmean(values)
-    std = 100 * statistics.stdev(values) if len(values) > 1 else 0.0
-    ci = mean_confidence_interval(values)
-    return f"{mean:.1f} ± {std:.1f}" + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
+    """``19.4 ± 1.3 [16.1, 22.7]``: opd-report's mean ± std and 95 % interval, in percent."""
+    summary = describe(values)
+    return f"{format_stat(summary, 'pct')} {format_interval(summary['ci95'])}"
 
 
 def main(argv: list[str] | None = None) -> None:

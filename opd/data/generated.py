@@ -39,3 +39,22 @@ def fixed_splits(examples: list[Example], num_train: int, num_eval: int) -> tupl
     evaluation = [ex for ex in held_out if ex.prompt not in seen] or held_out
     seen |= {ex.prompt for ex in evaluation}
     return train, evaluation, [ex for ex in examples[num_train + num_eval:] if ex.prompt not in seen]
+
+
+def generated_splits(dataset: str, worked_solution: Callable[[str], tuple[str, str, str]], num_train: int,
+                     num_eval: int, num_validation: int, seed: int, min_terms: int, max_terms: int, min_digits: int,
+                     max_digits: int) -> tuple[list[Example], ...]:
+    """(train, eval, validation) of a reasoning_gym term/digit task (``chain_sum``, ``products``), arguments checked.
+
+    Raises:
+        ValueError: a term or digit range that is empty or too small, or a split size out of range.
+    """
+    if not (2 <= min_terms <= max_terms):
+        raise ValueError(f"need 2 <= min_terms <= max_terms, got {min_terms}, {max_terms}")
+    if not (1 <= min_digits <= max_digits):
+        raise ValueError(f"need 1 <= min_digits <= max_digits, got {min_digits}, {max_digits}")
+    if num_train < 1 or num_eval < 1 or num_validation < 0:
+        raise ValueError("num_train and num_eval must be positive, num_validation >= 0")
+    examples = worked_examples(dataset, worked_solution, num_train + num_eval + num_validation, seed,
+                               min_terms=min_terms, max_terms=max_terms, min_digits=min_digits, max_digits=max_digits)
+    return fixed_splits(examples, num_train, num_eval)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 
 from opd.data.base import Task
-from opd.data.generated import fixed_splits, worked_examples
+from opd.data.generated import generated_splits
 from opd.registry import DATASETS
 
 _FACTOR = re.compile(r"\d+")
@@ -65,12 +65,6 @@ class Multiplication(Task):
 
     def __init__(self, num_train: int = 6000, num_eval: int = 400, min_terms: int = 2, max_terms: int = 2,
                  min_digits: int = 2, max_digits: int = 2, seed: int = 0, num_validation: int = 0) -> None:
-        if not (2 <= min_terms <= max_terms):
-            raise ValueError(f"need 2 <= min_terms <= max_terms, got {min_terms}, {max_terms}")
-        if not (1 <= min_digits <= max_digits):
-            raise ValueError(f"need 1 <= min_digits <= max_digits, got {min_digits}, {max_digits}")
-        if num_train < 1 or num_eval < 1 or num_validation < 0:
-            raise ValueError("num_train and num_eval must be positive, num_validation >= 0")
-        examples = worked_examples("products", worked_solution, num_train + num_eval + num_validation, seed,
-                                   min_terms=min_terms, max_terms=max_terms, min_digits=min_digits, max_digits=max_digits)
-        self.train, self.eval, self.validation = fixed_splits(examples, num_train, num_eval)
+        self.train, self.eval, self.validation = generated_splits(
+            "products", worked_solution, num_train, num_eval, num_validation, seed, min_terms, max_terms, min_digits,
+            max_digits)
