@@ -82,6 +82,8 @@ class TrainerConfig:
     validation_examples: int = 500  # validation split for methods that read one: a dev split cut to N, else N carved from train
     evaluate_on: str = "eval"  # eval = the task's held-out split | validation = the validation split (tuning: eval is never read)
     progress: bool = True  # tqdm progress bars
+    max_staleness: int = 0  # 0 = synchronous | N = a worker process samples the next N steps' rollouts meanwhile
+    rollout_num_threads: Optional[int] = None  # torch CPU threads of that worker; null = 1 on CPU
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "batch_size", "grad_accum", "eval_batch_size", "keep_checkpoints", "validation_examples"):
@@ -89,7 +91,9 @@ class TrainerConfig:
                 raise ConfigError(f"trainer.{key} must be >= 1, got {getattr(self, key)}")
         if self.loss_chunk_size is not None and self.loss_chunk_size < 0:
             raise ConfigError(f"trainer.loss_chunk_size must be >= 0 or null, got {self.loss_chunk_size}")
-        for key in ("warmup_steps", "eval_every", "save_every", "max_skipped_steps"):
+        if self.rollout_num_threads is not None and self.rollout_num_threads < 1:
+            raise ConfigError(f"trainer.rollout_num_threads must be >= 1 or null, got {self.rollout_num_threads}")
+        for key in ("warmup_steps", "eval_every", "save_every", "max_skipped_steps", "max_staleness"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"trainer.{key} must be >= 0, got {getattr(self, key)}")
         if self.eval_samples < 0:

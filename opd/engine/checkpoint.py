@@ -74,13 +74,16 @@ def load_model_weights(model: torch.nn.Module, checkpoint: Path) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, model, tokenizer, trainer_state: dict[str, Any], keep: int,
-                    state_dict: dict[str, torch.Tensor] | None = None, write_shards=None) -> Path:
+                    state_dict: dict[str, torch.Tensor] | None = None, write_shards=None,
+                    in_flight: dict[int, list[dict[str, Any]]] | None = None) -> Path:
     """Write ``checkpoints/step_<step>`` atomically and delete all but the newest ``keep`` complete ones.
 
     Over N processes every rank must call this (it synchronises): ``write_shards(tmp_dir)`` lets each
     rank write its DeepSpeed ZeRO partitions (under ``deepspeed/``), each rank writes its RNG state
     (``rng_rank<r>.pt``), and rank 0 writes the HF weights (``state_dict``: the consolidated
-    weights; the module's own when None), the tokenizer and ``trainer_state.pt``, then renames.
+    weights; the module's own when None), the tokenizer and ``trainer_state.pt``, then renames. ``in_flight``:
+    this rank's rollouts already written for the coming steps (``trainer.max_staleness``), in
+    ``in_flight_rank<r>.pt``; a resumed run trains on them instead of sampling those steps again.
     Multi-node runs need ``run_dir`` on a filesystem every node sees.
     """
     from opd import distributed as dist
@@ -96,6 +99,8 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, trainer_state: d
         write_shards(tmp)
     if dist.world_size() > 1:
         torch.save(rng_state(), tmp / f"rng_rank{dist.rank()}.pt")
+    if in_flight:
+        torch.save(in_flight, tmp / f"in_flight_rank{dist.rank()}.pt")
     if dist.is_main():
         model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {}))
         tokenizer.save_pretrained(tmp)
@@ -124,6 +129,14 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
     """The trainer state of a checkpoint, loaded with ``weights_only=True`` (no arbitrary unpickling)."""
     return torch.load(Path(checkpoint) / "trainer_state.pt", map_location="cpu", weights_only=True)
+
+
+def load_in_flight(checkpoint: Path) -> dict[int, list[dict[str, Any]]]:
+    """This rank's in-flight rollouts of a checkpoint (step -> batch states), or {} if it has none."""
+    from opd import distributed as dist
+
+    path = Path(checkpoint) / f"in_flight_rank{dist.rank()}.pt"
+    return torch.load(path, map_location="cpu", weights_only=True) if path.exists() else {}
 
 
 def latest_valid_checkpoint(run_dir: Path) -> Path | None:

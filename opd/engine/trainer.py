@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import math
 import random
 import signal
@@ -39,6 +40,7 @@ from opd.data.base import Example, PromptIterator, Task, validation_split
 from opd.data.chat import apply_chat_template
 from opd.data.mixture import merge_per_source
 from opd.engine import checkpoint as ckpt
+from opd.engine.async_rollouts import AsyncRollouts, DeferredSampler, PendingRollout, WorkerSpec, in_flight_state
 from opd.engine.backends import DeepSpeedBackend, LocalBackend
 from opd.engine.evaluate import EvalResult, evaluate_accuracy, evaluate_pass_at_k
 from opd.engine.loss_paths import LossPath, check_pair, path_loss, select_loss_path
@@ -82,8 +84,10 @@ def lr_lambda(cfg: TrainerConfig):
 TINY_MODEL_PARAMS = 10_000_000
 
 
-def set_cpu_threads(num_threads: int | None, device: torch.device, model: torch.nn.Module) -> None:
-    """``trainer.num_threads``, or the auto rule: 1 thread for tiny models on a CPU, else torch's default.
+def set_cpu_threads(num_threads: int | None, device: torch.device, model: torch.nn.Module,
+                    worker_threads: int = 0) -> None:
+    """``trainer.num_threads``, or the auto rule: 1 thread for tiny models on a CPU, else torch's default less the
+    ``worker_threads`` of a rollout worker (``trainer.max_staleness > 0``).
 
     Measured on the 2-core CI machine (benchmarks/RESULTS.md): for the toy models two threads were
     several times slower than one, and erratic whenever anything else was running.
@@ -92,6 +96,8 @@ def set_cpu_threads(num_threads: int | None, device: torch.device, model: torch.
         torch.set_num_threads(num_threads)
     elif device.type == "cpu" and sum(p.numel() for p in model.parameters()) < TINY_MODEL_PARAMS:
         torch.set_num_threads(1)
+    elif device.type == "cpu" and worker_threads:  # the rollout worker's cores are not the learner's
+        torch.set_num_threads(max(1, torch.get_num_threads() - worker_threads))
 
 
 def context_limit(models: dict[str, torch.nn.Module | None]) -> tuple[int, str] | None:
@@ -193,6 +199,12 @@ class Trainer:
         """The method/teacher pair (:func:`~opd.engine.loss_paths.check_pair`), the chat templates and both model
         paths, before any model loads."""
         check_pair(self.method, teacher)
+        if self.cfg.max_staleness:  # before any model loads
+            reason = self.method.staleness_blocker()
+            if reason is not None:
+                raise ConfigError(f"trainer.max_staleness={self.cfg.max_staleness}: method "
+                                  f"{type(self.method).registry_name!r} cannot train on stale rollouts: {reason}; "
+                                  "or set trainer.max_staleness=0")
         if teacher is not None and teacher.chat_template is not None and teacher.chat_template != student_cfg.chat_template:
             raise ConfigError(f"teacher.chat_template={teacher.chat_template} but student.chat_template="
                               f"{student_cfg.chat_template}: both models must see the same prompt tokens")
@@ -203,12 +215,13 @@ class Trainer:
 
     def _setup_student(self, student_cfg: ModelConfig) -> None:
         """The shared tokenizer and the student (train mode, dropout off unless configured), CPU threads."""
+        self.student_cfg = student_cfg  # the rollout worker loads its own copy from it
         self.tokenizer = load_tokenizer(student_cfg, "student")
         self.student = load_model(student_cfg, "student", self.device)
         if self.cfg.disable_dropout:  # scoring passes in train mode must equal eval-mode ones (opd/models/dropout.py)
             disable_dropout(self.student)
         self.student.train()
-        set_cpu_threads(self.cfg.num_threads, self.device, self.student)
+        set_cpu_threads(self.cfg.num_threads, self.device, self.student, self.rollout_threads if self.cfg.max_staleness else 0)
 
     def _setup_teacher(self, teacher: Teacher | None) -> None:
         """Load the teacher beside the student (frozen); the vocabulary the pair shares; padding rows hidden."""
@@ -292,6 +305,14 @@ class Trainer:
         self.stop_signal: int | None = None
         self.last_pass_at_k: dict[str, float] = {}  # the latest sampled evaluation (trainer.eval_samples > 0)
         self.restored_from: Path | None = None  # the checkpoint this run continues, if any
+        #: step -> its micro-batches, submitted ahead (trainer.max_staleness) or restored from a checkpoint
+        self.queued: dict[int, list[RolloutBatch | PendingRollout]] = {}
+        self.async_rollouts: AsyncRollouts | None = None  # the rollout worker, started at the first step
+
+    @property
+    def rollout_threads(self) -> int:
+        """torch CPU threads of the rollout worker: ``trainer.rollout_num_threads``, else 1 on CPU."""
+        return self.cfg.rollout_num_threads or (1 if self.device.type == "cpu" else torch.get_num_threads())
 
     @property
     def teacher(self) -> torch.nn.Module | None:
@@ -308,6 +329,57 @@ class Trainer:
         """Completions for ``examples`` from the method's behaviour policy for this micro-batch."""
         self.rollout_ctx.step = self.step
         return self.method.policy.collect(self.rollout_ctx, examples)
+
+    def step_rollouts(self) -> list[RolloutBatch]:
+        """This rank's micro-batches of the current step, each with its ``staleness``.
+
+        Synchronous (``trainer.max_staleness=0``): written now. Otherwise the current weights are published to the
+        rollout worker and the steps up to ``step + max_staleness`` are submitted (:mod:`opd.engine.async_rollouts`);
+        then this step's batches are taken, waiting for the worker if it is behind. Batches restored from a
+        checkpoint come first either way.
+        """
+        lookahead = self.cfg.max_staleness
+        if lookahead:
+            if self.async_rollouts is None:
+                self.async_rollouts = AsyncRollouts(self._worker_spec(), lookahead, self.seed, dist.rank())
+            self.async_rollouts.publish(self.step, self.student)  # a collective under ZeRO-3
+        last = min(self.step + lookahead, self.cfg.max_steps - 1)
+        for step in range(self.step, last + 1):
+            if step not in self.queued:  # steps are submitted in order: every later one is absent too
+                self.queued[step] = self._submit(step)
+        items = self.queued.pop(self.step)
+        batches = [self.async_rollouts.take(item, self.device) if isinstance(item, PendingRollout) else item
+                   for item in items]
+        for batch in batches:
+            batch.staleness = self.step - batch.policy_version if batch.policy_version is not None else 0
+        return batches
+
+    def _submit(self, step: int) -> list[RolloutBatch | PendingRollout]:
+        """The behaviour policy's micro-batches for ``step``: batches, or placeholders for the worker's rollouts."""
+        self.rollout_ctx.step = step
+        if self.async_rollouts is None:
+            return [self.method.policy.collect(self.rollout_ctx, dist.shard(next(self.prompts)))
+                    for _ in range(self.cfg.grad_accum)]
+        ctx = dataclasses.replace(self.rollout_ctx, sampler=DeferredSampler(self.sampler, self.student, self.async_rollouts))
+        items = []
+        for micro in range(self.cfg.grad_accum):
+            self.async_rollouts.submitting = (step, micro)
+            items.append(self.method.policy.collect(ctx, dist.shard(next(self.prompts))))
+        self.async_rollouts.submitting = None
+        return items
+
+    def _worker_spec(self) -> WorkerSpec:
+        """How the rollout worker builds its copy of the student and of the sampler."""
+        return WorkerSpec(student_cfg=self.student_cfg, sampler=self.sampler, device=str(self.device),
+                          num_threads=self.rollout_threads, vocab_size=self.vocab_size,
+                          suppress_tokens=list(self.student.generation_config.suppress_tokens or []),
+                          record_logprobs=self.method.staleness_handling() == "importance_ratio")
+
+    def close(self) -> None:
+        """Stop the rollout worker, if one runs (``fit`` does this on its way out)."""
+        if self.async_rollouts is not None:
+            self.async_rollouts.close()
+            self.async_rollouts = None
 
     def teacher_logits(self, batch: RolloutBatch) -> torch.Tensor | SparseTeacherLogprobs:
         """``[B, T, V]`` teacher logits on the batch's completion tokens (its own prompt or the method's), or a
@@ -376,7 +448,7 @@ class Trainer:
         return loss_total, finite, metrics
 
     def train_step(self) -> dict[str, float]:
-        """Rollouts for every micro-batch, then forward/backward per micro-batch, then one update.
+        """Rollouts for every micro-batch (:meth:`step_rollouts`), then forward/backward per micro-batch, then one update.
 
         A step whose loss or gradient norm is not finite changes no weight and no optimizer moment;
         it is counted in ``train/skipped_steps``.
@@ -389,7 +461,8 @@ class Trainer:
                 that step's metrics are logged first, and no checkpoint is written.
         """
         started = time.perf_counter()
-        batches = [self.collect(dist.shard(next(self.prompts))) for _ in range(self.cfg.grad_accum)]
+        step = self.step
+        batches = self.step_rollouts()
         rollout_time = time.perf_counter() - started
         num_tokens = int(dist.all_reduce_sum([sum(b.num_tokens for b in batches)])[0])  # all ranks, all micro-batches
         loss_total, finite, metrics = self.accumulate_gradients(batches, num_tokens)
@@ -422,6 +495,16 @@ class Trainer:
                                                         sum(len(b.examples) for b in student_batches)])
         if rollouts:
             metrics["rollout/mean_length"] = rollout_tokens / rollouts
+        if self.cfg.max_staleness or self.restored_from is not None:  # the oldest student batch of every rank (a
+            # dataset or teacher batch is never stale); a resumed run may start on rollouts the worker wrote before
+            versions = [b.policy_version for b in student_batches if b.policy_version is not None]
+            if dist.world_size() > 1:
+                versions = [v for part in dist.gather_objects(versions) for v in part]
+            if versions:
+                metrics["rollout/policy_version"] = float(min(versions))
+                metrics["rollout/staleness"] = float(step - min(versions))
+            if self.async_rollouts is not None:  # this rank's worker: seconds it sampled this step's batches
+                metrics["time/rollout_worker_s"] = self.async_rollouts.generate_seconds(step)
         if self.skipped_in_a_row > self.cfg.max_skipped_steps:
             if self.logger is not None:  # the failing step's row, so metrics.jsonl shows what happened
                 self.logger.log(dict(metrics), self.step)
@@ -512,6 +595,17 @@ class Trainer:
                 "method": self.method.state_dict(),
                 "tokens_trained": self.tokens_trained, "skipped_total": self.skipped_total}
 
+    def wait_for_rollouts(self) -> None:
+        """Wait until the worker has written every rollout submitted so far (they stay queued for their steps)."""
+        for step, items in self.queued.items():
+            self.queued[step] = [self.async_rollouts.take(item, self.device) if isinstance(item, PendingRollout) else item
+                                 for item in items]
+
+    def _in_flight_state(self) -> dict[int, list[dict[str, Any]]]:
+        """The rollouts already submitted for the coming steps (waiting for the worker's), as plain state."""
+        self.wait_for_rollouts()
+        return in_flight_state(self.queued)
+
     def save(self) -> Path:
         """Write a checkpoint of the current step (older ones beyond ``keep_checkpoints`` are deleted).
 
@@ -528,7 +622,7 @@ class Trainer:
                                 f"checkpoint over the last good one in {self.run_dir / 'checkpoints'}")
         return ckpt.save_checkpoint(self.run_dir, self.step, self.student, self.tokenizer, self.trainer_state(),
                                     self.cfg.keep_checkpoints, state_dict=self.backend.full_state_dict(),
-                                    write_shards=self.backend.save_extra)
+                                    write_shards=self.backend.save_extra, in_flight=self._in_flight_state())
 
     def restore(self, checkpoint: Path) -> None:
         """Continue from ``checkpoint``: weights, optimizer, schedule, every RNG, data position, method state.
@@ -560,6 +654,8 @@ class Trainer:
         self.step, self.tokens_trained = state["step"], state["tokens_trained"]
         self.skipped_total, self.skipped_in_a_row = state["skipped_total"], state["skipped_in_a_row"]
         self.initial_results = dict(state["initial_results"])
+        self.queued = {step: [RolloutBatch.from_state_dict(batch, self.device) for batch in batches]
+                       for step, batches in ckpt.load_in_flight(checkpoint).items()}
 
     def attach_logger(self, logger: JsonlLogger) -> None:
         """Use ``logger`` for metrics; after :meth:`restore`, rows past the restored step are dropped from it."""
@@ -606,13 +702,14 @@ class Trainer:
         previous_handlers = {sig: signal.signal(sig, self._handle_stop_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             after = self._train_loop()
+            if self._stop_requested():
+                checkpoint = self.save()  # with the rollouts in flight: a resumed run trains on each once
+                raise TrainingInterrupted(f"stopped by signal {self.stop_signal} at step {self.step}; checkpoint saved "
+                                          f"to {checkpoint}. Continue with trainer.resume={self.run_dir}", self.stop_signal)
         finally:
             for sig, handler in previous_handlers.items():
                 signal.signal(sig, handler)
-        if self._stop_requested():
-            checkpoint = self.save()
-            raise TrainingInterrupted(f"stopped by signal {self.stop_signal} at step {self.step}; checkpoint saved to "
-                                      f"{checkpoint}. Continue with trainer.resume={self.run_dir}", self.stop_signal)
+            self.close()  # the rollout worker; the final evaluation and checkpoint need only the learner
         if after is None:  # the last step was not evaluated inside the loop
             after = self.evaluate(self.student, "eval student")
             self._log_eval(after)

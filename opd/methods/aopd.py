@@ -8,7 +8,14 @@ from opd.losses.divergences import generalized_jsd, masked_reduce
 from opd.losses.sampled import policy_gradient_loss
 from opd.losses.topk import FORWARD_MODES, topk_forward_kl
 from opd.methods.base import LossOutput, Method
-from opd.methods.common import check_choice, check_k_fits, check_positive, check_unit, policy_logprobs
+from opd.methods.common import (
+    check_choice,
+    check_k_fits,
+    check_positive,
+    check_unit,
+    policy_logprobs,
+    reward_logprobs,
+)
 from opd.models.scoring import token_logprobs
 from opd.registry import METHODS
 from opd.sampling.base import RolloutBatch
@@ -87,8 +94,9 @@ class AOPD(Method):
         mask = batch.completion_mask
         logq, logq_old = policy_logprobs(batch, student_logits)
         logp_teacher = token_logprobs(teacher_logits, batch.completion_ids, self.temperature)
-        adv = logp_teacher - logq_old
-        gate_value = adv if self.gate_on == "log_ratio" else logp_teacher.exp() - logq_old.exp()
+        logq_reward = reward_logprobs(batch, logq, logq_old)
+        adv = logp_teacher - logq_reward
+        gate_value = adv if self.gate_on == "log_ratio" else logp_teacher.exp() - logq_reward.exp()
         gated = (gate_value <= self.tau) & mask.bool()
 
         pg = policy_gradient_loss(logq, logq_old, adv, self.clip_eps)

@@ -81,6 +81,36 @@ class Method:
 
     policy: BehaviourPolicy = StudentPolicy()
 
+    #: the ways a loss can train on rollouts sampled by older weights (``trainer.max_staleness > 0``)
+    STALENESS_HANDLINGS: ClassVar[tuple[str, ...]] = ("as_is", "recompute", "importance_ratio")
+
+    def staleness_handling(self) -> str:
+        """How this loss, as configured, treats rollouts sampled by weights up to ``trainer.max_staleness`` steps old.
+
+        - ``"as_is"``: a full-vocabulary forward KL (the teacher's distribution at each position weighs the
+          student's log-probabilities): the stale tokens only set where it is measured, and it is used as is.
+        - ``"recompute"``: a full-vocabulary divergence with a student side (reverse KL, JSD, skew KL) or a
+          selection read off the student: every student quantity is recomputed from the current weights at
+          learner time, never taken from the sampler (the AsyncOPD study finds reverse KL needs this).
+        - ``"importance_ratio"``: a sampled-token / policy-gradient loss: the ratio q_θ(y)/q_old(y) against the
+          behaviour log-probs the worker recorded, PPO-clipped, and the reward's student side from the
+          current weights (:func:`opd.methods.common.reward_logprobs`).
+        Listed per method in ``docs/methods.md`` ("Stale rollouts"). The default follows
+        ``uses_sampled_token_logprobs``; methods whose divergence is a forward KL override it.
+        """
+        return "importance_ratio" if self.uses_sampled_token_logprobs else "recompute"
+
+    def staleness_blocker(self) -> str | None:
+        """Why this method, as configured, cannot train with ``trainer.max_staleness > 0``, or None. One line, read at
+        start-up: the behaviour policy's reason (:meth:`BehaviourPolicy.async_blocker`), or an unclipped ratio."""
+        reason = self.policy.async_blocker()
+        if reason is not None:
+            return reason
+        if self.staleness_handling() == "importance_ratio" and getattr(self, "clip_eps", None) is None:
+            return ("its importance ratio is unclipped (method.clip_eps=null): stale rollouts need the PPO clip; set "
+                    "method.clip_eps (e.g. 0.2)")
+        return None
+
     def teacher_prompt(self, batch: RolloutBatch, tokenizer) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``([B, P'], [B, P'])`` left-padded prompt the teacher is conditioned on instead of the batch's own
         (privileged information, OPSD); None = the same prompt as the student."""

@@ -68,6 +68,21 @@ def policy_logprobs(batch: RolloutBatch, student_logits: torch.Tensor) -> tuple[
     return logq, torch.where(batch.completion_mask.bool(), old, logq.detach())
 
 
+def reward_logprobs(batch: RolloutBatch, logq: torch.Tensor, logq_old: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` detached log q(y_t), the student's side of a sampled-token reward such as log p_T(y_t) − log q(y_t).
+
+    On a fresh batch the behaviour log-probs q_old (the sampler's record, as the recipes use them). On a stale one
+    (``batch.staleness > 0``, ``trainer.max_staleness``) the current student's: the importance ratio
+    q_θ/q_old re-weights the samples to the current policy, and the reverse KL it estimates, E_{q_θ}[log q_θ − log
+    p_T], is the current student's, so its log q must be too (the AsyncOPD study: reverse KL tolerates staleness
+    only when the student's side is recomputed at learner time).
+
+    Args:
+        logq, logq_old: ``[B, T]`` from :func:`policy_logprobs`.
+    """
+    return logq.detach().float() if batch.staleness > 0 else logq_old
+
+
 def mix_with_cross_entropy(batch: RolloutBatch, student_logits: torch.Tensor, distil: torch.Tensor, ce_weight: float,
                             num_tokens: int, metrics: dict[str, float]) -> torch.Tensor:
     """``(1 − w)·distil + w·CE`` (KD's and DistiLLM's hard-label term); the CE goes into ``metrics["loss/ce"]`` when w > 0.

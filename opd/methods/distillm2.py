@@ -62,6 +62,13 @@ class ContrastivePolicy(BehaviourPolicy):
         use_teacher = (self.calls % 2 == 1) if self.schedule == "alternate" else ctx.rng.random() < 0.5
         return (self.teacher if use_teacher else self.student).collect(ctx, examples)
 
+    def async_blocker(self) -> str | None:
+        """Alternating or coin batches: the student's go to the worker; paired ones are stacked as they are drawn."""
+        if self.schedule == "paired":
+            return ("schedule=paired stacks a teacher and a student completion of each prompt into one batch as they "
+                    "are drawn; use method.schedule=alternate or coin")
+        return None
+
     def state_dict(self) -> dict[str, Any]:
         return {"calls": self.calls}
 

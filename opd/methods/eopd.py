@@ -8,7 +8,7 @@ from opd.losses.divergences import entropy, masked_reduce
 from opd.losses.sampled import policy_gradient_loss
 from opd.losses.topk import FORWARD_MODES, topk_forward_kl
 from opd.methods.base import LossOutput, Method
-from opd.methods.common import check_choice, check_k_fits, check_positive, policy_logprobs
+from opd.methods.common import check_choice, check_k_fits, check_positive, policy_logprobs, reward_logprobs
 from opd.models.scoring import token_logprobs
 from opd.registry import METHODS
 from opd.sampling.base import RolloutBatch
@@ -71,7 +71,7 @@ class EOPD(Method):
         check_k_fits(self.k, student_logits.shape[-1])
         mask = batch.completion_mask
         logq, logq_old = policy_logprobs(batch, student_logits)
-        adv = token_logprobs(teacher_logits, batch.completion_ids, self.temperature) - logq_old
+        adv = token_logprobs(teacher_logits, batch.completion_ids, self.temperature) - reward_logprobs(batch, logq, logq_old)
         opd = policy_gradient_loss(logq, logq_old, adv, self.clip_eps)
 
         teacher_entropy = entropy(teacher_logits.detach(), self.temperature)

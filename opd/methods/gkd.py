@@ -56,6 +56,10 @@ class GKD(Method):
         self.beta, self.lmbda, self.temperature, self.sparse_mode = beta, lmbda, temperature, sparse_mode
         self.policy = LambdaMixture(lmbda, DatasetPolicy() if off_policy_source == "dataset" else TeacherPolicy())
 
+    def staleness_handling(self) -> str:
+        """β = 0 is the forward KL, used as is on stale rollouts; any β > 0 has a student side, recomputed."""
+        return "as_is" if self.beta == 0.0 else "recompute"
+
     def sparse_teacher_top_k(self) -> int:
         return 1
 

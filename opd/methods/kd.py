@@ -55,6 +55,9 @@ class KD(Method):
         self.sparse_mode = sparse_mode
         self.policy = DatasetPolicy()
 
+    def staleness_handling(self) -> str:
+        return "as_is"  # forward KL(p_T‖q_θ): the teacher's distribution weighs each position
+
     def sparse_teacher_top_k(self) -> int:
         return 1
 

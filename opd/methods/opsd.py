@@ -74,6 +74,10 @@ class OPSD(Method):
         self.jsd_beta, self.temperature = jsd_beta, temperature
         self.policy = StudentPolicy()
 
+    def staleness_handling(self) -> str:
+        """The clipped forward KL is used as is on stale rollouts; the JSD's student side is recomputed."""
+        return "as_is" if self.divergence == "fkl_clip" else "recompute"
+
     def render(self, example: Example) -> str:
         """The teacher's prompt text for ``example`` (one pass, so a solution containing "{prompt}" stays literal)."""
         values = {"prompt": example.prompt, "solution": example.target}

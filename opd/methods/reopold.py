@@ -15,6 +15,7 @@ from opd.methods.common import (
     check_positive,
     check_unit,
     policy_logprobs,
+    reward_logprobs,
     selected_mean,
     server_temperature_blocker,
     teacher_token_logprobs,
@@ -93,7 +94,8 @@ class REOPOLD(Method):
         mask = batch.completion_mask
         real = mask.bool()
         logq, logq_old = policy_logprobs(batch, student_logits)
-        reward = teacher_token_logprobs(teacher_logits, batch.completion_ids, self.temperature) - logq_old
+        reward = teacher_token_logprobs(teacher_logits, batch.completion_ids, self.temperature) - reward_logprobs(
+            batch, logq, logq_old)
         clipped = (reward < self.floor) & real
         reward_hat = reward.clamp(min=self.floor)
 

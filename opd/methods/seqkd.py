@@ -66,6 +66,9 @@ class SeqKD(Method):
         self.greedy, self.label_smoothing = greedy, label_smoothing
         self.policy = TeacherDecodePolicy(greedy)
 
+    def staleness_handling(self) -> str:
+        return "as_is"  # cross-entropy on the teacher's tokens
+
     def loss(self, batch: RolloutBatch, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None,
              num_tokens: int) -> LossOutput:
         loss = completion_cross_entropy(batch, student_logits, num_tokens, self.label_smoothing)

@@ -27,6 +27,9 @@ class SFT(Method):
         self.label_smoothing = label_smoothing
         self.policy = DatasetPolicy()
 
+    def staleness_handling(self) -> str:
+        return "as_is"  # cross-entropy on given tokens: nothing of the student's sampling enters it
+
     def loss(self, batch: RolloutBatch, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None,
              num_tokens: int) -> LossOutput:
         loss = completion_cross_entropy(batch, student_logits, num_tokens, self.label_smoothing)

@@ -11,6 +11,7 @@ from opd.methods.common import (
     check_positive,
     check_unit,
     policy_logprobs,
+    reward_logprobs,
     server_temperature_blocker,
     teacher_token_logprobs,
 )
@@ -45,17 +46,22 @@ class TMOPD(Method):
     Args:
         kl_coef: c > 0, the weight of the reverse-KL advantage (recipe ``kl_penalty_coef`` 1.0).
         kl_discount_factor: γ in [0, 1]; 0 = per-token advantage (recipe default).
+        clip_eps: PPO clip range ε > 0 of the ratio, or null for the recipe's unclipped importance sampling (exact
+            on fresh rollouts, where the ratio is 1; stale ones, ``trainer.max_staleness > 0``, need the clip).
         temperature: loss temperature of the teacher's log-probs (the recipe scores at 1).
     """
 
     uses_sampled_token_logprobs = True
     teacher_inputs = "sparse"
 
-    def __init__(self, kl_coef: float = 1.0, kl_discount_factor: float = 0.0, temperature: float = 1.0) -> None:
+    def __init__(self, kl_coef: float = 1.0, kl_discount_factor: float = 0.0, temperature: float = 1.0,
+                 clip_eps: float | None = None) -> None:
         check_positive("kl_coef", kl_coef)
         check_unit("kl_discount_factor", kl_discount_factor)
         check_positive("temperature", temperature)
+        check_positive("clip_eps", clip_eps, allow_none=True)
         self.kl_coef, self.kl_discount_factor, self.temperature = kl_coef, kl_discount_factor, temperature
+        self.clip_eps = clip_eps
         self.policy = StudentPolicy()
 
     def teacher_input_blocker(self, output: str) -> str | None:
@@ -67,10 +73,10 @@ class TMOPD(Method):
         mask = batch.completion_mask
         logq, logq_old = policy_logprobs(batch, student_logits)
         logp_teacher = teacher_token_logprobs(teacher_logits, batch.completion_ids, self.temperature)
-        reverse_kl = sampled_log_ratio(logq_old, logp_teacher)
+        reverse_kl = sampled_log_ratio(reward_logprobs(batch, logq, logq_old), logp_teacher)
         adv = -self.kl_coef * reverse_kl
         if self.kl_discount_factor > 0:
             adv = discounted_returns(adv, mask, gamma=self.kl_discount_factor, include_current=True)
-        loss = masked_reduce(policy_gradient_loss(logq, logq_old, adv), mask, num_tokens)
+        loss = masked_reduce(policy_gradient_loss(logq, logq_old, adv, self.clip_eps), mask, num_tokens)
         return LossOutput(loss, {"tm_opd/reverse_kl": masked_reduce(reverse_kl, mask, num_tokens).item(),
                                  "tm_opd/advantage_mean": masked_reduce(adv, mask, num_tokens).item()})

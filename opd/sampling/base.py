@@ -26,6 +26,11 @@ class RolloutBatch:
         sampler_logprobs: ``[B, T]`` log-probability of each completion token under the student's
             sampling distribution at generation time (q_old for importance ratios), when known.
         extras: policy-specific per-token tensors (e.g. ``mix_logprobs`` of teacher-mixed sampling).
+        policy_version: the optimizer step of the student weights that sampled the completions, when the
+            rollout worker wrote them (``trainer.max_staleness > 0``); None for rollouts written in the step.
+        staleness: optimizer steps between those weights and the ones that train on the batch (0 = fresh);
+            set by the trainer when it takes the batch. Sampled-token methods then take the student's side
+            of their reward from the current weights (:func:`opd.methods.common.reward_logprobs`).
     """
 
     prompt_ids: torch.Tensor
@@ -37,6 +42,8 @@ class RolloutBatch:
     sampler_logprobs: torch.Tensor | None = None
     temperature: float = 1.0
     extras: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    policy_version: int | None = None
+    staleness: int = 0
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -64,6 +71,38 @@ class RolloutBatch:
         move = {f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
                 if isinstance(getattr(self, f.name), torch.Tensor)}
         return dataclasses.replace(self, **move, extras={k: v.to(device) for k, v in self.extras.items()})
+
+    def state_dict(self) -> dict[str, Any]:
+        """The batch as tensors and plain values (a checkpoint loads it with ``weights_only=True``)."""
+        tensors = {f.name: getattr(self, f.name).cpu() for f in dataclasses.fields(self)
+                   if isinstance(getattr(self, f.name), torch.Tensor)}
+        examples = [{"type": f"{type(e).__module__}.{type(e).__qualname__}", "fields": dataclasses.asdict(e)}
+                    for e in self.examples]
+        return {"tensors": tensors, "extras": {k: v.cpu() for k, v in self.extras.items()}, "examples": examples,
+                "source": self.source, "temperature": self.temperature, "policy_version": self.policy_version}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any], device: torch.device | str = "cpu") -> RolloutBatch:
+        """The batch :meth:`state_dict` wrote, its tensors on ``device``.
+
+        Raises:
+            ValueError: if an example's class is not a :class:`~opd.data.base.Example` subclass.
+        """
+        examples = [_example_from_state(entry) for entry in state["examples"]]
+        tensors = {name: tensor.to(device) for name, tensor in state["tensors"].items()}
+        return cls(**tensors, examples=examples, source=state["source"], temperature=state["temperature"],
+                   extras={k: v.to(device) for k, v in state["extras"].items()}, policy_version=state["policy_version"])
+
+
+def _example_from_state(entry: dict[str, Any]) -> Example:
+    """An example from its class path and fields; only :class:`Example` and its subclasses are rebuilt."""
+    import importlib
+
+    module, _, name = entry["type"].rpartition(".")
+    example_type = getattr(importlib.import_module(module), name, None)
+    if not (isinstance(example_type, type) and issubclass(example_type, Example)):
+        raise ValueError(f"{entry['type']!r} is not a task example class")
+    return example_type(**entry["fields"])
 
 
 def check_sampling_params(temperature: float, top_p: float, top_k: int, max_new_tokens: int, n: int = 1) -> None:

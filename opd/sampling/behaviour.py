@@ -52,6 +52,17 @@ class BehaviourPolicy:
     def collect(self, ctx: RolloutContext, examples: list[Example]) -> RolloutBatch:
         raise NotImplementedError
 
+    def async_blocker(self) -> str | None:
+        """Why the rollout worker (``trainer.max_staleness > 0``, :mod:`opd.engine.async_rollouts`) cannot write this
+        policy's student rollouts, or None if it can.
+
+        The worker holds only a copy of the student and the sampler. At submission time ``collect`` runs on the
+        learner with a sampler that turns each student sampling call into a job for the worker and returns a
+        placeholder, so a policy qualifies only if it returns the student's batch untouched (it may also write
+        other batches itself: dataset answers, teacher samples). One line, read at start-up.
+        """
+        return "its rollouts are not plain student samples that the rollout worker could write"
+
     def on_evaluate(self, validation_loss: float) -> dict[str, float]:
         """Feedback after each evaluation (DistiLLM's adaptive schedule); returns metrics to log."""
         return {}
@@ -69,12 +80,18 @@ class DatasetPolicy(BehaviourPolicy):
     def collect(self, ctx: RolloutContext, examples: list[Example]) -> RolloutBatch:
         return encode_targets(ctx.tokenizer, examples, ctx.device)
 
+    def async_blocker(self) -> str | None:
+        return "its completions are the dataset's answers: there are no student rollouts to overlap with training"
+
 
 class StudentPolicy(BehaviourPolicy):
     """Samples from the current student with the configured sampler (on-policy)."""
 
     def collect(self, ctx: RolloutContext, examples: list[Example]) -> RolloutBatch:
         return ctx.sampler.generate(ctx.student, ctx.tokenizer, examples)
+
+    def async_blocker(self) -> str | None:
+        return None
 
 
 class TeacherPolicy(BehaviourPolicy):
@@ -90,6 +107,9 @@ class TeacherPolicy(BehaviourPolicy):
         batch = ctx.sampler.generate(ctx.teacher, ctx.tokenizer, examples)
         batch.source, batch.sampler_logprobs = "teacher", None
         return batch
+
+    def async_blocker(self) -> str | None:
+        return "its completions are the teacher's samples: there are no student rollouts to overlap with training"
 
 
 class LambdaMixture(BehaviourPolicy):
@@ -109,6 +129,12 @@ class LambdaMixture(BehaviourPolicy):
     def collect(self, ctx: RolloutContext, examples: list[Example]) -> RolloutBatch:
         chosen = self.student if ctx.rng.random() < self.lmbda else self.off_policy
         return chosen.collect(ctx, examples)
+
+    def async_blocker(self) -> str | None:
+        """The coin is flipped at submission; student batches go to the worker, the others are written then."""
+        if self.lmbda == 0.0:
+            return "lmbda=0: every batch comes from the off-policy source, there are no student rollouts to overlap"
+        return None
 
 
 class TeacherMixedPolicy(BehaviourPolicy):
@@ -153,6 +179,10 @@ class TeacherMixedPolicy(BehaviourPolicy):
         batch.sampler_logprobs = student_lp
         batch.extras["mix_logprobs"] = mix_lp
         return batch
+
+    def async_blocker(self) -> str | None:
+        return ("student and teacher decode jointly, token by token (p̃ = α·p_T + (1−α)·q_θ), and the rollout "
+                "worker holds only the student")
 
 
 def joint_decode(student: torch.nn.Module, teacher: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
@@ -259,6 +289,10 @@ class AdaptiveReplayPolicy(BehaviourPolicy):
                                    completion_tokens=[ids for _, ids in picked])
             return batch
         return self.dataset.collect(ctx, examples)
+
+    def async_blocker(self) -> str | None:
+        return ("its replay buffer takes each fresh rollout as it is drawn and its schedule moves at evaluations, "
+                "so rollouts written ahead would enter the buffer and the schedule out of order")
 
     def on_evaluate(self, validation_loss: float) -> dict[str, float]:
         if self.previous_loss is not None and validation_loss >= self.previous_loss + self.loss_eps:

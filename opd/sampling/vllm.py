@@ -29,6 +29,7 @@ import torch
 
 from opd.data.base import Example
 from opd.errors import ConfigError
+from opd.models.weights import cpu_state_dict, named_full_tensors
 from opd.sampling.base import RolloutBatch, check_sampling_params, eos_token_ids, repeat_per_example, truncate_after_eos
 from opd.sampling.tokenize import encode_prompts
 
@@ -94,7 +95,8 @@ class VLLMSampler:
     written to the engine's ``model.safetensors`` and ``collective_rpc("reload_weights",
     kwargs={"weights_path": dir})``, a disk round-trip per step that also works with a multiprocess
     engine. Under ZeRO-3 the parameters are sharded: each is gathered (``deepspeed.zero.GatheredParameters``)
-    and pushed while whole, one parameter at a time (``_named_tensors``); every rank feeds its own engine.
+    and pushed while whole, one parameter at a time (:func:`opd.models.weights.named_full_tensors`); every rank
+    feeds its own engine.
 
     Args:
         temperature: sampling temperature of the rollouts (> 0; greedy evaluation uses argmax).
@@ -209,7 +211,7 @@ class VLLMSampler:
             _check_cpu_head_dim(model.config)
         self._check_memory(model)
         model_dir = tempfile.mkdtemp(prefix="opd_vllm_")
-        model.save_pretrained(model_dir, safe_serialization=True, state_dict=_cpu_state_dict(model))
+        model.save_pretrained(model_dir, safe_serialization=True, state_dict=cpu_state_dict(model))
         tokenizer.save_pretrained(model_dir)
         max_len = self.max_model_len or getattr(model.config, "max_position_embeddings", None)
         kwargs: dict[str, Any] = dict(
@@ -291,7 +293,7 @@ class VLLMSampler:
             return
         self._wake(engine)
         if self.weight_sync == "iterator":
-            engine.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": _named_tensors(model),
+            engine.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named_full_tensors(model),
                                                                 "is_checkpoint_format": True})
         else:
             _save_full_state(model, engine.model_dir)
@@ -390,39 +392,8 @@ def _save_full_state(model: torch.nn.Module, directory: str) -> None:
 
     for stale in glob.glob(os.path.join(directory, "*.safetensors")) + glob.glob(os.path.join(directory, "*.index.json")):
         os.remove(stale)  # sharded save_pretrained output of a large student: replaced by one file
-    save_file({name: t.contiguous() for name, t in _cpu_state_dict(model).items()},
+    save_file({name: t.contiguous() for name, t in cpu_state_dict(model).items()},
               os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
-
-
-def _cpu_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every tensor of ``model`` as a CPU copy; under ZeRO-3 gathered one parameter at a time."""
-    return {name: tensor.detach().cpu().clone() for name, tensor in _named_tensors(model)}
-
-
-def _named_tensors(model: torch.nn.Module):
-    """``(HF checkpoint name, detached tensor)`` for every parameter and persistent buffer.
-
-    Under ZeRO-3 a generator that gathers one parameter at a time (``GatheredParameters``) and
-    yields it while whole, so the engine's loader copies it before it is partitioned again: the
-    peak extra memory is one parameter, not the model.
-    """
-    from opd import distributed as dist
-
-    if not dist.is_zero3(model):
-        return [(name, tensor.detach()) for name, tensor in model.state_dict().items()]
-    return _gathered_named_tensors(model)
-
-
-def _gathered_named_tensors(model: torch.nn.Module):
-    import deepspeed
-
-    for name, param in model.named_parameters(remove_duplicate=False):  # tied names too (lm_head.weight)
-        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-            yield name, param.detach()
-    persistent = set(model.state_dict())
-    for name, buffer in model.named_buffers():
-        if name in persistent:
-            yield name, buffer.detach()
 
 
 def _sampled_logprob(step: Any, token: int) -> float:

@@ -1,0 +1,45 @@
+"""A model's whole weights as ``(name, tensor)`` pairs, also when DeepSpeed ZeRO-3 partitions them.
+
+Used wherever the student's current weights are copied out of the training process's model: into a
+vLLM engine (:mod:`opd.sampling.vllm`) and into the rollout worker's shared buffers
+(:mod:`opd.engine.async_rollouts`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from opd import distributed as dist
+
+
+def named_full_tensors(model: torch.nn.Module) -> Iterable[tuple[str, torch.Tensor]]:
+    """``(checkpoint name, detached tensor)`` for every parameter and persistent buffer, each whole.
+
+    Tied names are included (``lm_head.weight`` beside ``model.embed_tokens.weight``): a loader that
+    maps names one to one needs both. Under ZeRO-3 this is a generator that gathers one parameter at a
+    time (``deepspeed.zero.GatheredParameters``) and yields it while whole, so the caller must copy it
+    before asking for the next one; the peak extra memory is one parameter, not the model. Every rank
+    must then iterate it to the end (each gather is a collective).
+    """
+    if not dist.is_zero3(model):
+        return [(name, tensor.detach()) for name, tensor in model.state_dict().items()]
+    return _gathered_named_tensors(model)
+
+
+def _gathered_named_tensors(model: torch.nn.Module):
+    import deepspeed
+
+    for name, param in model.named_parameters(remove_duplicate=False):  # tied names too (lm_head.weight)
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+            yield name, param.detach()
+    persistent = set(model.state_dict())
+    for name, buffer in model.named_buffers():
+        if name in persistent:
+            yield name, buffer.detach()
+
+
+def cpu_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor of ``model`` as a CPU copy (:func:`named_full_tensors`, so tied names and ZeRO-3 included)."""
+    return {name: tensor.detach().cpu().clone() for name, tensor in named_full_tensors(model)}
