@@ -56,7 +56,15 @@ def test_bench_step_quick(capsys):
         assert "TRL GKDTrainer" in results and "opd / TRL completion tokens per second" in out
 
 
-@pytest.mark.parametrize("name", ["bench_loss", "bench_rollout", "bench_step"])
+def test_bench_async_quick(capsys):
+    results = load("bench_async").main(["--quick", "--no-trl"])
+    out = capsys.readouterr().out
+    assert set(results) == {"opd sync", "opd max_staleness=1", "opd max_staleness=2"}
+    assert all(r["steps"] == 2 and r["steps_per_s"] > 0 for r in results.values())
+    assert results["opd max_staleness=2"]["staleness"] == 2 and "max_staleness=1:" in out
+
+
+@pytest.mark.parametrize("name", ["bench_loss", "bench_rollout", "bench_step", "bench_async"])
 def test_benchmark_help(name, capsys):
     with pytest.raises(SystemExit) as exit_info:
         load(name).main(["--help"])
