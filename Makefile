@@ -23,7 +23,7 @@ ARGS        ?=
 EXP         ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-all methods train debug tune table real toy-models lint clean-logs bench bench-trl bench-real
+.PHONY: help install demo test test-all methods train debug tune table real toy-models lint clean-logs bench bench-trl bench-async bench-real
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -91,6 +91,13 @@ bench-trl: $(STAMP)  ## bench_step.py against TRL's GKDTrainer, in a separate ve
 	$(BIN)/python -m pip freeze | grep -v -E '^-e|^opd|@ file|^vllm|^deepspeed' > $(TRL_VENV)/constraints.txt
 	$(TRL_VENV)/bin/python -m pip install -q -c $(TRL_VENV)/constraints.txt -e ".[bench]"
 	$(TRL_VENV)/bin/python benchmarks/bench_step.py $(ARGS)
+
+bench-async: $(STAMP)  ## asynchronous rollouts: steps/s at trainer.max_staleness 0/1/2 vs TRL's GKDTrainer (~4 min; ARGS=--real: SmolLM2 pair)
+	@test -x $(TRL_VENV)/bin/python || $(PYTHON) -m venv $(TRL_VENV)
+	@$(TRL_VENV)/bin/python -c "import trl" 2>/dev/null || { $(TRL_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)" && \
+	  $(BIN)/python -m pip freeze | grep -v -E '^-e|^opd|@ file|^vllm|^deepspeed' > $(TRL_VENV)/constraints.txt && \
+	  $(TRL_VENV)/bin/python -m pip install -q -c $(TRL_VENV)/constraints.txt -e ".[bench]"; }
+	$(BIN)/python benchmarks/bench_async.py --trl-venv $(TRL_VENV) $(ARGS)
 
 bench-real: $(STAMP)  ## benchmarks at real size (SmolLM2-135M + 10-layer student, ~15 min on 2 cores): OPD step vs TRL, rollouts, loss, FLOP/s
 	@test -x $(TRL_VENV)/bin/python || $(PYTHON) -m venv $(TRL_VENV)

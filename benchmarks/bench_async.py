@@ -8,8 +8,9 @@
 Every opd trainer is ``opd-train``'s default (GKD, λ = 1, JSD β = 0.5, 32 prompts, 64 new tokens; ``--real``:
 ``experiment=real_smollm2`` with GKD) built by ``opd.train.build_trainer``; they differ only in
 ``trainer.max_staleness``. On this 2-core machine the synchronous trainer gets the learner's thread count
-(toy 1, ``--real`` 2, each trainer's best) and an asynchronous one 1 thread for its learner and 1 for its rollout
-worker (``trainer.rollout_num_threads``), so each side uses the machine's two cores as well as it can.
+(toy 1, ``--real`` 2, each trainer's best) and an asynchronous one 1 thread for its learner
+(``--async-learner-threads``) and 1 for its rollout worker (``trainer.rollout_num_threads``), so each side uses
+the machine's two cores as well as it can.
 
 Timing: the trainers take turns in blocks of ``--block`` optimizer steps (the order rotates each round). A block is
 timed from its first ``train_step()`` until the worker has also written every rollout it has been asked for
@@ -66,7 +67,7 @@ def build_opd_trainer(run_dir: Path, args, max_staleness: int, total_steps: int)
     """The default config (``--real``: the real experiment with GKD) at ``trainer.max_staleness=max_staleness``."""
     from opd.train import build_trainer
 
-    learner_threads = args.threads if max_staleness == 0 else 1
+    learner_threads = args.threads if max_staleness == 0 else args.async_learner_threads
     overrides = [f"experiment={REAL_EXPERIMENT}", "method=gkd"] if args.real else []
     overrides += [f"output_dir={run_dir}",                        # a throw-away run directory
                   f"trainer.max_staleness={max_staleness}",       # 0 = synchronous; N = N steps sampled ahead
@@ -104,6 +105,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, help="prompts per step (toy 32, --real 8)")
     p.add_argument("--max-new-tokens", type=int, help="completion cap (toy 64, --real 32)")
     p.add_argument("--threads", type=int, help="torch threads of the synchronous trainer (toy 1, --real 2)")
+    p.add_argument("--async-learner-threads", type=int, default=1,
+                   help="torch threads of an asynchronous trainer's learner (its worker always has 1)")
     p.add_argument("--trl-venv", type=Path, help="import trl from this virtual environment (e.g. .venv-trl)")
     p.add_argument("--no-trl", action="store_true", help="no TRL trainer even when trl is importable")
     p.add_argument("--quick", action="store_true", help="2 rounds of 2-step blocks, 4 prompts, 8 tokens")
@@ -136,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
     warnings.filterwarnings("ignore", message="TRL currently supports vLLM versions")
     what = "SmolLM2-135M-Instruct teacher, 10-layer pruned student (--real)" if args.real else "toy default"
     print(f"# bench_async: steps/s with trainer.max_staleness {args.staleness}, {what}\n")
-    print_machine(f"sync {args.threads}; async 1 learner + 1 worker")
+    print_machine(f"sync {args.threads}; async {args.async_learner_threads} learner + 1 worker")
     with_trl = not args.no_trl and importlib.util.find_spec("trl") is not None
     total = args.block * args.rounds
     names = {n: ("opd sync" if n == 0 else f"opd max_staleness={n}") for n in args.staleness}
