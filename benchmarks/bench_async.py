@@ -83,9 +83,11 @@ def build_opd_trainer(run_dir: Path, args, max_staleness: int, total_steps: int)
 
 
 def opd_block(trainer, steps: int, log: BlockLog, timed: bool) -> None:
-    """``steps`` train steps and the worker's outstanding rollouts, timed as one block."""
+    """``steps`` train steps and the worker's outstanding rollouts, timed as one block, at the trainer's own torch
+    threads (a process-wide setting: each trainer set it when built, the last one built wins)."""
     import torch
 
+    torch.set_num_threads(trainer.cfg.num_threads)
     with torch.enable_grad():  # also when called from inside TRL's loop
         started = time.perf_counter()
         metrics = [trainer.train_step() for _ in range(steps)]
@@ -156,6 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
             rotated = order[index % len(order):] + order[: index % len(order)]
             for name in rotated:
                 opd_block(trainers[name], args.block, logs[name], timed=index > 0)
+            torch.set_num_threads(args.threads)  # TRL's steps (between opd rounds) run at the synchronous setting
             print(f"round {index}{' (warm-up)' if index == 0 else ''}: " + ", ".join(
                 f"{name} {logs[name].blocks[-1][0] / logs[name].blocks[-1][1]:.2f} steps/s"
                 for name in order if index > 0), flush=True)
@@ -179,6 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
                         opd_round(state["round"])
                         state.update(steps=0, seconds=0.0, tokens=0, round=state["round"] + 1)
 
+                torch.set_num_threads(args.threads)
                 holder["trl"] = build_trl_trainer(trainers[names[0]], args, total, Path(tmp) / "trl", after_trl_step)
                 print(f"TRL {trl.__version__} GKDTrainer built", flush=True)
                 holder["trl"].train()

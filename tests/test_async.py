@@ -362,3 +362,33 @@ def test_a_vllm_sampler_runs_in_the_worker_with_its_own_engine(compose_cfg, tmp_
     assert trainer.sampler.num_engines == 0  # the learner's sampler built no engine: the worker's did the sampling
     for batches in seen:  # vLLM's own record of q_old came back with every batch
         assert all(b.sampler_logprobs is not None and b.num_tokens > 0 for b in batches)
+
+
+@pytest.mark.vllm
+def test_a_served_teacher_is_asked_by_the_worker_right_after_sampling(vllm_teacher_server, compose_cfg):
+    """teacher=vllm_server: the worker sends each batch to the server as soon as it is sampled, so the teacher's
+    scoring overlaps the learner's step too; the scores it attaches are the server's for that batch, and the loss
+    trained on them is the loss of the learner asking the server itself."""
+    from conftest import VLLM_SERVER_MAX_LOGPROBS
+
+    cfg = compose_cfg("teacher=vllm_server", "student=toy", f"teacher.server_url={vllm_teacher_server.base_url}",
+                      "teacher.server_model=toy-teacher", f"teacher.server_top_k={VLLM_SERVER_MAX_LOGPROBS}",
+                      "method.beta=0", *SMALL, "trainer.max_staleness=1", "trainer.max_steps=3", tiny_models=False)
+    trainer = build_trainer(cfg)
+    try:
+        metrics, seen, _ = train_steps(trainer, 3)
+    finally:
+        trainer.close()
+    assert [m["rollout/staleness"] for m in metrics] == [0, 1, 1]
+    for batches in seen:
+        for batch in batches:
+            assert batch.teacher_scores is not None
+            asked = trainer.teacher_component.score(copy.deepcopy(batch), "sparse")
+            mask = batch.completion_mask.bool()
+            torch.testing.assert_close(batch.teacher_scores.token_logprobs[mask], asked.token_logprobs[mask])
+            assert torch.equal(batch.teacher_scores.topk_ids[mask], asked.topk_ids[mask])
+            with torch.no_grad():
+                on_worker = trainer.micro_batch_loss(batch, batch.num_tokens).loss.item()
+                batch.teacher_scores = None
+                on_learner = trainer.micro_batch_loss(batch, batch.num_tokens).loss.item()
+            assert on_worker == pytest.approx(on_learner, rel=1e-6)

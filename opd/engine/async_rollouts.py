@@ -11,7 +11,9 @@ Schedule, the same on every run with the same seed:
 - The worker (:func:`worker_main`, one process per rank with its own copy of the student and of the sampler, so a
   vLLM sampler has its own engine) takes jobs in order; when a job's version differs from the weights it holds it
   copies that slot into its model (and its engine), seeds torch with the job's seed and samples. When the method
-  reads the behaviour policy's log-probabilities it also records log q_old(y_t) at the sampling temperature.
+  reads the behaviour policy's log-probabilities it also records log q_old(y_t) at the sampling temperature. With a
+  served teacher (``teacher.kind: vllm_server``) it also asks the server for the batch's log-probs, so teacher
+  scoring overlaps the learner's step as well; a local teacher scores on the learner, which holds it.
 - At step k the learner takes the batches of step k. The batch of step j was sampled by v_{max(j−N, 0)}: its
   staleness is min(j, N) steps, never more (``rollout/staleness``).
 
@@ -90,6 +92,8 @@ class WorkerSpec:
         vocab_size: the vocabulary the pair shares (log-probs are over its rows only).
         suppress_tokens: ids the student must never sample (padding rows past the shared vocabulary).
         record_logprobs: record log q_old(y_t) of each sampled token when the sampler does not.
+        teacher: a served teacher (``teacher.kind: vllm_server``) the worker asks for the batch's sparse log-probs
+            right after sampling, so the request overlaps the learner's step too; None = the learner scores.
     """
 
     student_cfg: ModelConfig
@@ -99,6 +103,7 @@ class WorkerSpec:
     vocab_size: int
     suppress_tokens: list[int]
     record_logprobs: bool
+    teacher: Any = None
 
 
 class WeightRing:
@@ -366,6 +371,8 @@ class _RolloutWorker:
         batch = self.sampler.generate(self.model, self.tokenizer, job.examples)
         if self.spec.record_logprobs and batch.sampler_logprobs is None:
             batch.sampler_logprobs = behaviour_logprobs(self.model, batch, self.spec.vocab_size)
+        if self.spec.teacher is not None:  # the teacher is frozen: its scores do not go stale
+            batch.teacher_scores = self.spec.teacher.score(batch, "sparse")
         return batch.to("cpu")
 
 

@@ -120,7 +120,10 @@ def path_loss(path: LossPath, method: Method, batch: RolloutBatch, student: torc
                                              num_tokens, chunk_size=path.chunk_size, temperature=None,
                                              student_bias=student_head.bias, teacher_bias=teacher_head.bias)
         return method.divergence_loss(batch, divergence, None, num_tokens)
-    teacher_out = teacher.score(batch, path.teacher_output, prompt) if path.teacher_output else None
+    if path.teacher_output == "sparse" and batch.teacher_scores is not None:  # the rollout worker asked the server
+        teacher_out = batch.teacher_scores
+    else:
+        teacher_out = teacher.score(batch, path.teacher_output, prompt) if path.teacher_output else None
     logits = completion_logits(student, batch)
     logits = logits if logits.shape[-1] == vocab_size else logits[..., :vocab_size]
     out = method.loss(batch, logits, teacher_out, num_tokens)

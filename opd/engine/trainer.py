@@ -373,7 +373,15 @@ class Trainer:
         return WorkerSpec(student_cfg=self.student_cfg, sampler=self.sampler, device=str(self.device),
                           num_threads=self.rollout_threads, vocab_size=self.vocab_size,
                           suppress_tokens=list(self.student.generation_config.suppress_tokens or []),
-                          record_logprobs=self.method.staleness_handling() == "importance_ratio")
+                          record_logprobs=self.method.staleness_handling() == "importance_ratio",
+                          teacher=self.teacher_component if self._worker_scores_teacher() else None)
+
+    def _worker_scores_teacher(self) -> bool:
+        """Whether the rollout worker asks the teacher for its scores: a served teacher on the sparse loss path,
+        under the batch's own prompt (a local teacher stays on the learner, which holds it)."""
+        teacher = self.teacher_component
+        return (teacher is not None and teacher.kind == "vllm_server" and self.loss_path.teacher_output == "sparse"
+                and type(self.method).teacher_prompt is Method.teacher_prompt)
 
     def close(self) -> None:
         """Stop the rollout worker, if one runs (``fit`` does this on its way out)."""

@@ -36,6 +36,10 @@ class TMOPD(Method):
     The expected gradient is the per-token reverse-KL gradient; at ratio 1 it is −A_t·∇log q_θ(y_t).
     No paper/code disagreement: the blog describes the cookbook's loss.
 
+    Stale rollouts (``trainer.max_staleness > 0``, docs/methods.md): the ratio is PPO-clipped at ``clip_eps`` (required
+    then) and the advantage's log q is the current student's, log q_θ(y_t) detached
+    (:func:`~opd.methods.common.reward_logprobs`); on fresh rollouts both are as above.
+
     Needs only log p_T(y_t): runs from a teacher server (``teacher=vllm_server``, any
     ``teacher.server_top_k``, temperature 1).
 

@@ -31,6 +31,9 @@ class RolloutBatch:
         staleness: optimizer steps between those weights and the ones that train on the batch (0 = fresh);
             set by the trainer when it takes the batch. Sampled-token methods then take the student's side
             of their reward from the current weights (:func:`opd.methods.common.reward_logprobs`).
+        teacher_scores: the teacher's sparse log-probs on the completion tokens
+            (:class:`~opd.teachers.base.SparseTeacherLogprobs`) when the rollout worker already asked a served
+            teacher for them; None = the learner scores the batch.
     """
 
     prompt_ids: torch.Tensor
@@ -44,6 +47,7 @@ class RolloutBatch:
     extras: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     policy_version: int | None = None
     staleness: int = 0
+    teacher_scores: Any = None
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -65,12 +69,15 @@ class RolloutBatch:
         pick = {f.name: getattr(self, f.name).index_select(0, rows) for f in dataclasses.fields(self)
                 if isinstance(getattr(self, f.name), torch.Tensor)}
         return dataclasses.replace(self, **pick, examples=[self.examples[i] for i in rows.tolist()],
-                                   extras={k: v.index_select(0, rows) for k, v in self.extras.items()})
+                                   extras={k: v.index_select(0, rows) for k, v in self.extras.items()},
+                                   teacher_scores=None if self.teacher_scores is None else
+                                   self.teacher_scores.select_rows(rows))
 
     def to(self, device: torch.device | str) -> RolloutBatch:
         move = {f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
                 if isinstance(getattr(self, f.name), torch.Tensor)}
-        return dataclasses.replace(self, **move, extras={k: v.to(device) for k, v in self.extras.items()})
+        return dataclasses.replace(self, **move, extras={k: v.to(device) for k, v in self.extras.items()},
+                                   teacher_scores=None if self.teacher_scores is None else self.teacher_scores.to(device))
 
     def state_dict(self) -> dict[str, Any]:
         """The batch as tensors and plain values (a checkpoint loads it with ``weights_only=True``)."""
@@ -78,8 +85,11 @@ class RolloutBatch:
                    if isinstance(getattr(self, f.name), torch.Tensor)}
         examples = [{"type": f"{type(e).__module__}.{type(e).__qualname__}", "fields": dataclasses.asdict(e)}
                     for e in self.examples]
+        scores = None if self.teacher_scores is None else {
+            f.name: getattr(self.teacher_scores, f.name).cpu() for f in dataclasses.fields(self.teacher_scores)}
         return {"tensors": tensors, "extras": {k: v.cpu() for k, v in self.extras.items()}, "examples": examples,
-                "source": self.source, "temperature": self.temperature, "policy_version": self.policy_version}
+                "source": self.source, "temperature": self.temperature, "policy_version": self.policy_version,
+                "teacher_scores": scores}
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any], device: torch.device | str = "cpu") -> RolloutBatch:
@@ -88,10 +98,14 @@ class RolloutBatch:
         Raises:
             ValueError: if an example's class is not a :class:`~opd.data.base.Example` subclass.
         """
+        from opd.teachers.base import SparseTeacherLogprobs
+
         examples = [_example_from_state(entry) for entry in state["examples"]]
         tensors = {name: tensor.to(device) for name, tensor in state["tensors"].items()}
+        scores = state.get("teacher_scores")
         return cls(**tensors, examples=examples, source=state["source"], temperature=state["temperature"],
-                   extras={k: v.to(device) for k, v in state["extras"].items()}, policy_version=state["policy_version"])
+                   extras={k: v.to(device) for k, v in state["extras"].items()}, policy_version=state["policy_version"],
+                   teacher_scores=None if scores is None else SparseTeacherLogprobs(**scores).to(device))
 
 
 def _example_from_state(entry: dict[str, Any]) -> Example:
