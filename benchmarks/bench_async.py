@@ -36,7 +36,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_step import build_trl_trainer  # noqa: E402
-from common import REAL_EXPERIMENT, add_site_packages, compose_train_config, markdown_table, median, print_machine  # noqa: E402
+from common import (  # noqa: E402
+    REAL_EXPERIMENT,
+    add_site_packages,
+    compose_train_config,
+    fill_defaults,
+    markdown_table,
+    median,
+    print_machine,
+)
 
 #: issue 15's targets: async steps/s over the synchronous trainer's, and over TRL GKDTrainer's
 TARGET_SYNC, TARGET_TRL = 1.6, 1.5
@@ -114,13 +122,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="2 rounds of 2-step blocks, 4 prompts, 8 tokens")
     p.add_argument("--json", type=Path, help="also write the summaries here")
     args = p.parse_args(argv)
-    defaults = dict(block=3, rounds=4, batch_size=8, max_new_tokens=32, threads=2) if args.real else \
-        dict(block=20, rounds=6, batch_size=32, max_new_tokens=64, threads=1)
-    if args.quick:
-        defaults.update(block=2, rounds=2, batch_size=4, max_new_tokens=8)
-    for key, value in defaults.items():
-        if getattr(args, key) is None or args.quick:
-            setattr(args, key, value)
+    fill_defaults(args, dict(block=3, rounds=4, batch_size=8, max_new_tokens=32, threads=2) if args.real else
+                  dict(block=20, rounds=6, batch_size=32, max_new_tokens=64, threads=1),
+                  quick=dict(block=2, rounds=2, batch_size=4, max_new_tokens=8))
     args.trl_gradient_checkpointing = False  # TRL at its best CPU settings (bench_step.py)
     if 0 not in args.staleness:
         p.error("--staleness must include 0, the synchronous baseline")

@@ -73,6 +73,7 @@ from common import (  # noqa: E402
     REAL_EXPERIMENT,
     add_site_packages,
     compose_train_config,
+    fill_defaults,
     markdown_table,
     median,
     print_machine,
@@ -331,13 +332,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="2 + 1 steps, 4 prompts (--real: 2), 8 tokens (plumbing check)")
     p.add_argument("--json", type=Path, help="also write the summaries and per-step measurements here")
     args = p.parse_args(argv)
-    defaults = dict(steps=6, warmup=1, batch_size=8, max_new_tokens=32, threads=2) if args.real else \
-        dict(steps=100, warmup=5, batch_size=32, max_new_tokens=64, threads=1)
-    if args.quick:
-        defaults.update(steps=2, warmup=1, batch_size=2 if args.real else 4, max_new_tokens=8)
-    for key, value in defaults.items():
-        if getattr(args, key) is None or args.quick:
-            setattr(args, key, value)
+    fill_defaults(args, dict(steps=6, warmup=1, batch_size=8, max_new_tokens=32, threads=2) if args.real else
+                  dict(steps=100, warmup=5, batch_size=32, max_new_tokens=64, threads=1),
+                  quick=dict(steps=2, warmup=1, batch_size=2 if args.real else 4, max_new_tokens=8))
     return args
 
 

@@ -17,6 +17,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GIB = 1 << 30
@@ -197,6 +198,15 @@ def markdown_table(header: list[str], rows: list[list[object]]) -> str:
 # ----------------------------------------------------------------------------- real models (issue 12, `--real`)
 REAL_EXPERIMENT = "real_smollm2"  # conf/experiment/real_smollm2.yaml: SmolLM2-135M-Instruct teacher, 10-layer student
 REAL_KEEP_LAYERS = 10  # the pruned student of that experiment (student.keep_layers)
+
+
+def fill_defaults(args: Any, defaults: dict[str, Any], quick: dict[str, Any] | None = None) -> None:
+    """Set every option of ``args`` left unset (None) to its value in ``defaults``; with ``--quick``, ``quick``'s
+    values over both (set or not)."""
+    quick = quick if getattr(args, "quick", False) else {}
+    for key, value in {**defaults, **quick}.items():
+        if getattr(args, key) is None or key in quick:
+            setattr(args, key, value)
 
 
 def compose_train_config(overrides: Sequence[str]):

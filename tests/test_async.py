@@ -8,10 +8,10 @@
 3. The losses use the behaviour policy's record only as declared: "as_is" / "recompute" losses never read it;
    "importance_ratio" ones equal the fresh loss at ratio 1 and move with q_old otherwise; tm_opd's stale loss
    equals an independent computation of the clipped ratio with the current student's reward.
-4. Runs: a tiny model trains (its loss falls) with staleness ≤ N on every step; SIGKILL mid-run then resume gives
-   the uninterrupted run's result (the rollouts in flight are checkpointed, none regenerated or skipped); SIGTERM
-   checkpoints them; a non-finite step is skipped without stopping the worker; a failing worker's error reaches
-   the learner; DeepSpeed ZeRO-2 over two processes runs with one worker per rank.
+4. Runs: a tiny model trains (its loss falls) with staleness ≤ N on every step; a non-finite step is skipped
+   without stopping the worker; a failing worker's error reaches the learner; DeepSpeed ZeRO-2 over two processes
+   runs with one worker per rank; a vLLM sampler and a served teacher work in the worker. SIGKILL-then-resume and
+   SIGTERM with rollouts in flight are in tests/test_resume.py (parametrized over synchronous and asynchronous).
 """
 
 from __future__ import annotations
@@ -19,12 +19,8 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import re
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -32,7 +28,7 @@ import torch
 
 import opd.methods  # noqa: F401  (registers every method)
 from opd.engine.async_rollouts import job_seed
-from opd.engine.checkpoint import latest_valid_checkpoint, list_checkpoints
+from opd.engine.checkpoint import list_checkpoints
 from opd.errors import ConfigError, TrainingError
 from opd.methods.base import Method
 from opd.models.scoring import completion_logits, token_logprobs
@@ -213,71 +209,6 @@ def test_an_async_run_trains_the_toy_student_within_the_staleness_bound(tmp_path
     assert [r["rollout/staleness"] for r in train] == [0, 1] + [2] * 58
     first, last = (sum(r["train/loss"] for r in part) / 10 for part in (train[:10], train[-10:]))
     assert last < 0.9 * first, (first, last)  # the toy student is pretrained: its loss falls by ~20 % in 60 steps
-
-
-def launch(tiny_model_dirs, out: Path, *extra: str) -> subprocess.Popen:
-    args = [f"teacher.name_or_path={tiny_model_dirs['teacher']}", f"student.name_or_path={tiny_model_dirs['student']}",
-            "debug=tiny", "trainer.num_threads=1", "data.num_train=64", "data.num_eval=16", "trainer.max_steps=10",
-            "trainer.save_every=2", "trainer.keep_checkpoints=10", "trainer.eval_every=5", "trainer.batch_size=4",
-            "trainer.max_staleness=2", f"output_dir={out}", *extra]
-    return subprocess.Popen([sys.executable, "-m", "opd.train", *args], env={**os.environ, "OMP_NUM_THREADS": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while not path.exists():
-        assert proc.poll() is None, proc.stderr.read()
-        assert time.time() < deadline, f"{path} did not appear"
-        time.sleep(0.05)
-
-
-def test_sigkill_then_resume_trains_each_in_flight_rollout_once(tiny_model_dirs, tmp_path):
-    full = launch(tiny_model_dirs, tmp_path / "full")
-    assert full.wait(timeout=300) == 0, full.stderr.read()
-
-    killed = launch(tiny_model_dirs, tmp_path / "killed")
-    wait_for(tmp_path / "killed" / "checkpoints" / "step_000004" / "COMPLETE", killed)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
-    checkpoint = list_checkpoints(tmp_path / "killed")[-1]
-    in_flight = torch.load(checkpoint / "in_flight_rank0.pt", weights_only=True)
-    step = int(checkpoint.name.split("_")[1])
-    assert sorted(in_flight) == [s for s in (step, step + 1) if s < 10]  # sampled ahead by the older weights
-
-    resumed = launch(tiny_model_dirs, tmp_path / "killed", "trainer.resume=auto")
-    out, err = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, err
-    assert "resumed from" in out
-    a = json.loads((tmp_path / "full" / "summary.json").read_text())
-    b = json.loads((tmp_path / "killed" / "summary.json").read_text())
-    for key in ("student_accuracy_after", "steps", "tokens"):
-        assert a[key] == b[key], key
-    rows = {kind: [json.loads(line) for line in (tmp_path / kind / "metrics.jsonl").read_text().splitlines()
-                   if "train/loss" in line] for kind in ("full", "killed")}
-    assert [r["step"] for r in rows["killed"]] == list(range(1, 11))
-    for x, y in zip(rows["full"], rows["killed"]):  # the same batches, the same versions, the same losses
-        assert (x["train/loss"], x["rollout/policy_version"], x["train/tokens"]) == (
-            y["train/loss"], y["rollout/policy_version"], y["train/tokens"]), x["step"]
-    wa = torch.load(Path(a["checkpoint"]) / "trainer_state.pt", weights_only=True)["optimizer"]["state"]
-    wb = torch.load(Path(b["checkpoint"]) / "trainer_state.pt", weights_only=True)["optimizer"]["state"]
-    assert all(torch.equal(wa[k]["exp_avg"], wb[k]["exp_avg"]) for k in wa)
-
-
-def test_sigterm_checkpoints_the_rollouts_in_flight(tiny_model_dirs, tmp_path):
-    proc = launch(tiny_model_dirs, tmp_path / "run", "trainer.max_steps=1000", "trainer.save_every=0")
-    metrics = tmp_path / "run" / "metrics.jsonl"
-    deadline = time.time() + 120
-    while not (metrics.exists() and "train/loss" in metrics.read_text()):
-        assert proc.poll() is None and time.time() < deadline
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, err
-    assert "checkpoint saved" in err
-    checkpoint = latest_valid_checkpoint(tmp_path / "run")
-    step = int(checkpoint.name.split("_")[1])
-    assert sorted(torch.load(checkpoint / "in_flight_rank0.pt", weights_only=True)) == [step, step + 1]
 
 
 def test_a_non_finite_step_is_skipped_and_the_worker_goes_on(compose_cfg):

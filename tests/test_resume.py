@@ -1,4 +1,5 @@
-"""Runs survive kills: SIGKILL mid-run then resume gives the uninterrupted result; SIGTERM checkpoints first."""
+"""Runs survive kills: SIGKILL mid-run then resume gives the uninterrupted result; SIGTERM checkpoints first. Both also
+with asynchronous rollouts (``trainer.max_staleness``), whose rollouts in flight are checkpointed."""
 
 from __future__ import annotations
 
@@ -35,17 +36,33 @@ def wait_for_checkpoint(out: Path, step: int, proc: subprocess.Popen, timeout: f
         time.sleep(0.05)
 
 
-def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_model_dirs, tmp_path):
-    full = launch(tiny_model_dirs, tmp_path / "full")
+def in_flight_steps(checkpoint: Path) -> list[int]:
+    """The steps whose rollouts a checkpoint holds ahead of time (``trainer.max_staleness``), or []."""
+    path = checkpoint / "in_flight_rank0.pt"
+    return sorted(torch.load(path, weights_only=True)) if path.exists() else []
+
+
+#: synchronous, and with rollouts sampled 2 steps ahead by the worker (issue 15: they are checkpointed, so a
+#: resumed run trains on each once, none sampled again or skipped)
+STALENESS = pytest.mark.parametrize("staleness", [0, 2], ids=["sync", "async"])
+
+
+@STALENESS
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_model_dirs, tmp_path, staleness):
+    setting = f"trainer.max_staleness={staleness}"
+    full = launch(tiny_model_dirs, tmp_path / "full", setting)
     assert full.wait(timeout=300) == 0, full.stderr.read()
 
-    killed = launch(tiny_model_dirs, tmp_path / "killed")
+    killed = launch(tiny_model_dirs, tmp_path / "killed", setting)
     wait_for_checkpoint(tmp_path / "killed", 4, killed)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     assert not (tmp_path / "killed" / "summary.json").exists()
+    checkpoint = list_checkpoints(tmp_path / "killed")[-1]
+    step = int(checkpoint.name.split("_")[1])
+    assert in_flight_steps(checkpoint) == list(range(step, min(step + staleness, 10)))
 
-    resumed = launch(tiny_model_dirs, tmp_path / "killed", "trainer.resume=auto")
+    resumed = launch(tiny_model_dirs, tmp_path / "killed", setting, "trainer.resume=auto")
     out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
     assert "resumed from" in out
@@ -59,14 +76,20 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_model_dirs, tmp_p
     wb = torch.load(Path(b["checkpoint"]) / "trainer_state.pt", weights_only=True)["optimizer"]["state"]
     for key in wa:
         assert torch.equal(wa[key]["exp_avg"], wb[key]["exp_avg"])
-    # metrics.jsonl holds each step once, in order
-    steps = [json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
-             if "train/loss" in line]
-    assert steps == list(range(1, 11))
+    # metrics.jsonl holds each step once, in order, with the uninterrupted run's batches (the same losses, tokens and,
+    # asynchronously, the same policy versions)
+    rows = {kind: [json.loads(line) for line in (tmp_path / kind / "metrics.jsonl").read_text().splitlines()
+                   if "train/loss" in line] for kind in ("full", "killed")}
+    assert [row["step"] for row in rows["killed"]] == list(range(1, 11))
+    keys = ("train/loss", "train/tokens") + (("rollout/policy_version",) if staleness else ())
+    for x, y in zip(rows["full"], rows["killed"]):
+        assert [x[k] for k in keys] == [y[k] for k in keys], x["step"]
 
 
-def test_sigterm_saves_a_checkpoint_before_exiting(tiny_model_dirs, tmp_path):
-    proc = launch(tiny_model_dirs, tmp_path / "run", "trainer.max_steps=1000", "trainer.save_every=0")
+@STALENESS
+def test_sigterm_saves_a_checkpoint_before_exiting(tiny_model_dirs, tmp_path, staleness):
+    proc = launch(tiny_model_dirs, tmp_path / "run", "trainer.max_steps=1000", "trainer.save_every=0",
+                  f"trainer.max_staleness={staleness}")
     deadline = time.time() + 120
     metrics = tmp_path / "run" / "metrics.jsonl"
     while not (metrics.exists() and "train/loss" in metrics.read_text()):
@@ -76,7 +99,9 @@ def test_sigterm_saves_a_checkpoint_before_exiting(tiny_model_dirs, tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "checkpoint saved" in err and "trainer.resume=" in err
-    assert latest_valid_checkpoint(tmp_path / "run") is not None
+    checkpoint = latest_valid_checkpoint(tmp_path / "run")
+    step = int(checkpoint.name.split("_")[1])
+    assert in_flight_steps(checkpoint) == list(range(step, step + staleness))  # the worker's rollouts, kept
 
 
 def test_corrupt_newest_checkpoint_is_skipped_with_a_warning(compose_cfg, tmp_path):

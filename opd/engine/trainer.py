@@ -356,10 +356,9 @@ class Trainer:
 
     def _submit(self, step: int) -> list[RolloutBatch | PendingRollout]:
         """The behaviour policy's micro-batches for ``step``: batches, or placeholders for the worker's rollouts."""
+        if self.async_rollouts is None:  # synchronous: only the current step is ever submitted
+            return [self.collect(dist.shard(next(self.prompts))) for _ in range(self.cfg.grad_accum)]
         self.rollout_ctx.step = step
-        if self.async_rollouts is None:
-            return [self.method.policy.collect(self.rollout_ctx, dist.shard(next(self.prompts)))
-                    for _ in range(self.cfg.grad_accum)]
         ctx = dataclasses.replace(self.rollout_ctx, sampler=DeferredSampler(self.sampler, self.student, self.async_rollouts))
         items = []
         for micro in range(self.cfg.grad_accum):

@@ -1,8 +1,8 @@
 """A model's whole weights as ``(name, tensor)`` pairs, also when DeepSpeed ZeRO-3 partitions them.
 
 Used wherever the student's current weights are copied out of the training process's model: into a
-vLLM engine (:mod:`opd.sampling.vllm`) and into the rollout worker's shared buffers
-(:mod:`opd.engine.async_rollouts`).
+vLLM engine (:mod:`opd.sampling.vllm`) and into the shared buffers of the rollout worker (the engine's
+``async_rollouts``, ``trainer.max_staleness``).
 """
 
 from __future__ import annotations

@@ -53,7 +53,7 @@ class BehaviourPolicy:
         raise NotImplementedError
 
     def async_blocker(self) -> str | None:
-        """Why the rollout worker (``trainer.max_staleness > 0``, :mod:`opd.engine.async_rollouts`) cannot write this
+        """Why the rollout worker (``trainer.max_staleness > 0``, the engine's ``async_rollouts``) cannot write this
         policy's student rollouts, or None if it can.
 
         The worker holds only a copy of the student and the sampler. At submission time ``collect`` runs on the
