@@ -255,12 +255,15 @@ def test_a_failing_worker_reports_its_error_to_the_learner(compose_cfg):
 
 
 @pytest.mark.deepspeed
-def test_two_deepspeed_processes_each_with_a_rollout_worker(tmp_path):
-    from test_deepspeed import metric_rows, torchrun
+@pytest.mark.parametrize("stage", [2, pytest.param(3, marks=pytest.mark.slow)])  # ZeRO-3: weights gathered to publish
+def test_two_deepspeed_processes_each_with_a_rollout_worker(tmp_path, stage):
+    from test_deepspeed import SHARD_ALL, metric_rows, torchrun
 
     out = tmp_path / "run"
-    torchrun("deepspeed=zero2", "debug=tiny", "trainer.max_staleness=1", "trainer.max_steps=4", "trainer.batch_size=4",
-             "trainer.num_threads=1", "trainer.eval_examples=8", "trainer.save_every=2", f"output_dir={out}", cwd=tmp_path)
+    extra = [SHARD_ALL] if stage == 3 else []
+    torchrun(f"deepspeed=zero{stage}", *extra, "debug=tiny", "trainer.max_staleness=1", "trainer.max_steps=4",
+             "trainer.batch_size=4", "trainer.num_threads=1", "trainer.eval_examples=8", "trainer.save_every=2",
+             f"output_dir={out}", cwd=tmp_path)
     rows = metric_rows(out)
     assert sorted(rows) == [1, 2, 3, 4]
     assert [rows[s]["rollout/staleness"] for s in sorted(rows)] == [0, 1, 1, 1]

@@ -22,6 +22,11 @@ step v+N; its slot is next written at step v+N+1), so no lock is needed. Each jo
 the rank, the step and the micro-batch only, so rollouts do not depend on how the two processes' timings interleave.
 A checkpoint stores the rollouts already submitted for the next steps (:func:`in_flight_state`), so a resumed run
 trains on each of them exactly once: none is generated twice, none skipped.
+
+The setting has the meaning of TRL's ``AsyncDistillationTrainer`` ``max_staleness`` and of verl's one-step-off
+schedule (N = 1). What each loss does with a stale batch follows the AsyncOPD study (arXiv 2606.24143): forward KL as
+is, reverse KL with the student's side recomputed at learner time, sampled-token losses through a clipped importance
+ratio (``Method.staleness_handling``, docs/methods.md "Stale rollouts").
 """
 
 from __future__ import annotations
