@@ -20,7 +20,7 @@ Schedule, the same on every run with the same seed:
 A slot is rewritten only after every job that reads it has been taken (version v serves jobs up to v+N, all taken by
 step v+N; its slot is next written at step v+N+1), so no lock is needed. Each job's seed depends on the run's seed,
 the rank, the step and the micro-batch only, so rollouts do not depend on how the two processes' timings interleave.
-A checkpoint stores the rollouts already submitted for the next steps (:func:`in_flight_state`), so a resumed run
+A checkpoint stores the rollouts already submitted for the next steps (``Trainer.save``), so a resumed run
 trains on each of them exactly once: none is generated twice, none skipped.
 
 The setting has the meaning of TRL's ``AsyncDistillationTrainer`` ``max_staleness`` and of verl's one-step-off
@@ -97,8 +97,9 @@ class WorkerSpec:
         vocab_size: the vocabulary the pair shares (log-probs are over its rows only).
         suppress_tokens: ids the student must never sample (padding rows past the shared vocabulary).
         record_logprobs: record log q_old(y_t) of each sampled token when the sampler does not.
-        teacher: a served teacher (``teacher.kind: vllm_server``) the worker asks for the batch's sparse log-probs
-            right after sampling, so the request overlaps the learner's step too; None = the learner scores.
+        teacher: a teacher that can score in any process (``Teacher.scores_in_any_process``: a served one) that the
+            worker asks for the batch's sparse log-probs right after sampling, so the request overlaps the learner's
+            step too; None = the learner scores.
     """
 
     student_cfg: ModelConfig
@@ -277,15 +278,6 @@ def _stop_process(process, jobs) -> None:
             process.join(timeout=5)
 
 
-def in_flight_state(queued: dict[int, list[RolloutBatch]]) -> dict[int, list[dict[str, Any]]]:
-    """The rollouts written for the coming steps as plain state (a checkpoint's ``in_flight_rank<r>.pt``).
-
-    Args:
-        queued: step -> its micro-batches, every one written (the trainer waits for the worker's first).
-    """
-    return {step: [batch.state_dict() for batch in items] for step, items in queued.items()}
-
-
 def to_wire(value: Any) -> Any:
     """``value`` with every tensor as a numpy array, for a queue.
 
@@ -375,13 +367,13 @@ class _RolloutWorker:
         torch.manual_seed(job.seed)
         batch = self.sampler.generate(self.model, self.tokenizer, job.examples)
         if self.spec.record_logprobs and batch.sampler_logprobs is None:
-            batch.sampler_logprobs = behaviour_logprobs(self.model, batch, self.spec.vocab_size)
+            batch.sampler_logprobs = sampled_token_logprobs(self.model, batch, self.spec.vocab_size)
         if self.spec.teacher is not None:  # the teacher is frozen: its scores do not go stale
             batch.teacher_scores = self.spec.teacher.score(batch, "sparse")
         return batch.to("cpu")
 
 
-def behaviour_logprobs(model: torch.nn.Module, batch: RolloutBatch, vocab_size: int) -> torch.Tensor:
+def sampled_token_logprobs(model: torch.nn.Module, batch: RolloutBatch, vocab_size: int) -> torch.Tensor:
     """``[B, T]`` log q_old(y_t) of each sampled token under ``model`` at the batch's sampling temperature (0 at
     padding), over the first ``vocab_size`` rows: the distribution the tokens were drawn from."""
     from opd.models.scoring import completion_logits, token_logprobs

@@ -40,7 +40,7 @@ from opd.data.base import Example, PromptIterator, Task, validation_split
 from opd.data.chat import apply_chat_template
 from opd.data.mixture import merge_per_source
 from opd.engine import checkpoint as ckpt
-from opd.engine.async_rollouts import AsyncRollouts, DeferredSampler, PendingRollout, WorkerSpec, in_flight_state
+from opd.engine.async_rollouts import AsyncRollouts, DeferredSampler, PendingRollout, WorkerSpec
 from opd.engine.backends import DeepSpeedBackend, LocalBackend
 from opd.engine.evaluate import EvalResult, evaluate_accuracy, evaluate_pass_at_k
 from opd.engine.loss_paths import LossPath, check_pair, path_loss, select_loss_path
@@ -347,9 +347,7 @@ class Trainer:
         for step in range(self.step, last + 1):
             if step not in self.queued:  # steps are submitted in order: every later one is absent too
                 self.queued[step] = self._submit(step)
-        items = self.queued.pop(self.step)
-        batches = [self.async_rollouts.take(item, self.device) if isinstance(item, PendingRollout) else item
-                   for item in items]
+        batches = self._taken(self.queued.pop(self.step))
         for batch in batches:
             batch.staleness = self.step - batch.policy_version if batch.policy_version is not None else 0
         return batches
@@ -367,6 +365,11 @@ class Trainer:
         self.async_rollouts.submitting = None
         return items
 
+    def _taken(self, items: list[RolloutBatch | PendingRollout]) -> list[RolloutBatch]:
+        """``items`` with every worker placeholder replaced by its batch (waiting for the worker if need be)."""
+        return [self.async_rollouts.take(item, self.device) if isinstance(item, PendingRollout) else item
+                for item in items]
+
     def _worker_spec(self) -> WorkerSpec:
         """How the rollout worker builds its copy of the student and of the sampler."""
         return WorkerSpec(student_cfg=self.student_cfg, sampler=self.sampler, device=str(self.device),
@@ -376,10 +379,11 @@ class Trainer:
                           teacher=self.teacher_component if self._worker_scores_teacher() else None)
 
     def _worker_scores_teacher(self) -> bool:
-        """Whether the rollout worker asks the teacher for its scores: a served teacher on the sparse loss path,
-        under the batch's own prompt (a local teacher stays on the learner, which holds it)."""
+        """Whether the rollout worker asks the teacher for its scores: a teacher whose scoring needs nothing of this
+        process (``Teacher.scores_in_any_process``: a served one) on the sparse loss path, under the batch's own prompt
+        (a local teacher stays on the learner, which holds it)."""
         teacher = self.teacher_component
-        return (teacher is not None and teacher.kind == "vllm_server" and self.loss_path.teacher_output == "sparse"
+        return (teacher is not None and teacher.scores_in_any_process and self.loss_path.teacher_output == "sparse"
                 and type(self.method).teacher_prompt is Method.teacher_prompt)
 
     def close(self) -> None:
@@ -604,14 +608,13 @@ class Trainer:
 
     def wait_for_rollouts(self) -> None:
         """Wait until the worker has written every rollout submitted so far (they stay queued for their steps)."""
-        for step, items in self.queued.items():
-            self.queued[step] = [self.async_rollouts.take(item, self.device) if isinstance(item, PendingRollout) else item
-                                 for item in items]
+        self.queued = {step: self._taken(items) for step, items in self.queued.items()}
 
     def _in_flight_state(self) -> dict[int, list[dict[str, Any]]]:
-        """The rollouts already submitted for the coming steps (waiting for the worker's), as plain state."""
+        """The rollouts already submitted for the coming steps as plain state, step -> its batches' ``state_dict()``
+        (a checkpoint's ``in_flight_rank<r>.pt``); the worker's are waited for first."""
         self.wait_for_rollouts()
-        return in_flight_state(self.queued)
+        return {step: [batch.state_dict() for batch in items] for step, items in self.queued.items()}
 
     def save(self) -> Path:
         """Write a checkpoint of the current step (older ones beyond ``keep_checkpoints`` are deleted).

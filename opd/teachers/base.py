@@ -116,6 +116,9 @@ class Teacher:
     Config: ClassVar[type] = None  # type: ignore[assignment]  (set by every kind: its dataclass schema)
     #: a model in this process: the behaviour policy can sample from it (SeqKD, MiniLLM) and evaluation can decode it
     local: ClassVar[bool] = True
+    #: :meth:`score` needs nothing held by this process (a served teacher's HTTP client), so another process, the
+    #: rollout worker of ``trainer.max_staleness``, may call it on a pickled copy
+    scores_in_any_process: ClassVar[bool] = False
     provides: frozenset[str] = frozenset()
     model: torch.nn.Module | None = None
     top_k: int = 0

@@ -359,6 +359,7 @@ class ServedTeacher(Teacher):
 
     Config = VLLMServerConfig
     local = False
+    scores_in_any_process = True  # the worker asks the server itself
     provides = frozenset({"sparse"})
 
     def __init__(self, cfg: VLLMServerConfig) -> None:
