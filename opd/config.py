@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
-from opd.errors import ConfigError
+from opd.errors import ConfigError, unknown_key_error
 
 ASSETS = Path(__file__).parent / "assets"
 
@@ -259,16 +258,6 @@ def _check_section_keys(section: str, node: Any) -> None:
             raise unknown_key_error(f"{section}.{key}", valid, section)
 
 
-def unknown_key_error(key: str, valid: Iterable[str], section: Optional[str] = None) -> ConfigError:
-    """``unknown config key 'trainer.lrr' (did you mean 'trainer.lr'?); valid keys of trainer: ...``."""
-    valid = sorted(valid)
-    prefix = f"{section}." if section else ""
-    close = difflib.get_close_matches(key.removeprefix(prefix), valid, n=1)
-    hint = f" (did you mean {prefix + close[0]!r}?)" if close else ""
-    where = f"keys of {section}" if section else "top-level keys"
-    return ConfigError(f"unknown config key {key!r}{hint}; valid {where}: {', '.join(valid)}")
-
-
 def group_options(conf_dir: str | Path, group: str) -> list[str]:
     """The options of a config group: ``conf/<group>/**/*.yaml`` as ``name`` or ``sub/name``."""
     root = Path(conf_dir) / group
@@ -278,12 +267,12 @@ def group_options(conf_dir: str | Path, group: str) -> list[str]:
 def check_cli_overrides(args: list[str], conf_dir: str | Path) -> None:
     """Check command-line overrides before Hydra composes anything: a group option must exist
     (``experiment=nope``), and a key of the root or of a fixed section must be in the schema
-    (``trainer.lrr=1``, ``+foo=1``). Hydra would print several lines, or nothing for a ``+`` key.
+    (``trainer.lrr=1``, ``+foo=1``), and so must a key of ``method``/``sampler``/``data`` in the class
+    the command line chooses (``method.betaa=1``). Hydra would print several lines, or nothing for a ``+`` key.
 
-    Left to Hydra (and to :func:`check_known_keys` after composition): command lines with flags
-    other than ``-m``/``-r``/``--resolve`` (another config, ``--cfg``, ``--help``), group options when
-    ``hydra.searchpath`` adds config directories, glob and range sweeps, and method/sampler/data keys
-    (their valid keys depend on the chosen class).
+    Left to Hydra (and to :func:`check_known_keys` and the registries after composition): command lines
+    with flags other than ``-m``/``-r``/``--resolve`` (another config, ``--cfg``, ``--help``), group
+    options and component keys when ``hydra.searchpath`` adds config directories, and glob and range sweeps.
 
     Args:
         args: the command line after the program name (``sys.argv[1:]``).
@@ -333,6 +322,59 @@ def check_cli_overrides(args: list[str], conf_dir: str | Path) -> None:
             valid = section_keys(section)
             if rest.split(".")[0] not in valid:
                 raise unknown_key_error(f"{section}.{rest.split('.')[0]}", valid, section)
+    if own_search_path:
+        _check_component_keys(overrides, groups, conf_dir)
+
+
+#: sections whose valid keys are those of the registered class their ``name`` picks
+COMPONENT_SECTIONS = ("method", "sampler", "data")
+#: a sweep's group choices checked at most (each is one compose, ~0.1 s); jobs past them are checked as they start
+MAX_CHECKED_JOBS = 32
+
+
+def _check_component_keys(overrides: list[Any], groups: set[str], conf_dir: Path) -> None:
+    """``method.betaa=1`` (with or without ``+``): the keys of ``method``/``sampler``/``data`` depend on the class the
+    command line chooses, so compose the group choices alone (no key overrides) to learn it, then check each key
+    against that class's schema, as :meth:`opd.registry.Registry.validate` will. A sweep over groups is checked job
+    by job (its first :data:`MAX_CHECKED_JOBS` combinations)."""
+    keyed = [o for o in overrides if o.key_or_group.partition(".")[0] in COMPONENT_SECTIONS and "." in o.key_or_group
+             and not o.is_delete()]
+    if not keyed:
+        return
+    import itertools
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.types import ValueType
+
+    from opd.registry import DATASETS, METHODS, SAMPLERS, load_builtin_components
+
+    lines = []  # each group choice as its options: one for `method=gkd`, two for `method=gkd,sft`
+    for o in (o for o in overrides if o.key_or_group in groups):
+        if o.value_type == ValueType.ELEMENT:
+            lines.append([o.input_line])
+        elif o.value_type in (ValueType.CHOICE_SWEEP, ValueType.SIMPLE_CHOICE_SWEEP):
+            lines.append([f"{o.input_line.partition('=')[0]}={choice}" for choice in o.sweep_string_iterator()])
+        else:  # glob and range sweeps: Hydra expands them
+            return
+    combinations = list(itertools.islice(itertools.product(*lines), MAX_CHECKED_JOBS))
+    load_builtin_components()
+    registries = {"method": METHODS, "sampler": SAMPLERS, "data": DATASETS}
+    for combination in combinations:
+        try:
+            with initialize_config_dir(config_dir=str(conf_dir.resolve()), version_base="1.3"):
+                cfg = compose(config_name="train", overrides=list(combination))
+        except Exception:  # noqa: BLE001 - a composition Hydra refuses: it reports that in its own words
+            return
+        for override in keyed:
+            section, _, rest = override.key_or_group.partition(".")
+            node, registry = cfg.get(section), registries[section]
+            if node is None or node.get(registry.name_key) not in registry:
+                continue  # no entry chosen, or an unknown name: the registry's own check names it
+            name = node[registry.name_key]
+            valid = [f.name for f in dataclasses.fields(registry.schema(name))]
+            if rest.split(".")[0] not in valid:
+                raise unknown_key_error(f"{section}.{rest.split('.')[0]}", valid, section,
+                                        owner=f"{registry.kind} {name!r}")
 
 
 def flatten_config(node: Any, prefix: str = "") -> dict[str, Any]:

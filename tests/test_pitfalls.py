@@ -15,7 +15,9 @@ so a new method is checked without editing this file:
 4. a ``vllm serve`` teacher on loopback gives the loss of the same model as a local HF teacher (``vllm`` mark).
 5. teacher and student heads that differ only by padding rows (Qwen: 151,936 vs 152,064) train on the
    first shared rows; a head that would cut a real token id is refused with both sizes.
-6. pinned first-step ``train/loss`` and ``train/grad_norm`` on the shipped toy models.
+6. pinned first-step ``train/loss`` and ``train/grad_norm`` on the shipped toy models, within a relative tolerance
+   that float32 arithmetic on another CPU stays inside (``PIN_RTOL``); ``make test`` runs them again under
+   ``ATEN_CPU_CAPABILITY=default`` (other kernels), so a pin compared bit for bit fails where it is written.
 
 ``python tests/test_pitfalls.py --pin`` prints the pinned dict of check 6.
 """
@@ -462,7 +464,36 @@ PINNED: dict[str, tuple[float, float]] = {
     'tm_opd': (0.7515014410018921, 16.666118621826172),
     'topk_rkl_sg': (0.9915168285369873, 11.039631843566895),
 }
+#: Relative tolerance of a pinned first step. Machines differ in the last digits of float32 results: other CPU
+#: kernels (ATEN_CPU_CAPABILITY) or another reduction order moved kd's first-step loss by 1.2e-7 (relative) and its
+#: grad norm by 4.5e-7 on another machine (issue 20). A step sums thousands of float32 terms (eps 6.0e-8) through a
+#: forward and backward pass, so a few 1e-6 is what arithmetic alone can move; 1e-4 leaves a margin of ~100 over that
+#: and still fails a real change of 1e-3 (test_a_change_of_1e_3_fails_the_pin). Bit-for-bit pins are for promises
+#: within one machine only (exact resume, one seed's determinism).
 PIN_RTOL = 1e-4
+
+
+def pin_mismatch(got: tuple[float, float], want: tuple[float, float]) -> str | None:
+    """None when ``got`` = (loss, grad_norm) equals the pinned ``want`` within :data:`PIN_RTOL`, else what differs."""
+    gaps = [abs(g - w) / max(abs(w), 1e-12) for g, w in zip(got, want)]
+    if max(gaps) <= PIN_RTOL:
+        return None
+    return (f"first step (loss, grad_norm) = ({got[0]!r}, {got[1]!r}), pinned ({want[0]!r}, {want[1]!r}): relative "
+            f"gaps {gaps[0]:.1e}, {gaps[1]:.1e} > {PIN_RTOL:.0e}")
+
+
+def scaled_losses(monkeypatch, factor: float) -> None:
+    """Every micro-batch loss the trainer back-propagates, times ``factor``: a method whose loss changed by
+    ``factor - 1`` (relative), on whichever loss path the trainer chose."""
+    import opd.engine.trainer as trainer_module
+
+    real = trainer_module.path_loss
+
+    def scaled(*args, **kwargs):
+        out = real(*args, **kwargs)
+        return dataclasses.replace(out, loss=out.loss * factor)
+
+    monkeypatch.setattr(trainer_module, "path_loss", scaled)
 
 
 def pinned_run(name: str, output_dir: str | Path) -> tuple[float, float]:
@@ -472,13 +503,23 @@ def pinned_run(name: str, output_dir: str | Path) -> tuple[float, float]:
     return metrics["train/loss"], metrics["train/grad_norm"]
 
 
+@pytest.mark.pinned
 @pytest.mark.parametrize("name", METHOD_NAMES)
 def test_first_step_loss_is_pinned(name, tmp_path):
     assert name in PINNED, f"method {name!r} has no pinned first step: run `python tests/test_pitfalls.py --pin` and paste"
-    loss, grad_norm = pinned_run(name, tmp_path / "run")
-    want_loss, want_norm = PINNED[name]
-    assert loss == pytest.approx(want_loss, rel=PIN_RTOL) and grad_norm == pytest.approx(want_norm, rel=PIN_RTOL), (
-        f"{name}: first step (loss, grad_norm) = ({loss!r}, {grad_norm!r}), pinned ({want_loss!r}, {want_norm!r})")
+    mismatch = pin_mismatch(pinned_run(name, tmp_path / "run"), PINNED[name])
+    assert mismatch is None, f"{name}: {mismatch}"
+
+
+@pytest.mark.pinned
+def test_a_change_of_1e_3_fails_the_pin(tmp_path, monkeypatch):
+    """The tolerance is tight enough to catch a real change: kd's loss scaled by 1 + 1e-3 misses its pin (loss and
+    grad norm both move by 1e-3, ten times the tolerance), while 1 + 1e-6, arithmetic's scale, still matches."""
+    scaled_losses(monkeypatch, 1 + 1e-3)
+    assert pin_mismatch(pinned_run("kd", tmp_path / "changed"), PINNED["kd"]) is not None
+    monkeypatch.undo()
+    scaled_losses(monkeypatch, 1 + 1e-6)
+    assert pin_mismatch(pinned_run("kd", tmp_path / "rounding"), PINNED["kd"]) is None
 
 
 def test_every_pinned_method_is_registered():
