@@ -128,19 +128,19 @@ class Registry(Generic[T]):
         if node is None or self.name_key not in node:
             raise ConfigError(f"{key}: missing `{self.name_key}`; choose one of: {', '.join(self)}")
         name = node[self.name_key]
-        fields = [f.name for f in dataclasses.fields(self.schema(name))]
+        schema_class = self.schema(name)
+        fields = [f.name for f in dataclasses.fields(schema_class)]
         unknown = [str(k) for k in node if k not in fields]
         if unknown:  # the command line's check (opd.config.check_cli_overrides) gives the same line
             raise unknown_key_error(f"{key}.{unknown[0]}", fields, key, owner=f"{self.kind} {name!r}")
-        schema = OmegaConf.structured(self.schema(name))
+        schema = OmegaConf.structured(schema_class)
         try:
             merged = OmegaConf.merge(schema, node)
             kwargs = OmegaConf.to_container(merged, resolve=True, throw_on_missing=True)
         except OmegaConfBaseException as err:
             full_key = getattr(err, "full_key", None) or getattr(err, "key", None) or "?"
             msg = str(err).splitlines()[0]
-            raise ConfigError(f"{key}.{full_key}: {msg} (valid keys for {self.kind} {name!r}: "
-                              f"{', '.join(f.name for f in dataclasses.fields(self.schema(name)))})") from None
+            raise ConfigError(f"{key}.{full_key}: {msg} (valid keys for {self.kind} {name!r}: {', '.join(fields)})") from None
         kwargs.pop(self.name_key)
         return kwargs
 
