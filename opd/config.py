@@ -370,11 +370,7 @@ def _check_component_keys(overrides: list[Any], groups: set[str], conf_dir: Path
             node, registry = cfg.get(section), registries[section]
             if node is None or node.get(registry.name_key) not in registry:
                 continue  # no entry chosen, or an unknown name: the registry's own check names it
-            name = node[registry.name_key]
-            valid = [f.name for f in dataclasses.fields(registry.schema(name))]
-            if rest.split(".")[0] not in valid:
-                raise unknown_key_error(f"{section}.{rest.split('.')[0]}", valid, section,
-                                        owner=f"{registry.kind} {name!r}")
+            registry.check_keys(node[registry.name_key], [rest.split(".")[0]], section)
 
 
 def flatten_config(node: Any, prefix: str = "") -> dict[str, Any]:

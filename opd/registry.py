@@ -117,6 +117,23 @@ class Registry(Generic[T]):
                 fields.append((param.name, annotation, dataclasses.field(default=default)))
         return dataclasses.make_dataclass(f"{cls.__name__}Config", fields)
 
+    def check_keys(self, name: str, keys: list[str], section: str | None = None, schema: type | None = None) -> list[str]:
+        """Refuse the first of ``keys`` that the schema of entry ``name`` lacks; return the schema's keys.
+
+        Shared by :meth:`validate` and the command line's check (``opd.config.check_cli_overrides``), so both give the
+        same line. ``schema``: ``self.schema(name)`` when the caller has already built it.
+
+        Raises:
+            ConfigError: ``unknown config key 'method.betaa' (did you mean 'method.beta'?); valid keys of method 'gkd':
+                ...``.
+        """
+        section = section or self.kind
+        fields = [f.name for f in dataclasses.fields(schema or self.schema(name))]
+        unknown = [str(k) for k in keys if k not in fields]
+        if unknown:
+            raise unknown_key_error(f"{section}.{unknown[0]}", fields, section, owner=f"{self.kind} {name!r}")
+        return fields
+
     def validate(self, node: DictConfig | dict, key: str | None = None) -> dict[str, Any]:
         """Check ``node`` against the schema of ``node.name``; return the constructor kwargs.
 
@@ -129,10 +146,7 @@ class Registry(Generic[T]):
             raise ConfigError(f"{key}: missing `{self.name_key}`; choose one of: {', '.join(self)}")
         name = node[self.name_key]
         schema_class = self.schema(name)
-        fields = [f.name for f in dataclasses.fields(schema_class)]
-        unknown = [str(k) for k in node if k not in fields]
-        if unknown:  # the command line's check (opd.config.check_cli_overrides) gives the same line
-            raise unknown_key_error(f"{key}.{unknown[0]}", fields, key, owner=f"{self.kind} {name!r}")
+        fields = self.check_keys(name, list(node), key, schema_class)
         schema = OmegaConf.structured(schema_class)
         try:
             merged = OmegaConf.merge(schema, node)

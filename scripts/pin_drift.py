@@ -26,30 +26,35 @@ ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = ("ATEN_CPU_CAPABILITY=default", "ATEN_CPU_CAPABILITY=avx2", "OMP_NUM_THREADS=1", "OMP_NUM_THREADS=2")
 
 
-def pinned_values() -> dict[str, list[float]]:
-    """{pin name: [loss, grad_norm]} recomputed in this process (``method`` or ``method/path``)."""
+def test_modules():
+    """The two test modules that hold the pins (``tests/`` on the path, offline, as the suite runs them)."""
     sys.path.insert(0, str(ROOT / "tests"))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import test_pitfalls
     import test_teacher_registry
+
+    return test_pitfalls, test_teacher_registry
+
+
+def pinned_values() -> dict[str, list[float]]:
+    """{pin name: [loss, grad_norm]} recomputed in this process (``method`` or ``method/path``)."""
     import torch
 
+    pitfalls, registry = test_modules()
     torch.set_num_threads(1)  # as the test suite does (tests/conftest.py)
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in test_pitfalls.PINNED:
-            out[name] = list(test_pitfalls.pinned_run(name, Path(tmp) / name))
-        for key in test_teacher_registry.PATH_PINS:
-            out[key] = list(test_teacher_registry.path_first_step(key, Path(tmp) / key.replace("/", "_")))
+        for name in pitfalls.PINNED:
+            out[name] = list(pitfalls.pinned_run(name, Path(tmp) / name))
+        for key in registry.PATH_PINS:
+            out[key] = list(registry.path_first_step(key, Path(tmp) / key.replace("/", "_")))
     return out
 
 
 def pins() -> dict[str, tuple[float, float]]:
-    sys.path.insert(0, str(ROOT / "tests"))
-    import test_pitfalls
-    import test_teacher_registry
-
-    return {**test_pitfalls.PINNED, **test_teacher_registry.PATH_PINS}
+    """Every pinned first step, as the tests hold them."""
+    pitfalls, registry = test_modules()
+    return {**pitfalls.PINNED, **registry.PATH_PINS}
 
 
 def run_under(setting: str | None) -> dict[str, list[float]]:
