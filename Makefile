@@ -23,7 +23,7 @@ ARGS        ?=
 EXP         ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-all methods train debug tune table real toy-models lint clean-logs bench bench-trl bench-async bench-real check-pins
+.PHONY: help install demo test test-all methods train debug tune table real study toy-models variance lint clean-logs bench bench-trl bench-async bench-real check-pins
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -81,6 +81,9 @@ real: $(STAMP)  ## the real-model experiment: SmolLM2-135M-Instruct teaches its 
 	$(BIN)/opd-train -m experiment=real_smollm2 $(ARGS)
 	$(BIN)/opd-report $$(ls -d logs/real_smollm2/multiruns/* | tail -n 1)
 
+study: $(STAMP)  ## the on-policy protocol study on the real LM (warm start, 6 arms x 3 seeds, 2nd size; resumable; see experiments/2026-12-03_real_opd_protocol)
+	$(BIN)/python scripts/real_opd_protocol.py $(ARGS)
+
 debug: $(STAMP)  ## a 3-step plumbing check (seconds)
 	$(BIN)/opd-train debug=tiny $(ARGS)
 
@@ -117,6 +120,9 @@ bench-real: $(TRL_STAMP)  ## benchmarks at real size (SmolLM2-135M + 10-layer st
 
 check-pins: $(STAMP)  ## the bench extra resolves under .venv's versions (pip --dry-run; needs the package index)
 	$(BIN)/python scripts/bench_constraints.py --check
+
+variance: $(STAMP)  ## tm_opd's sampled-token gradient vs the exact reverse-KL gradient, K samples per prompt (toy, CPU, ~2 min)
+	$(BIN)/python scripts/estimator_variance.py diagnose $(ARGS)
 
 toy-models: $(STAMP)  ## re-make the shipped toy teacher and student checkpoints (opd/assets/toy)
 	$(BIN)/python scripts/make_toy_models.py $(ARGS)

@@ -69,6 +69,7 @@ class TrainerConfig:
     eval_examples: Optional[int] = None  # cap on held-out examples per evaluation; all when null
     eval_batch_size: int = 128  # prompts per greedy evaluation batch
     eval_samples: int = 0  # n sampled completions per held-out prompt for pass@k at each evaluation; 0 = greedy only
+    eval_teacher_kl: bool = False  # also log the exact per-token reverse KL to the teacher on student samples of the eval split
     eval_pass_k: list[int] = dataclasses.field(default_factory=lambda: [1])  # the k values of pass@k (each <= eval_samples)
     save_every: int = 0  # checkpoint every N steps (and at the end); 0 = only at the end
     keep_checkpoints: int = 2  # keep the newest N checkpoints
@@ -83,6 +84,7 @@ class TrainerConfig:
     progress: bool = True  # tqdm progress bars
     max_staleness: int = 0  # 0 = synchronous | N = a worker process samples the next N steps' rollouts meanwhile
     rollout_num_threads: Optional[int] = None  # torch CPU threads of that worker; null = 1 on CPU
+    overlong: str = "keep"  # sampled completions that hit max_new_tokens without EOS: keep (train on them) | mask (no loss)
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "batch_size", "grad_accum", "eval_batch_size", "keep_checkpoints", "validation_examples"):
@@ -104,6 +106,8 @@ class TrainerConfig:
             raise ConfigError(f"trainer.lr must be > 0, got {self.lr}")
         if self.evaluate_on not in ("eval", "validation"):
             raise ConfigError(f"trainer.evaluate_on must be eval or validation, got {self.evaluate_on!r}")
+        if self.overlong not in ("keep", "mask"):
+            raise ConfigError(f"trainer.overlong must be keep or mask, got {self.overlong!r}")
         if self.lr_schedule not in ("cosine", "linear", "constant"):
             raise ConfigError(f"trainer.lr_schedule must be cosine, linear or constant, got {self.lr_schedule!r}")
 
@@ -157,6 +161,23 @@ class DeepSpeedConfig:
 
 
 @dataclasses.dataclass
+class WarmStartConfig:
+    """Stage 1 of a two-stage run (opd/stages.py): train the student with ``method`` first, then run this config's
+    method from its final checkpoint, as the papers start on-policy distillation from a fine-tuned student.
+
+    Stage 1 is the run's own config with ``method``, ``trainer`` and ``seed`` replaced, so every job of a sweep over
+    stage 2 (methods, seeds, method knobs) builds the same stage-1 config and shares one warm start: it is computed
+    once into a directory named by that config's hash, resumed there after an interruption, and reused afterwards.
+    """
+
+    method: str = "seqkd"  # conf/method/<name>.yaml trained in stage 1
+    method_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # keys of that method node
+    trainer: dict[str, Any] = dataclasses.field(default_factory=dict)  # trainer keys of stage 1 (max_steps, lr, ...) over the run's
+    seed: int = 0  # stage 1's seed: the same warm start for every seed of stage 2
+    dir: Optional[str] = None  # stage 1's run directory; null = logs/<name>/warm_starts/<method>-<hash of its config>
+
+
+@dataclasses.dataclass
 class TrainConfig:
     """The whole run. Group nodes (method, sampler, data, teacher) are validated by their registries."""
 
@@ -171,6 +192,9 @@ class TrainConfig:
     logger: LoggerConfig = dataclasses.field(default_factory=LoggerConfig)
     deepspeed: DeepSpeedConfig = dataclasses.field(default_factory=DeepSpeedConfig)
     seed: int = 0  # seeds python, numpy, torch and the λ coin
+    # null = one stage | a stage-1 method whose final student this run starts from (WarmStartConfig; typed Any so that a
+    # mapping can replace null from the command line, checked by WarmStartConfig at start-up)
+    warm_start: Any = None
     name: str = "default"  # experiment name: run directory and W&B group
     output_dir: Optional[str] = None  # run directory; Hydra's when null
 
@@ -190,7 +214,7 @@ def register_configs() -> None:
 
 
 SECTIONS: dict[str, type] = {"student": ModelConfig, "trainer": TrainerConfig,
-                              "logger": LoggerConfig, "deepspeed": DeepSpeedConfig}  # the fixed (typed) sections
+                              "logger": LoggerConfig, "deepspeed": DeepSpeedConfig, "warm_start": WarmStartConfig}  # the fixed (typed) sections
 
 
 def section_keys(section: str) -> set[str]:

@@ -5,6 +5,7 @@ Usage:
     opd-report runs/gkd-1 runs/gkd-2 runs/sft-1 --out reports   # any run directories
     opd-report logs/ --group-by method.name method.beta         # choose the grouping keys yourself
     opd-report logs/ --metric eval/accuracy loss/jsd --smooth 10
+    opd-report logs/ --baseline kd                               # compare every group with kd (default: seqkd)
 
 A run directory is any directory holding ``summary.json`` (written by ``opd-train``); its
 ``metrics.jsonl``, ``resolved_config.yaml`` and ``.hydra/overrides.yaml`` are read when present.
@@ -27,13 +28,22 @@ Outputs (in ``--out``; default: the path given, or the working directory when se
 
 Statistics: accuracies are percentages with one decimal; "mean ± std" uses the sample standard
 deviation over the group's runs; a group of one run shows the mean alone (its std is undefined and
-``null`` in report.json). Tokens and wall time are means. The "teacher" and "initial student" rows
-pool every run's ``teacher_accuracy`` and ``student_accuracy_before``; when runs use different
-teachers or students, read the per-group columns instead. Curves are interpolated onto the union
-of the group's logged steps (each run only inside its own step range); the band spans min..max
-over the runs. Each group has its own colour, line style and marker (distinct colours for up to 20
-groups), assigned in sorted order of the group labels, so a group keeps its style between reports
-of the same groups.
+``null`` in report.json). A group whose seeds all scored the same shows "all N seeds equal", and its
+interval uses the binomial SD of an accuracy on the run's ``eval_examples`` problems instead of a
+spread of 0 (never a zero-width interval). Tokens and wall time are means. The "teacher" and "initial
+student" rows pool every run's ``teacher_accuracy`` and ``student_accuracy_before``; when runs use
+different teachers or students, read the per-group columns instead.
+
+Comparisons: every group is compared with a baseline (``--baseline``; by default the SeqKD group, the
+distillation baseline, when there is one) by ``compare_arms``: the difference of the mean accuracy after
+training with Welch's 95 % interval, and a verdict on "beats the baseline": holds, reversed or not shown
+(with the smallest difference the seeds could detect). SFT trains on the gold labels, so its group is
+labelled "(oracle: gold labels)": a reference, not a competitor.
+
+Plots: curves are interpolated onto the union of the group's logged steps (each run only inside its
+own step range); the band spans min..max over the runs. Each group has its own colour, line style and
+marker (distinct colours for up to 20 groups), assigned in sorted order of the group labels, so a group
+keeps its style between reports of the same groups.
 """
 
 from __future__ import annotations
@@ -46,7 +56,7 @@ import statistics
 import sys
 import textwrap
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -312,55 +322,314 @@ def warn_mixed_groups(groups: Sequence[Group], seed_key: str) -> None:
 
 # ---------------------------------------------------------------------------------------------- statistics
 
+#: the power at which :func:`compare_arms` states the smallest difference a design can detect
+POWER = 0.8
+#: a method trained on the gold labels, not on a teacher: an upper reference, not a competitor
+ORACLE_METHOD, ORACLE_NOTE = "sft", "oracle: gold labels"
+#: the distillation baseline that comparisons default to when a report has it
+BASELINE_METHOD = "seqkd"
 
-def describe(values: Sequence[Any]) -> dict[str, Any]:
-    """Mean and sample std of the numeric, finite ``values`` (std None below two values; mean None for none)."""
+
+def binomial_sd(accuracy: float, eval_examples: int) -> float:
+    """sqrt(p(1−p)/N): the sampling SD of an accuracy p measured on N problems, the evaluation's own noise.
+
+    p is kept inside [1/N, 1 − 1/N] (as if one problem had gone the other way), so that an accuracy of 0 or
+    100 % still gets a non-zero SD.
+    """
+    if eval_examples < 2:
+        raise ValueError(f"eval_examples must be >= 2, got {eval_examples}")
+    p = min(max(accuracy, 1 / eval_examples), 1 - 1 / eval_examples)
+    return math.sqrt(p * (1 - p) / eval_examples)
+
+
+def _spread_floor(values: Sequence[float], eval_examples: int | None, resolution: float | None) -> float | None:
+    """The SD that stands in for a zero spread of ``values`` (see :func:`compare_arms`); None without a floor."""
+    if eval_examples is not None:
+        return binomial_sd(statistics.fmean(values), eval_examples)
+    if resolution is not None:
+        return resolution / math.sqrt(12)
+    return None
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """mean(a) − mean(b) over seeds, as :func:`compare_arms` judges the claim a > b.
+
+    Attributes:
+        difference: mean(a) − mean(b) (paired: the mean of the per-seed differences), in the values' units.
+        ci_low, ci_high: its two-sided (1 − alpha) Student-t interval.
+        n_a, n_b: values (seeds) per arm.
+        verdict: "holds" (interval above 0), "reversed" (below 0) or "not shown" (it covers 0).
+        min_detectable_difference: the smallest true difference this design detects with 80 % power at alpha.
+        note: why a spread was floored ("all 3 seeds of both arms equal: ..."), else "".
+        paired, alpha: how it was computed.
+    """
+
+    difference: float
+    ci_low: float
+    ci_high: float
+    n_a: int
+    n_b: int
+    verdict: str
+    min_detectable_difference: float
+    note: str = ""
+    paired: bool = False
+    alpha: float = 0.05
+
+    def interval_text(self, scale: float = 1.0, digits: int = 1) -> str:
+        """``-4.0 [-8.6, +0.5]``, the values times ``scale`` (100 for accuracies in points)."""
+        def signed(value: float) -> str:
+            return f"{scale * value:+.{digits}f}"
+
+        return f"{signed(self.difference)} [{signed(self.ci_low)}, {signed(self.ci_high)}]"
+
+    def verdict_text(self, scale: float = 1.0, unit: str = "", digits: int = 1) -> str:
+        """``holds``, ``reversed`` or ``not shown (smallest detectable difference 5.9 pp at 80 % power, α = 0.05)``,
+        then the note, if any, after a semicolon."""
+        text = self.verdict
+        if self.verdict == "not shown":
+            text += (f" (smallest detectable difference {scale * self.min_detectable_difference:.{digits}f}{unit} "
+                     f"at {100 * POWER:.0f} % power, α = {self.alpha:g})")
+        return f"{text}; {self.note}" if self.note else text
+
+
+def compare_arms(a: Sequence[float], b: Sequence[float], *, paired: bool = False, alpha: float = 0.05,
+                 eval_examples: int | None = None, resolution: float | None = None) -> Comparison:
+    """Judge the claim mean(a) > mean(b) from one value per seed: the difference, its interval, a verdict.
+
+    Verdicts: **holds** (the (1 − alpha) interval lies above 0), **reversed** (it lies below 0: b > a is
+    shown) or **not shown** (it covers 0). Whatever the verdict, ``min_detectable_difference`` says how
+    large a true difference this design detects with 80 % power at ``alpha``: (t_{1−α/2,df} + t_{0.8,df})·SE.
+
+    Two arms (``paired=False``): Welch's interval, SE = sqrt(s_a²/n_a + s_b²/n_b) with Welch–Satterthwaite
+    df; for equal n and equal spreads s this is the textbook (t_{1−α/2} + t_{0.8})·s·sqrt(2/n) with
+    df = 2n − 2. Paired (the same seeds, e.g. after vs before training): SE = s_d/sqrt(n) over the per-seed
+    differences d, df = n − 1. t quantiles come from ``scipy.stats.t``.
+
+    A zero spread is floored. Accuracies on N problems move in steps of 1/N, so seeds that all score the
+    same are an ordinary event: it says the seeds agreed, not that the noise is zero. Taken at face value it
+    gives a zero-width interval (a "tie" that cannot discriminate) and an infinitely sensitive design.
+    So a spread that is exactly 0 is replaced, and the note says so ("all 3 seeds of both arms equal"):
+
+    * ``eval_examples=N`` (accuracies): the binomial sampling SD of the arm's mean accuracy p,
+      sqrt(p(1−p)/N), the evaluation's own noise (what a fresh draw of N problems would move it by);
+      for a paired difference sqrt(sd_a² + sd_b²).
+    * ``resolution=r`` (values on a grid, e.g. steps to a score evaluated every r steps): r/sqrt(12),
+      the SD of a value known only to within one grid step; sqrt(2)·r/sqrt(12) for a paired difference.
+
+    Observed non-zero spreads are used as they are.
+
+    Args:
+        a, b: one value per seed; when ``paired``, the same seeds in the same order.
+        paired: compare the per-seed differences a_i − b_i.
+        alpha: two-sided level; the interval is the (1 − alpha) one.
+        eval_examples: the problems behind each accuracy (the floor for accuracies).
+        resolution: the grid step of the values (the floor for steps).
+
+    Returns:
+        The :class:`Comparison`, in the units of ``a`` and ``b``.
+
+    Raises:
+        ValueError: fewer than 2 values in an arm, unequal lengths when paired, alpha outside (0, 1), or a
+            zero spread with neither ``eval_examples`` nor ``resolution`` to floor it.
+    """
+    from scipy import stats
+
+    a, b = [float(v) for v in a], [float(v) for v in b]
+    if min(len(a), len(b)) < 2:
+        raise ValueError(f"compare_arms needs at least 2 values per arm, got {len(a)} and {len(b)}")
+    if paired and len(a) != len(b):
+        raise ValueError(f"paired arms need the same seeds, got {len(a)} and {len(b)} values")
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    if eval_examples is not None:
+        floor_text = f"spread floored at the binomial SD of an accuracy on {eval_examples} problems, sqrt(p(1−p)/N)"
+    else:
+        floor_text = f"spread floored at resolution/√12 (values on a grid of {resolution:g})" if resolution else ""
+
+    def floor(values: list[float], what: str) -> float:
+        sd = _spread_floor(values, eval_examples, resolution)
+        if sd is None:
+            raise ValueError(f"all {what} equal: pass eval_examples (accuracies) or resolution (a grid, such as steps) "
+                             "to floor the spread")
+        return sd
+
+    notes = []
+    if paired:
+        diffs = [x - y for x, y in zip(a, b)]
+        difference, n, sd = statistics.fmean(diffs), len(diffs), statistics.stdev(diffs)
+        if sd == 0:
+            what = f"{n} per-seed differences"
+            sd = math.hypot(floor(a, what), floor(b, what))
+            notes.append(f"all {what} equal")
+        se, df = sd / math.sqrt(n), n - 1
+    else:
+        difference = statistics.fmean(a) - statistics.fmean(b)
+        spreads = [statistics.stdev(a), statistics.stdev(b)]
+        zero = [i for i, sd in enumerate(spreads) if sd == 0]
+        for i in zero:
+            spreads[i] = floor((a, b)[i], f"{len((a, b)[i])} seeds of an arm")
+        if zero:
+            arms = "both arms" if len(zero) == 2 else ("the first arm", "the second arm")[zero[0]]
+            counts = sorted({len((a, b)[i]) for i in zero})
+            notes.append(f"all {'/'.join(map(str, counts))} seeds of {arms} equal")
+        var_a, var_b = spreads[0] ** 2 / len(a), spreads[1] ** 2 / len(b)
+        se = math.sqrt(var_a + var_b)
+        df = (var_a + var_b) ** 2 / (var_a ** 2 / (len(a) - 1) + var_b ** 2 / (len(b) - 1))
+    t_crit, t_power = float(stats.t.ppf(1 - alpha / 2, df)), float(stats.t.ppf(POWER, df))
+    low, high = difference - t_crit * se, difference + t_crit * se
+    verdict = "holds" if low > 0 else "reversed" if high < 0 else "not shown"
+    note = f"{notes[0]}: {floor_text}" if notes else ""
+    return Comparison(difference, low, high, len(a), len(b), verdict, (t_crit + t_power) * se, note, paired, alpha)
+
+
+def describe(values: Sequence[Any], eval_examples: int | None = None) -> dict[str, Any]:
+    """Mean, sample std and 95 % interval of the numeric, finite ``values`` (std None below two; mean None for none).
+
+    ``all_equal`` marks two or more values that are all the same; their interval is floored
+    (:func:`mean_confidence_interval`), never zero-width. ``eval_examples``: the problems behind each value, when
+    the values are accuracies.
+    """
     numbers = [float(v) for v in values
                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
     return {"mean": statistics.fmean(numbers) if numbers else None,
             "std": statistics.stdev(numbers) if len(numbers) > 1 else None,
-            "ci95": mean_confidence_interval(numbers), "n": len(numbers), "values": list(values)}
+            "ci95": mean_confidence_interval(numbers, eval_examples=eval_examples), "n": len(numbers),
+            "values": list(values), "all_equal": len(numbers) > 1 and len(set(numbers)) == 1,
+            "eval_examples": eval_examples}
 
 
-def mean_confidence_interval(numbers: Sequence[float], level: float = 0.95) -> list[float] | None:
+def mean_confidence_interval(numbers: Sequence[float], level: float = 0.95,
+                             eval_examples: int | None = None) -> list[float] | None:
     """``[low, high]`` Student-t confidence interval of the mean over seeds (None below two values).
 
     With n seeds it is mean ± t_{(1+level)/2, n−1} · s/√n, from ``scipy.stats.t.interval`` (at n = 3, t = 4.30:
-    three seeds bound the mean only loosely, which is the honest width).
+    three seeds bound the mean only loosely, which is the honest width). When every value is the same, s is
+    floored as in :func:`compare_arms`: at the binomial SD of an accuracy on ``eval_examples`` problems; without
+    ``eval_examples`` there is no interval (None), never a zero-width one. Given ``eval_examples`` (the values are
+    accuracies), the interval is clipped to [0, 1].
     """
     if len(numbers) < 2:
         return None
     from scipy import stats
 
-    mean, sem = statistics.fmean(numbers), statistics.stdev(numbers) / math.sqrt(len(numbers))
-    if sem == 0:
-        return [mean, mean]
-    low, high = stats.t.interval(level, len(numbers) - 1, loc=mean, scale=sem)
+    mean, sd = statistics.fmean(numbers), statistics.stdev(numbers)
+    if sd == 0:
+        sd = _spread_floor(numbers, eval_examples, None)
+        if sd is None:
+            return None
+    low, high = stats.t.interval(level, len(numbers) - 1, loc=mean, scale=sd / math.sqrt(len(numbers)))
+    if eval_examples is not None:
+        low, high = max(low, 0.0), min(high, 1.0)
     return [float(low), float(high)]
+
+
+def _common_eval_examples(runs: Sequence[Run]) -> int | None:
+    """The fewest evaluation problems over the runs' summaries (the widest floor); None when one does not say."""
+    counts = [run.summary.get("eval_examples") for run in runs]
+    return min(counts) if counts and all(isinstance(c, int) for c in counts) else None
+
+
+def _common_method(runs: Sequence[Run]) -> str | None:
+    """The ``method.name`` every run shares; None when they differ or do not say."""
+    names = {run.config.get("method.name") for run in runs}
+    return names.pop() if len(names) == 1 else None
+
+
+def _stats(row: dict[str, Any], values: dict[str, Sequence[Any]]) -> dict[str, Any]:
+    """``describe`` of each summary column (accuracies with the row's ``eval_examples`` floor)."""
+    return {key: describe(values[key], row.get("eval_examples") if kind == "pct" else None)
+            for key, _, kind in _COLUMNS if key in values}
 
 
 def group_row(group: Group, seed_key: str) -> dict[str, Any]:
     """One table row: the group's values, its runs and seeds, and the statistics of each summary column."""
-    return {"label": group.label, "values": group.values, "n": len(group.runs),
-            "seeds": [run.config.get(seed_key, run.summary.get("seed")) for run in group.runs],
-            "run_dirs": [str(run.path) for run in group.runs],
-            **{key: describe([run.summary.get(key) for run in group.runs]) for key, _, _ in _COLUMNS}}
+    row = {"label": group.label, "values": group.values, "n": len(group.runs),
+           "method": _common_method(group.runs), "eval_examples": _common_eval_examples(group.runs),
+           "seeds": [run.config.get(seed_key, run.summary.get("seed")) for run in group.runs],
+           "run_dirs": [str(run.path) for run in group.runs]}
+    row["oracle"] = row["method"] == ORACLE_METHOD
+    return {**row, **_stats(row, {key: [run.summary.get(key) for run in group.runs] for key, _, _ in _COLUMNS})}
 
 
 def reference_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
     """The "teacher" and "initial student" rows, pooled over every run's summary."""
     rows = []
     for label, key in (("teacher", "teacher_accuracy"), ("initial student", "student_accuracy_before")):
-        stat = describe([run.summary.get(key) for run in runs])
-        rows.append({"label": label, "column": key, "n": stat["n"], key: stat})
+        stat = describe([run.summary.get(key) for run in runs], _common_eval_examples(runs))
+        rows.append({"label": label, "column": key, "n": stat["n"], "eval_examples": stat["eval_examples"], key: stat})
     return rows
 
 
-def build_report(runs: Sequence[Run], groups: Sequence[Group], keys: Sequence[str], seed_key: str) -> dict[str, Any]:
-    """The content of ``report.json``: grouping, reference rows and one row per group."""
-    return {"group_keys": list(keys), "differing_keys": differing_keys(runs, seed_key), "seed_key": seed_key,
-            "num_runs": len(runs), "columns": {key: header for key, header, _ in _COLUMNS},
-            "reference": reference_rows(runs), "groups": [group_row(group, seed_key) for group in groups]}
+def _row_method(row: dict[str, Any]) -> str | None:
+    """The row's method: its runs' common ``method.name`` (rows of older reports: their ``method.name`` value)."""
+    return row["method"] if "method" in row else row.get("values", {}).get("method.name")
+
+
+def choose_baseline(rows: Sequence[dict[str, Any]], requested: str | None = None) -> dict[str, Any] | None:
+    """The row that comparisons are made against.
+
+    ``requested``: a row's label or its method (``seqkd``), or ``"none"`` for no comparisons. By default the one
+    row whose method is SeqKD (the distillation baseline), else none.
+
+    Raises:
+        ReportError: ``requested`` names no row, or a method that several rows share.
+    """
+    if requested is not None and requested.lower() == "none":
+        return None
+    wanted = requested or BASELINE_METHOD
+    matches = [row for row in rows if row["label"] == wanted] or [row for row in rows if _row_method(row) == wanted]
+    if len(matches) == 1:
+        return matches[0]
+    if requested is None:
+        return None
+    labels = ", ".join(repr(row["label"]) for row in (matches or rows))
+    raise ReportError(f"--baseline {requested!r} {'matches several groups' if matches else 'names no group'}; "
+                      f"give one of {labels}")
+
+
+def add_comparisons(report: dict[str, Any], baseline: str | None = None) -> None:
+    """Set ``report["baseline"]`` and each group's ``vs_baseline``: :func:`compare_arms` of its accuracy after
+    training against the baseline's (None for the baseline itself and for groups of one run)."""
+    base = choose_baseline(report["groups"], baseline)
+    report["baseline"] = base["label"] if base else None
+    for row in report["groups"]:
+        row["vs_baseline"] = None
+        if base is None or row is base:
+            continue
+        ours, theirs = row["student_accuracy_after"], base["student_accuracy_after"]
+        counts = [c for c in (row.get("eval_examples"), base.get("eval_examples")) if c]
+        numbers = [[v for v in stat["values"] if isinstance(v, (int, float))] for stat in (ours, theirs)]
+        try:
+            row["vs_baseline"] = asdict(compare_arms(*numbers, eval_examples=min(counts) if counts else None))
+        except ValueError:  # one run in a group, or all seeds equal and no eval_examples to floor them
+            continue
+
+
+def build_report(runs: Sequence[Run], groups: Sequence[Group], keys: Sequence[str], seed_key: str,
+                 baseline: str | None = None) -> dict[str, Any]:
+    """The content of ``report.json``: grouping, reference rows, one row per group and the comparisons."""
+    report = {"group_keys": list(keys), "differing_keys": differing_keys(runs, seed_key), "seed_key": seed_key,
+              "num_runs": len(runs), "columns": {key: header for key, header, _ in _COLUMNS},
+              "reference": reference_rows(runs), "groups": [group_row(group, seed_key) for group in groups]}
+    add_comparisons(report, baseline)
+    return report
+
+
+def rebuild_report(report: dict[str, Any], eval_examples: int | None = None, baseline: str | None = None) -> dict[str, Any]:
+    """A stored ``report.json`` with its statistics, oracle labels and comparisons recomputed from its per-seed values.
+
+    For records written before these fields existed: ``eval_examples`` stands in where a row does not say.
+    """
+    rebuilt = json.loads(json.dumps(report))
+    for row in [*rebuilt["reference"], *rebuilt["groups"]]:
+        row["eval_examples"] = row.get("eval_examples") or eval_examples
+        row.update(_stats(row, {key: row[key]["values"] for key, _, _ in _COLUMNS if key in row}))
+    for row in rebuilt["groups"]:
+        row["method"] = _row_method(row)
+        row["oracle"] = row["method"] == ORACLE_METHOD
+    add_comparisons(rebuilt, baseline)
+    return rebuilt
 
 
 # ---------------------------------------------------------------------------------------------- markdown
@@ -375,12 +644,19 @@ def _display(value: Any) -> str:
 
 
 def format_stat(stat: dict[str, Any], kind: str) -> str:
-    """``12.5 ± 3.1`` (percent for accuracies); the mean alone with fewer than two values; ``n/a`` with none."""
+    """``12.5 ± 3.1`` (percent for accuracies); the mean alone with fewer than two values; ``n/a`` with none.
+
+    Accuracies that are the same on every seed show ``10.1 (all 3 seeds equal)``, not a spread of 0.
+    """
     if stat["mean"] is None:
         return "n/a"
     scale, spec = {"pct": (100.0, ".1f"), "int": (1.0, ",.0f"), "float": (1.0, ".1f")}[kind]
     text = format(scale * stat["mean"], spec)
-    return text if stat["std"] is None or kind != "pct" else f"{text} ± {format(scale * stat['std'], spec)}"
+    if stat["std"] is None or kind != "pct":
+        return text
+    if stat.get("all_equal"):
+        return f"{text} (all {stat['n']} seeds equal)"
+    return f"{text} ± {format(scale * stat['std'], spec)}"
 
 
 def format_interval(interval: Sequence[float] | None) -> str:
@@ -388,35 +664,73 @@ def format_interval(interval: Sequence[float] | None) -> str:
     return "n/a" if interval is None else f"[{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]"
 
 
+def format_ci(stat: dict[str, Any]) -> str:
+    """The interval of an accuracy's ``describe``; when every seed is equal it says so and how it was floored."""
+    if not stat.get("all_equal"):
+        return format_interval(stat["ci95"])
+    if stat["ci95"] is None:
+        return f"n/a (all {stat['n']} seeds equal)"
+    return f"{format_interval(stat['ci95'])} (all {stat['n']} seeds equal; binomial SD on {stat['eval_examples']} problems)"
+
+
+def row_label(row: dict[str, Any]) -> str:
+    """The group's label, marked ``(oracle: gold labels)`` for SFT, which learns from the gold answers."""
+    return f"{row['label']} ({ORACLE_NOTE})" if row.get("oracle") else row["label"]
+
+
+def format_comparison(row: dict[str, Any], report: dict[str, Any]) -> list[str]:
+    """The two comparison cells of a group: ``-4.0 [-8.6, +0.5]`` (points) and the verdict on "beats the baseline"."""
+    if row["label"] == report.get("baseline"):
+        return ["(baseline)", "–"]
+    if not row.get("vs_baseline"):
+        return ["n/a", "–"]
+    comparison = Comparison(**row["vs_baseline"])
+    return [comparison.interval_text(100), comparison.verdict_text(100, " pp")]
+
+
 def _md_row(cells: Sequence[str]) -> str:
     return "| " + " | ".join(str(cell).replace("|", "\\|") for cell in cells) + " |"
 
 
 def format_table(report: dict[str, Any]) -> str:
-    """The markdown table: the teacher and initial-student rows, then one row per group."""
-    headers = ["run", "n seeds", *(header for _, header, _ in _COLUMNS), "95 % CI of acc. after"]
+    """The markdown table: the teacher and initial-student rows, then one row per group; with a baseline, each
+    group's difference from it and the verdict (:func:`compare_arms`)."""
+    base = report.get("baseline")
+    name = base.split("=", 1)[1] if base and base.count("=") == 1 and " " not in base else base  # gkd, not method.name=gkd
+    compared = [f"acc. after − {name} (pp) [95 % CI]", f"beats {name}?"] if base else []
+    headers = ["run", "n seeds", *(header for _, header, _ in _COLUMNS), "95 % CI of acc. after", *compared]
     lines = [_md_row(headers), _md_row(["---"] * len(headers))]
     for ref in report["reference"]:
         cells = [format_stat(ref[key], kind) if key == ref["column"] else "–" for key, _, kind in _COLUMNS]
-        lines.append(_md_row([ref["label"], ref["n"], *cells, "–"]))
+        lines.append(_md_row([ref["label"], ref["n"], *cells, "–", *["–" for _ in compared]]))
     for row in report["groups"]:
-        lines.append(_md_row([row["label"], row["n"], *(format_stat(row[key], kind) for key, _, kind in _COLUMNS),
-                              format_interval(row["student_accuracy_after"].get("ci95"))]))
+        lines.append(_md_row([row_label(row), row["n"], *(format_stat(row[key], kind) for key, _, kind in _COLUMNS),
+                              format_ci(row["student_accuracy_after"]),
+                              *(format_comparison(row, report) if base else [])]))
     return "\n".join(lines)
 
 
 def format_markdown(report: dict[str, Any], table: str, plots: Sequence[Path], out_dir: Path) -> str:
     """The whole ``report.md``: table, how to read it, the runs of each group and the plots."""
     keys = ", ".join(f"`{k}`" for k in report["group_keys"]) or "(none)"
-    lines = ["# Run report", "", table, "",
-             (f"{report['num_runs']} runs, grouped by {keys}; seeds from `{report['seed_key']}`. Accuracies in %, "
-              "mean ± sample std over seeds (mean alone for one seed), and the Student-t 95 % confidence interval of the "
-              "mean accuracy after training; tokens and wall time are means."),
+    reading = (f"{report['num_runs']} runs, grouped by {keys}; seeds from `{report['seed_key']}`. Accuracies in %, "
+               "mean ± sample std over seeds (mean alone for one seed), and the Student-t 95 % confidence interval of "
+               "the mean accuracy after training; when every seed scored the same, the interval's spread is the binomial "
+               "SD of an accuracy on the evaluation's problems, never 0. Tokens and wall time are means.")
+    if any(row.get("oracle") for row in report["groups"]):
+        reading += (f" `{ORACLE_METHOD}` trains on the gold labels, not on a teacher ({ORACLE_NOTE}): a reference, "
+                    "not a competitor.")
+    if report.get("baseline"):
+        reading += (f" Each group is compared with `{report['baseline']}`: the difference of the mean accuracy after "
+                    "training with Welch's 95 % interval, and the claim that it beats the baseline **holds** (interval "
+                    "above 0), is **reversed** (below 0) or is **not shown** (it covers 0; then the smallest difference "
+                    "these seeds could detect with 80 % power is given).")
+    lines = ["# Run report", "", table, "", reading,
              "", "## Runs", "", _md_row(["group", "seed", "student acc. after (%)", "run directory"]),
              _md_row(["---"] * 4)]
     for row in report["groups"]:
         for seed, run_dir, after in zip(row["seeds"], row["run_dirs"], row["student_accuracy_after"]["values"]):
-            lines.append(_md_row([row["label"], seed, format_stat(describe([after]), "pct"), f"`{run_dir}`"]))
+            lines.append(_md_row([row_label(row), seed, format_stat(describe([after]), "pct"), f"`{run_dir}`"]))
     lines += ["", "## Curves", ""] + [f"![{p.stem}]({_relative(p, out_dir)})" for p in plots]
     return "\n".join(lines) + "\n"
 
@@ -633,18 +947,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="metrics to plot vs step, one PNG each (default: eval/accuracy); train/loss is always plotted")
     parser.add_argument("--smooth", type=int, default=5, metavar="N",
                         help="moving-average window of the train/loss curve in steps; 1 = raw (default: 5)")
+    parser.add_argument("--baseline", default=None, metavar="GROUP",
+                        help="the group to compare every other with: its label or method (default: seqkd when one group "
+                             "is SeqKD; 'none' for no comparisons)")
     return parser.parse_args(argv)
 
 
 def make_report(paths: Sequence[Path], out_dir: Path, group_by: Sequence[str] | None = None, seed_key: str = "seed",
-           metrics: Sequence[str] = ("eval/accuracy",), smooth: int = 5) -> tuple[dict[str, Any], str]:
+                metrics: Sequence[str] = ("eval/accuracy",), smooth: int = 5,
+                baseline: str | None = None) -> tuple[dict[str, Any], str]:
     """Find, read and group the runs below ``paths``; write report.md, report.json and the plots into ``out_dir``.
 
     Returns:
         (the report.json content, the markdown table).
 
     Raises:
-        ReportError: no runs, no readable run, or a ``group_by`` key no run has.
+        ReportError: no runs, no readable run, a ``group_by`` key no run has, or a ``baseline`` that names no group.
     """
     runs = load_runs(find_run_dirs(paths))
     if group_by:
@@ -652,14 +970,20 @@ def make_report(paths: Sequence[Path], out_dir: Path, group_by: Sequence[str] | 
     keys = list(group_by) if group_by else default_group_keys(runs, seed_key)
     groups = group_runs(runs, keys)
     warn_mixed_groups(groups, seed_key)
-    data = build_report(runs, groups, keys, seed_key)
+    data = build_report(runs, groups, keys, seed_key, baseline)
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = write_plots(groups, metrics, smooth, out_dir)
     data["plots"] = [path.name for path in plots]
+    return data, write_report(data, out_dir)
+
+
+def write_report(data: dict[str, Any], out_dir: Path) -> str:
+    """Write ``report.json`` and ``report.md`` (its plots: ``data["plots"]``, already in ``out_dir``); returns the table."""
     table = format_table(data)
+    plots = [out_dir / name for name in data.get("plots", [])]
     (out_dir / "report.json").write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
     (out_dir / "report.md").write_text(format_markdown(data, table, plots, out_dir), encoding="utf-8")
-    return data, table
+    return table
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -667,7 +991,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     out_dir = args.out or (args.paths[0] if len(args.paths) == 1 else Path.cwd())
     try:
-        data, table = make_report(args.paths, out_dir, args.group_by, args.seed_key, args.metric, args.smooth)
+        data, table = make_report(args.paths, out_dir, args.group_by, args.seed_key, args.metric, args.smooth,
+                                  args.baseline)
     except ReportError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2

@@ -73,6 +73,9 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path | None = None):
         raise ConfigError(str(err)) from None
     DATASETS.validate(cfg.data, "data")
     check_launch(ds_cfg, trainer_cfg.batch_size)
+    if trainer_cfg.eval_teacher_kl and ds_cfg.enabled:
+        raise ConfigError("trainer.eval_teacher_kl=true runs both whole models in one process; set it false under "
+                          "deepspeed (or run the agreement check on the exported student)")
     if ds_cfg.enabled:
         from opd.engine.backends import import_deepspeed
 
@@ -207,19 +210,46 @@ def resolve_resume(resume: str, run_dir: Path) -> tuple[Path, Path | None]:
 
 
 def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
-    """Build the trainer, train, and write ``summary.json`` into the run directory; return the summary. A process
+    """Build the trainer, train, and write ``summary.json`` into the run directory; return the summary. With
+    ``warm_start`` set, stage 1 is trained (or reused) first and this run starts from it (:mod:`opd.stages`). A process
     group of one that the run formed (DeepSpeed without a launcher) is left afterwards, also when the run fails."""
     try:
-        return _fit(build_trainer(cfg, run_dir))
+        cfg, warm_start = with_warm_start(cfg)
+        trainer = build_trainer(cfg, run_dir)
+        if warm_start is not None:
+            from opd.stages import reuse_final_evaluation
+
+            reuse_final_evaluation(trainer, cfg, warm_start)
+        return _fit(trainer, warm_start)
     finally:
         dist.leave_own_process_group()
 
 
-def _fit(trainer) -> dict[str, Any]:
-    """Train a built trainer and write ``summary.json`` into its run directory; return the summary."""
+def with_warm_start(cfg: DictConfig) -> tuple[DictConfig, dict[str, Any] | None]:
+    """(the config stage 2 runs, stage 1's summary) of a two-stage run; ``(cfg, None)`` without ``warm_start``.
+
+    Stage 2's own method, sections and data are checked before stage 1 trains, so a typo costs a second, not a warm start.
+    """
+    from opd import stages
+
+    if cfg.get("warm_start") is None:
+        return cfg, None
+    stages.warm_start_section(cfg)
+    typed_sections(cfg)
+    METHODS.build(cfg.method, "method")
+    DATASETS.validate(cfg.data, "data")
+    warm_start = stages.ensure_warm_start(cfg)
+    return stages.stage_two_config(cfg, warm_start), warm_start
+
+
+def _fit(trainer, warm_start: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train a built trainer and write ``summary.json`` into its run directory (with stage 1's summary under
+    ``warm_start`` in a two-stage run); return the summary."""
     summary = trainer.fit()
     summary["run_dir"] = str(trainer.run_dir)
     summary["world_size"] = dist.world_size()
+    if warm_start is not None:
+        summary["warm_start"] = warm_start
     if dist.is_main():
         (trainer.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     trainer.logger.finish(summary)
@@ -251,12 +281,17 @@ def format_summary(summary: dict[str, Any]) -> str:
 def _hydra_main(cfg: DictConfig) -> float | None:
     try:
         try:
+            cfg, warm_start = with_warm_start(cfg)  # stage 1 first, in a two-stage run (its own directory)
             trainer = build_trainer(cfg)
+            if warm_start is not None:  # every rank: none evaluates at step 0
+                from opd.stages import reuse_final_evaluation
+
+                reuse_final_evaluation(trainer, cfg, warm_start)
         except OPDError:  # a failed start leaves no run directory (Hydra made one before the checks ran)
             if hydra_dir := _hydra_output_dir():
                 _remove_hydra_only_dir(Path(hydra_dir))
             raise
-        summary = _fit(trainer)  # past start-up: the run keeps its directories, also if it fails
+        summary = _fit(trainer, warm_start)  # past start-up: the run keeps its directories, also if it fails
         if dist.is_main():  # while the group still tells the ranks apart
             print(format_summary(summary))
     except TrainingInterrupted as err:

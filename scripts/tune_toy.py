@@ -44,6 +44,7 @@ SEARCH_SPACES: dict[str, dict[str, str]] = {
     "sft": {"trainer.lr": LR_RANGE},
     "kd": {"trainer.lr": LR_RANGE},
     "seqkd": {"trainer.lr": LR_RANGE},
+    "rs_seqkd": {"trainer.lr": LR_RANGE},
     "gkd": {"trainer.lr": LR_RANGE, "method.beta": "interval(0, 1)"},
     "minillm": {"trainer.lr": LR_RANGE, "method.clip_eps": "interval(0.05, 0.5)"},
     "distillm": {"trainer.lr": LR_RANGE, "method.alpha": "interval(0, 0.5)"},

@@ -71,6 +71,8 @@ def test_one_training_step_on_tiny_models(name, tiny_model_dirs, tmp_path):
     cfg.trainer.validation_examples = 4  # DistiLLM carves its validation split out of these 16 (Dolly has its own)
     # the tiny char-level models have 2 layers and no chat template (the real-model experiments prune and template)
     cfg.student.keep_layers, cfg.student.chat_template, cfg.teacher.chat_template = None, False, False
+    if cfg.method.get("chat_turn"):  # OPSD's teacher turn in the chat template (real_opsd): plain text here
+        cfg.method.chat_turn = False
     trainer = build_trainer(cfg)
     if "_to_" in name:
         assert type(trainer.method).registry_name == name.split("_", 1)[0]

@@ -73,9 +73,19 @@ def as_overrides(values: dict[str, object]) -> list[str]:
     return [f"method.{key}={json.dumps(value) if isinstance(value, (str, bool)) else value}" for key, value in values.items()]
 
 
+def stand_in_judge(trainer) -> None:
+    """A method whose policy keeps only samples the task judges correct (rejection-sampled SeqKD) would keep none from
+    an untrained tiny teacher, or from the toy teacher within 8 new tokens: its loss would be empty. The checks then
+    judge by a fixed stand-in rule on the prompt's and the completion's characters, which accepts some rows of a batch
+    and not others."""
+    if getattr(trainer.method.policy, "judges_samples", False):
+        trainer.task.is_correct = lambda completion, example: (len(completion) + sum(map(ord, example.prompt))) % 2 == 0
+
+
 def make_trainer(compose_cfg, name: str, *overrides: str, float64: bool = True):
     """A real Trainer for method ``name`` on the tiny random models; float64 weights by default."""
     trainer = build_trainer(compose_cfg(f"method={name}", *COMMON, *overrides))
+    stand_in_judge(trainer)
     if float64:
         for model in (trainer.student, trainer.teacher):
             if model is not None:
@@ -358,6 +368,7 @@ def test_served_teacher_gives_the_local_teachers_sparse_loss(vllm_teacher_server
     trainer = build_trainer(compose_cfg(f"method={name}", *COMMON, "teacher=vllm_server", "student=toy",
                                         f"teacher.server_url={vllm_teacher_server.base_url}",
                                         "teacher.server_model=toy-teacher", f"teacher.server_top_k={k}", tiny_models=False))
+    stand_in_judge(trainer)
     batch = fixed_batch(trainer)
     with torch.no_grad():
         served = trainer.micro_batch_loss(batch, batch.num_tokens).loss.item()
@@ -456,8 +467,9 @@ PINNED: dict[str, tuple[float, float]] = {
     'gkd': (0.04303105175495148, 0.4418233036994934),
     'kd': (0.24018128216266632, 1.3239805698394775),
     'minillm': (1.1329251527786255, 10.145040512084961),
-    'opsd': (0.12484037131071091, 0.1865432858467102),
+    'opsd': (0.12156651169061661, 0.1775388866662979),
     'reopold': (0.16342100501060486, 4.616321086883545),
+    'rs_seqkd': (0.1137966513633728, 1.90034019947052),
     'seqkd': (0.17624783515930176, 2.4986164569854736),
     'sft': (0.24244923889636993, 1.3250770568847656),
     'tip': (1.9787495136260986, 22.079425811767578),
@@ -499,7 +511,9 @@ def scaled_losses(monkeypatch, factor: float) -> None:
 def pinned_run(name: str, output_dir: str | Path) -> tuple[float, float]:
     """``train_step()`` once for method ``name`` on the toy teacher and student; (train/loss, train/grad_norm)."""
     cfg = compose_run(f"method={name}", "teacher=toy", "student=toy", "seed=0", *COMMON, output_dir=output_dir)
-    metrics = build_trainer(cfg).train_step()
+    trainer = build_trainer(cfg)
+    stand_in_judge(trainer)
+    metrics = trainer.train_step()
     return metrics["train/loss"], metrics["train/grad_norm"]
 
 

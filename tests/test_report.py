@@ -50,9 +50,12 @@ def summaries_by_method(root: Path) -> dict[str, list[dict]]:
 
 
 def expected_cell(values: list[float], percent: bool = True) -> str:
-    """What the table should show, computed here independently: mean ± sample std in percent."""
+    """What the table should show, computed here independently: mean ± sample std in percent, or the mean and
+    "all N seeds equal" when every value is the same."""
     mean, std = 100 * statistics.mean(values), 100 * statistics.stdev(values)
-    return f"{mean:.1f} ± {std:.1f}" if percent else f"{statistics.mean(values):,.0f}"
+    if not percent:
+        return f"{statistics.mean(values):,.0f}"
+    return f"{mean:.1f} (all {len(values)} seeds equal)" if len(set(values)) == 1 else f"{mean:.1f} ± {std:.1f}"
 
 
 def assert_png(path: Path) -> None:
@@ -81,12 +84,14 @@ def test_report_groups_by_method_and_averages_over_seeds(four_runs, tmp_path, ca
         cells = [expected_cell([s[k] for s in summaries[method]])
                  for k in ("teacher_accuracy", "student_accuracy_before", "student_accuracy_after")]
         tokens = expected_cell([s["tokens"] for s in summaries[method]], percent=False)
-        assert f"| method.name={method} | 2 | {' | '.join(cells)} | {tokens} | " in markdown
+        label = f"method.name={method}" + (" (oracle: gold labels)" if method == "sft" else "")
+        assert f"| {label} | 2 | {' | '.join(cells)} | {tokens} | " in markdown
 
     everyone = [s for rows in summaries.values() for s in rows]
     assert f"| teacher | 4 | {expected_cell([s['teacher_accuracy'] for s in everyone])} |" in markdown
     assert f"| initial student | 4 | – | {expected_cell([s['student_accuracy_before'] for s in everyone])} |" in markdown
     assert printed.strip() in markdown and printed.count("\n") == 6  # header, rule, 2 reference rows, 2 groups
+    assert data["baseline"] is None and "beats" not in printed  # no SeqKD group: nothing to compare with
     for name in ("eval_accuracy.png", "eval_accuracy_small_multiples.png", "train_loss.png"):
         assert_png(out / name)
         assert f"]({name})" in markdown
@@ -140,7 +145,7 @@ def test_sweep_directory_from_opd_train_multirun(tmp_path, tiny_model_dirs, caps
     data = json.loads((sweep / "report.json").read_text())
     assert data["group_keys"] == ["method.name"]
     assert [(g["label"], g["seeds"]) for g in data["groups"]] == [("method.name=gkd", [1, 2]), ("method.name=sft", [1, 2])]
-    assert "| method.name=sft | 2 |" in capsys.readouterr().out
+    assert "| method.name=sft (oracle: gold labels) | 2 |" in capsys.readouterr().out
     for name in ("report.md", "eval_accuracy.png", "train_loss.png"):
         assert (sweep / name).is_file()
 

@@ -42,10 +42,14 @@ def worked_solution(expression: str) -> tuple[str, str, str]:
 
 @DATASETS.register("arithmetic")
 class ChainArithmetic(Task):
-    """Chained +/- arithmetic with worked solutions (reasoning_gym ``chain_sum``), exact-match accuracy."""
+    """Chained +/- arithmetic with worked solutions (reasoning_gym ``chain_sum``), exact-match accuracy.
+
+    Splits by :func:`opd.data.generated.held_out_splits`: ``train`` = the first ``num_train`` problems, ``eval`` and
+    ``validation`` = the next ``num_eval`` and ``num_validation`` distinct problems unseen in train (or eval).
+    """
 
     def __init__(self, num_train: int = 20000, num_eval: int = 200, min_terms: int = 3, max_terms: int = 4,
                  min_digits: int = 1, max_digits: int = 2, seed: int = 0, num_validation: int = 0) -> None:
         self.train, self.eval, self.validation = generated_splits(
-            "chain_sum", worked_solution, num_train, num_eval, num_validation, seed, min_terms, max_terms, min_digits,
-            max_digits)
+            "arithmetic", "chain_sum", worked_solution, num_train, num_eval, num_validation, seed, min_terms, max_terms,
+            min_digits, max_digits)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 import random
 import re
-from collections.abc import Iterator, Sequence
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +36,8 @@ class Task:
     with an official development split (Dolly's held-out training rows) also fills ``self.validation``;
     for the others :func:`validation_split` carves one from ``train`` when a method needs it.
     ``eval`` is the reported split: nothing that steers training (a schedule, early stopping, a
-    sweep's objective) may read it.
+    sweep's objective) may read it. No ``eval`` or ``validation`` prompt may occur in ``train``, and no
+    ``validation`` prompt in ``eval`` (:func:`split_overlap` counts them; every built-in task keeps them at 0).
     """
 
     #: regex whose first group is the final answer in a completion (GSM8K-style ``#### 42``).
@@ -121,6 +123,41 @@ class PromptIterator:
         self._order = self._shuffled(self.epoch)
 
 
+def split_overlap(task: Task, validation: Sequence[Example] | None = None) -> dict[str, int]:
+    """Distinct prompts shared by two splits; all 0 when the held-out splits are held out.
+
+    Args:
+        task: a built task (compare its prompts before or after the chat template, as long as all splits are alike).
+        validation: the validation examples in use (one carved by :func:`validation_split`); ``task.validation``
+            when None.
+    Returns:
+        ``{"train_eval": n, "train_validation": n, "eval_validation": n}``.
+    """
+    train, evaluation = {ex.prompt for ex in task.train}, {ex.prompt for ex in task.eval}
+    held = {ex.prompt for ex in ((task.validation or []) if validation is None else validation)}
+    return {"train_eval": len(train & evaluation), "train_validation": len(train & held),
+            "eval_validation": len(evaluation & held)}
+
+
+def without_prompts(examples: Sequence[Example], held_out: Iterable[Example], what: str) -> list[Example]:
+    """``examples`` minus every one whose prompt is a ``held_out`` prompt, with one warning that counts them.
+
+    For tasks whose evaluation set is fixed (a benchmark, a user's file): it stays whole, and the training (or
+    development) rows that repeat one of its prompts are dropped instead.
+
+    Args:
+        examples: the split to clean (training or validation rows).
+        held_out: the examples whose prompts ``examples`` must not contain.
+        what: the split, for the warning (``data: instruct training rows``).
+    """
+    prompts = {ex.prompt for ex in held_out}
+    kept = [ex for ex in examples if ex.prompt not in prompts]
+    if len(kept) < len(examples):
+        warnings.warn(f"{what}: dropped {len(examples) - len(kept)} of {len(examples)} whose prompt also occurs in a "
+                      "held-out split", UserWarning, stacklevel=2)
+    return kept
+
+
 #: seed of the shuffle that carves a validation split out of ``train`` (fixed: every run and method gets the same split)
 VALIDATION_SEED = 20240229
 
@@ -128,10 +165,10 @@ VALIDATION_SEED = 20240229
 def validation_split(task: Task, size: int, seed: int = VALIDATION_SEED) -> list[Example]:
     """The examples that training decisions may read (DistiLLM's adaptive schedule), never ``task.eval``.
 
-    The task's own ``validation`` split, cut to ``size``, when it has one. Otherwise ``size`` training
-    examples chosen by a fixed-seed shuffle are moved out of ``task.train`` (in place), so they are
-    neither trained on nor evaluated; examples whose prompt is also an evaluation prompt are never
-    chosen.
+    The task's own ``validation`` split, cut to ``size``, when it has one. Otherwise ``size`` distinct
+    training prompts chosen by a fixed-seed shuffle become the validation split, and every training
+    example with one of those prompts (repeats included) is moved out of ``task.train`` (in place), so
+    they are neither trained on nor evaluated; a prompt that is also an evaluation prompt is never chosen.
 
     Args:
         task: the built task; its ``train`` list may shrink.
@@ -146,11 +183,17 @@ def validation_split(task: Task, size: int, seed: int = VALIDATION_SEED) -> list
         return list(task.validation[:size])
     eval_prompts = {ex.prompt for ex in task.eval}
     candidates = [i for i, ex in enumerate(task.train) if ex.prompt not in eval_prompts]
-    if len(task.train) - min(size, len(candidates)) < 1 or not candidates:
+    random.Random(seed).shuffle(candidates)
+    chosen: dict[str, int] = {}  # prompt -> the training index that represents it, in shuffled order
+    for i in candidates:
+        if len(chosen) == size:
+            break
+        chosen.setdefault(task.train[i].prompt, i)
+    remaining = [ex for ex in task.train if ex.prompt not in chosen]
+    if not remaining or not chosen:
         raise DataError(f"the task has no validation split, and carving trainer.validation_examples={size} out of its "
                         f"{len(task.train)} training examples leaves none to train on; lower trainer.validation_examples")
-    random.Random(seed).shuffle(candidates)
-    chosen = set(candidates[:size])
-    validation = [ex for i, ex in enumerate(task.train) if i in chosen]
-    task.train = [ex for i, ex in enumerate(task.train) if i not in chosen]
+    keep = set(chosen.values())
+    validation = [ex for i, ex in enumerate(task.train) if i in keep]
+    task.train = remaining
     return validation

@@ -16,6 +16,7 @@ import re
 from typing import Any
 
 from opd.data.base import Example, Task
+from opd.data.generated import describe_generator, held_out_splits, search_limit
 from opd.registry import DATASETS
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
@@ -39,13 +40,15 @@ class GymTask(Task):
         dataset: the reasoning_gym dataset name (``reasoning_gym.factory.DATASETS``), e.g. "products".
         config: keyword arguments of that dataset's config (difficulty: digits, terms, word lengths ...).
         num_train: training problems.
-        num_eval: held-out problems (any whose question also occurs in training is dropped).
+        num_eval: held-out problems: the first ``num_eval`` distinct problems after train whose question does not
+            occur in training (:func:`opd.data.generated.held_out_splits`).
         answer_format: how a reply is reduced to an answer: "number" (last number) or "line" (first line).
         instruction: appended to every question (a line asking for the bare answer); "" for none.
         seed: the generator seed.
 
     Raises:
         ValueError: an unknown dataset, config key or answer format, or non-positive counts.
+        DataError: the dataset's config has too few distinct problems for ``num_eval`` unseen ones after ``num_train``.
     """
 
     score_name = "exact_match"
@@ -63,19 +66,22 @@ class GymTask(Task):
         if num_train < 1 or num_eval < 1:
             raise ValueError(f"num_train and num_eval must be >= 1, got {num_train}, {num_eval}")
         self.answer_format = answer_format
-        try:
-            self.source = reasoning_gym.create_dataset(dataset, size=num_train + num_eval, seed=seed, **dict(config or {}))
+        config = dict(config or {})
+        try:  # a virtual size: problems are generated on demand, entry i from (seed, i) alone
+            self.source = reasoning_gym.create_dataset(dataset, size=search_limit(num_train, num_eval), seed=seed,
+                                                       **config)
         except TypeError as err:  # an unknown config key of that dataset
             raise ValueError(f"config for reasoning_gym dataset {dataset!r}: {err}") from None
         self.entries: dict[str, dict[str, Any]] = {}
-        examples = []
-        for entry in self.source:
+
+        def problem(index: int) -> Example:
+            entry = self.source[index]
             prompt = entry["question"].strip() + (f"\n{instruction}" if instruction else "")
-            self.entries[prompt] = entry
-            examples.append(Example(prompt, str(entry["answer"]), str(entry["answer"])))
-        self.train = examples[:num_train]
-        seen = {ex.prompt for ex in self.train}
-        self.eval = [ex for ex in examples[num_train:] if ex.prompt not in seen] or examples[num_train:]
+            self.entries.setdefault(prompt, entry)
+            return Example(prompt, str(entry["answer"]), str(entry["answer"]))
+
+        self.train, self.eval, _ = held_out_splits(problem, num_train, num_eval, 0,
+                                                   describe_generator("gym", dataset, config, seed))
 
     def extract_answer(self, completion: str) -> str | None:
         return extract_reply_answer(completion, self.answer_format)

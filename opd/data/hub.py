@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from opd.data.base import Example, Task
+from opd.data.base import Example, Task, without_prompts
 from opd.data.metrics import math_answers_equal
 from opd.errors import DataError
 from opd.registry import DATASETS
@@ -41,6 +41,8 @@ class GSM8K(Task):
             setattr(self, name, examples)
         if num_eval is not None:
             self.eval = self.eval[:num_eval]
+        # the test split stays whole; training rows that repeat one of its questions are dropped (with a warning)
+        self.train = without_prompts(self.train, self.eval, f"data: gsm8k {train_split!r} rows")
 
     def is_correct(self, completion: str, example: Example) -> bool:
         """The number after '####' equals the gold answer by math-verify (``72.0`` = ``72``)."""

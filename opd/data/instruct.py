@@ -39,7 +39,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from opd.data.base import Example, Task
+from opd.data.base import Example, Task, without_prompts
 from opd.data.metrics import normalize_text, rouge_l_max
 from opd.errors import DataError
 from opd.registry import DATASETS
@@ -123,8 +123,10 @@ class InstructTask(Task):
         train_file: file of the training rows inside ``train_path`` (``raw.jsonl``); None = ``train_split``.
         train_split: hub split of the training rows when ``train_file`` is None.
         dev_num: leading training rows held out as the official validation set (``validation``: not trained on,
-            not reported; read by DistiLLM's schedule; 1000).
-        num_train: cap on training rows after the hold-out; all when None.
+            not reported; read by DistiLLM's schedule; 1000). Rows whose prompt is an evaluation prompt are dropped
+            from it (with a warning).
+        num_train: cap on training rows after the hold-out; all when None. Rows whose prompt is an evaluation or
+            validation prompt are dropped first (with a warning), so the evaluation set stays whole and held out.
         eval_path, eval_file, eval_split: the evaluation set, as for training (``valid.jsonl``).
         num_eval: the first ``num_eval`` evaluation rows; all when None (UnNI: 10,000 officially).
         prompt_template: prompt of rows without ``input``; must contain ``{instruction}``.
@@ -150,17 +152,22 @@ class InstructTask(Task):
         self.templates = (prompt_template, prompt_template_input)
         all_rows = load_rows(train_path, train_file, None, train_split, "data.train_path")
         train_rows = all_rows[dev_num:]
-        self.train = [self.to_example(row, f"{train_path}:train row {dev_num + i}") for i, row in enumerate(train_rows)]
-        # the official dev split (MiniLLM/DistiLLM hold out the first dev_num rows): what DistiLLM's schedule reads
-        self.validation = [self.to_example(row, f"{train_path}:dev row {i}") for i, row in enumerate(all_rows[:dev_num])]
-        if num_train is not None:
-            self.train = self.train[:num_train]
-        if not self.train:
-            raise DataError(f"data.train_path: {train_path!r} has no training rows after holding out dev_num={dev_num}")
         eval_rows = load_rows(eval_path, eval_file, None, eval_split, "data.eval_path")
         self.eval = [self.to_example(row, f"{eval_path}:eval row {i}") for i, row in enumerate(eval_rows)]
         if num_eval is not None:
             self.eval = self.eval[:num_eval]
+        # the official dev split (MiniLLM/DistiLLM hold out the first dev_num rows): what DistiLLM's schedule reads
+        self.validation = without_prompts(
+            [self.to_example(row, f"{train_path}:dev row {i}") for i, row in enumerate(all_rows[:dev_num])], self.eval,
+            "data: instruct validation rows (dev_num)")
+        self.train = without_prompts(
+            [self.to_example(row, f"{train_path}:train row {dev_num + i}") for i, row in enumerate(train_rows)],
+            self.eval + self.validation, "data: instruct training rows")
+        if num_train is not None:
+            self.train = self.train[:num_train]
+        if not self.train:
+            raise DataError(f"data.train_path: {train_path!r} has no training rows after holding out dev_num={dev_num} "
+                            "and the rows that repeat an evaluation or validation prompt")
 
     def to_example(self, row: dict[str, Any], where: str) -> InstructExample:
         """One row as an example: the row's ``prompt`` if it has one, else the template; ``output`` as references."""

@@ -22,7 +22,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from opd.data.base import Example, Task
+from opd.data.base import Example, Task, without_prompts
 from opd.errors import DataError
 from opd.registry import DATASETS
 
@@ -38,7 +38,8 @@ class JsonlTask(Task):
         train_path: training rows (``.jsonl``), relative to the launch directory or absolute; required
             (a default of None only because config schemas list the keys after ``name``).
         eval_path: held-out rows; when None the last ``num_holdout`` valid rows of ``train_path``
-            are held out instead.
+            are held out instead. Either way, training rows whose prompt is a held-out prompt are dropped
+            (with a warning that counts them): the held-out rows stay whole and are never trained on.
         num_holdout: rows held out from the end of ``train_path`` when ``eval_path`` is None.
         prompt_key: row key of the prompt text.
         answer_key: row key of the gold final answer (a string or a number).
@@ -78,13 +79,18 @@ class JsonlTask(Task):
 
         train = self._read(train_path, "data.train_path")
         if eval_path is not None:
-            self.train, self.eval = train, self._read(eval_path, "data.eval_path")
+            self.eval = self._read(eval_path, "data.eval_path")
         elif len(train) <= num_holdout:
             raise DataError(f"data.train_path: {train_path!r} has {len(train)} valid rows; holding out "
                             f"data.num_holdout={num_holdout} for evaluation leaves none for training. "
                             "Set data.eval_path or lower data.num_holdout.")
         else:
-            self.train, self.eval = train[:-num_holdout], train[-num_holdout:]
+            train, self.eval = train[:-num_holdout], train[-num_holdout:]
+        self.train = without_prompts(train, self.eval, "data: jsonl training rows")
+        if not self.train:
+            raise DataError(f"data.train_path: every training row of {train_path!r} repeats a held-out prompt "
+                            f"({'data.eval_path' if eval_path is not None else 'data.num_holdout'}); nothing is left to "
+                            "train on")
 
     def _read(self, path: str, key: str) -> list[Example]:
         """The valid rows of one file as examples; malformed rows are skipped with a warning.

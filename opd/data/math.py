@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from opd.data.base import Example, Task
+from opd.data.base import Example, Task, without_prompts
 from opd.data.instruct import load_rows
 from opd.data.metrics import boxed_answer, math_answers_equal, parse_math
 from opd.errors import DataError
@@ -46,7 +46,8 @@ class MathTask(Task):
     Args:
         train_path: training problems: hub id, local directory (``<train_split>.jsonl``) or ``.jsonl`` file.
         train_config, train_split: hub config and split of the training problems.
-        num_train: cap on training problems; all when None.
+        num_train: cap on training problems; all when None. Problems whose prompt is an evaluation prompt are
+            dropped first (with a warning), so the evaluation set stays whole and held out.
         eval_path, eval_config, eval_split: the evaluation problems (``HuggingFaceH4/MATH-500``, ``test``).
         num_eval: the first ``num_eval`` evaluation problems; all when None.
         problem_key, solution_key, answer_key: row fields. A missing or empty answer is taken from the
@@ -71,14 +72,16 @@ class MathTask(Task):
                 raise ValueError(f"{name} must be >= 0, got {value}")
         self.prompt_template = prompt_template
         self.keys = (problem_key, solution_key, answer_key)
-        train_rows = load_rows(train_path, None, train_config, train_split, "data.train_path")[:num_train]
-        self.train = [self.to_example(row, f"{train_path}:{train_split} row {i}", need_answer=False)
-                      for i, row in enumerate(train_rows)]
-        if not self.train:
-            raise DataError(f"data.train_path: {train_path!r} ({train_split}) has no rows")
+        train_rows = load_rows(train_path, None, train_config, train_split, "data.train_path")
         eval_rows = load_rows(eval_path, None, eval_config, eval_split, "data.eval_path")[:num_eval]
         self.eval = [self.to_example(row, f"{eval_path}:{eval_split} row {i}", need_answer=True)
                      for i, row in enumerate(eval_rows)]
+        self.train = without_prompts([self.to_example(row, f"{train_path}:{train_split} row {i}", need_answer=False)
+                                      for i, row in enumerate(train_rows)], self.eval, "data: math training problems")
+        self.train = self.train[:num_train]
+        if not self.train:
+            left = "no rows" if not train_rows else "no rows that are not evaluation problems"
+            raise DataError(f"data.train_path: {train_path!r} ({train_split}) has {left}")
 
     def to_example(self, row: dict[str, Any], where: str, need_answer: bool) -> Example:
         """A row as an example: templated problem, the solution as target, the gold answer."""

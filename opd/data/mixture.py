@@ -17,7 +17,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-from opd.data.base import Example, Task
+from opd.data.base import Example, Task, without_prompts
 from opd.registry import DATASETS
 
 
@@ -77,6 +77,9 @@ class Mixture(Task):
     ``eval`` interleaves the sources' eval splits round-robin, so a prefix cap (``trainer.eval_examples``) keeps every
     source. ``validation`` interleaves the sources' own validation splits when every source has one, else it is None
     (then ``trainer.validation_examples`` are carved from the mixed ``train``, so every source can be chosen).
+    Each source keeps its splits apart, but two sources may share prompts (two ``arithmetic`` sources with nearby
+    seeds): training examples whose prompt is another source's eval or validation prompt, and validation examples
+    whose prompt is an eval prompt, are dropped with a warning (before ``max_train_per_source``).
 
     Raises:
         ValueError: no sources, an empty source name, or an unknown example source at scoring time.
@@ -94,12 +97,17 @@ class Mixture(Task):
             if node is None or node.get("name") == "mixture":
                 raise ValueError(f"data.tasks.{source} must be a registered task other than mixture, got {node!r}")
             self.sources[source] = DATASETS.build(node, f"data.tasks.{source}")
-        self.train = []
-        for source, task in self.sources.items():
-            self.train += tag(task.train[:max_train_per_source] if max_train_per_source else task.train, source)
         self.eval = interleave([tag(task.eval, source) for source, task in self.sources.items()])
         own = [task.validation for task in self.sources.values()]
-        self.validation = interleave([tag(t.validation, s) for s, t in self.sources.items()]) if all(own) else None
+        self.validation = None
+        if all(own):
+            self.validation = without_prompts(interleave([tag(t.validation, s) for s, t in self.sources.items()]),
+                                              self.eval, "data: mixture validation examples")
+        held_out = self.eval + (self.validation or [])
+        self.train = []
+        for source, task in self.sources.items():
+            train = without_prompts(task.train, held_out, f"data: mixture source {source!r} training examples")
+            self.train += tag(train[:max_train_per_source] if max_train_per_source else train, source)
         names = {task.score_name for task in self.sources.values()}
         self.score_name = names.pop() if len(names) == 1 else "score"  # a mixed headline metric: each source's own
 

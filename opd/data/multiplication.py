@@ -58,13 +58,13 @@ def worked_solution(expression: str) -> tuple[str, str, str]:
 class Multiplication(Task):
     """Products of integers with column-style worked solutions (reasoning_gym ``products``), exact-match accuracy.
 
-    Splits as in :class:`opd.data.arithmetic.ChainArithmetic`: ``train`` = the first ``num_train`` problems,
-    ``eval`` = the next ``num_eval`` minus prompts seen in train, ``validation`` = the next ``num_validation``
-    minus prompts seen in train or eval. Entry ``i`` depends on ``(seed, i)`` only.
+    Splits as in :class:`opd.data.arithmetic.ChainArithmetic`: ``train`` = the first ``num_train`` problems, ``eval``
+    and ``validation`` = the next ``num_eval`` and ``num_validation`` distinct problems unseen in train (or eval),
+    by :func:`opd.data.generated.held_out_splits`. Entry ``i`` depends on ``(seed, i)`` only.
     """
 
     def __init__(self, num_train: int = 6000, num_eval: int = 400, min_terms: int = 2, max_terms: int = 2,
                  min_digits: int = 2, max_digits: int = 2, seed: int = 0, num_validation: int = 0) -> None:
         self.train, self.eval, self.validation = generated_splits(
-            "products", worked_solution, num_train, num_eval, num_validation, seed, min_terms, max_terms, min_digits,
-            max_digits)
+            "multiplication", "products", worked_solution, num_train, num_eval, num_validation, seed, min_terms, max_terms,
+            min_digits, max_digits)

@@ -21,6 +21,7 @@ class EvalResult:
     num_examples: int
     mean_length: float
     samples: list[tuple[str, str, bool]]
+    eos_rate: float = 0.0  # share of completions that ended with EOS within max_new_tokens (the rest were cut)
     score: float = 0.0  # mean of task.score (ROUGE-L for instruction tasks; equals accuracy for exact-match tasks)
     #: accuracy per ``Example.source`` (mixed data, ``data=mixture``; logged as ``eval/accuracy/<source>``); {} otherwise
     by_source: dict[str, float] = dataclasses.field(default_factory=dict)
@@ -46,17 +47,22 @@ def evaluate_accuracy(model: torch.nn.Module, tokenizer, task: Task, examples: l
     """
     num_scored = len(examples) if num_scored is None else num_scored
     sampler = HFSampler(max_new_tokens=max_new_tokens)
-    correct, lengths, samples, score, flags = 0, 0, [], 0.0, []
+    from opd.sampling.base import eos_token_ids, unfinished_rows
+
+    eos = eos_token_ids(tokenizer, model)
+    correct, lengths, samples, score, flags, finished = 0, 0, [], 0.0, [], 0
     batches = range(0, len(examples), batch_size)
     for start in tqdm(batches, desc=desc, leave=False, disable=not progress, unit="batch"):
         chunk = examples[start : start + batch_size]
         rollout = sampler.generate(model, tokenizer, chunk, greedy=True)
         texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
         row_lengths = rollout.completion_mask.sum(dim=1).tolist()
+        row_finished = (~unfinished_rows(rollout, eos)).tolist()
         for index, (example, text) in enumerate(zip(chunk, texts)):
             if start + index >= num_scored:
                 break
             lengths += row_lengths[index]
+            finished += row_finished[index]
             ok = task.is_correct(text, example)
             correct += ok
             flags.append(ok)
@@ -66,7 +72,7 @@ def evaluate_accuracy(model: torch.nn.Module, tokenizer, task: Task, examples: l
     n = max(num_scored, 1)
     by_source, source_counts = per_source_accuracy(examples[: len(flags)], flags)
     return EvalResult(accuracy=correct / n, num_examples=num_scored, mean_length=lengths / n, samples=samples,
-                      score=score / n, by_source=by_source, source_counts=source_counts)
+                      eos_rate=finished / n, score=score / n, by_source=by_source, source_counts=source_counts)
 
 
 @torch.no_grad()
@@ -97,3 +103,40 @@ def evaluate_pass_at_k(model: torch.nn.Module, tokenizer, task: Task, examples: 
     per_example = per_example[: len(examples) if num_scored is None else num_scored]
     return {f"pass@{k}": sum(pass_at_k(num_samples, c, k) for c in per_example) / max(len(per_example), 1)
             for k in sorted(set(ks)) if k <= num_samples}
+
+
+@torch.no_grad()
+def evaluate_teacher_kl(student: torch.nn.Module, teacher: torch.nn.Module, tokenizer, examples: list[Example],
+                        sampler, vocab_size: int, batch_size: int = 16, desc: str = "eval teacher KL",
+                        progress: bool = True) -> dict[str, float]:
+    """Teacher agreement: the exact per-token reverse KL between student and teacher on the student's own samples.
+
+    One completion per example is sampled from the student with ``sampler`` (its temperature and length cap, as
+    rollouts are), then both models score it and, at every completion position t,
+    KL_t = Σ_v q(v | y<t) (log q(v | y<t) − log p(v | y<t)) over the first ``vocab_size`` entries (q: student,
+    p: teacher, both at temperature 1) is averaged over all completion tokens (EOS included). This is the
+    quantity on-policy distillation with the reverse KL minimises (Agarwal et al. 2024, Eq. 2 with the student's
+    own samples; Gu et al. 2024, Eq. 1), measured exactly over the vocabulary rather than by a sampled estimate.
+
+    Returns:
+        ``{"teacher_rkl": mean per-token KL (nats), "sampled_eos_rate": share of samples that ended with EOS,
+        "sampled_mean_length": mean completion tokens}``.
+    """
+    from opd.models.scoring import completion_logits
+    from opd.sampling.base import eos_token_ids, unfinished_rows
+
+    total, tokens, finished, lengths = 0.0, 0.0, 0, 0.0
+    eos = eos_token_ids(tokenizer, student)
+    batches = range(0, len(examples), batch_size)
+    for start in tqdm(batches, desc=desc, leave=False, disable=not progress, unit="batch"):
+        rollout = sampler.generate(student, tokenizer, examples[start : start + batch_size], n=1)
+        mask = rollout.completion_mask.float()
+        q_logp = torch.log_softmax(completion_logits(student, rollout)[..., :vocab_size].float(), dim=-1)
+        p_logp = torch.log_softmax(completion_logits(teacher, rollout)[..., :vocab_size].float(), dim=-1)
+        kl = (q_logp.exp() * (q_logp - p_logp)).sum(dim=-1)  # [B, T]
+        total += float((kl * mask).sum())
+        tokens += float(mask.sum())
+        finished += int((~unfinished_rows(rollout, eos)).sum())
+        lengths += float(mask.sum())
+    n = max(len(examples), 1)
+    return {"teacher_rkl": total / max(tokens, 1.0), "sampled_eos_rate": finished / n, "sampled_mean_length": lengths / n}

@@ -36,13 +36,13 @@ from tqdm.auto import tqdm
 
 from opd import distributed as dist
 from opd.config import DeepSpeedConfig, LoggerConfig, ModelConfig, TrainerConfig
-from opd.data.base import Example, PromptIterator, Task, validation_split
+from opd.data.base import Example, PromptIterator, Task, split_overlap, validation_split
 from opd.data.chat import apply_chat_template
 from opd.data.mixture import merge_per_source
 from opd.engine import checkpoint as ckpt
 from opd.engine.async_rollouts import AsyncRollouts, DeferredSampler, PendingRollout, WorkerSpec
 from opd.engine.backends import DeepSpeedBackend, LocalBackend
-from opd.engine.evaluate import EvalResult, evaluate_accuracy, evaluate_pass_at_k
+from opd.engine.evaluate import EvalResult, evaluate_accuracy, evaluate_pass_at_k, evaluate_teacher_kl
 from opd.engine.loss_paths import LossPath, check_pair, path_loss, select_loss_path
 from opd.errors import ConfigError, DataError, TrainingError, TrainingInterrupted
 from opd.losses.chunked import completion_hidden_states, linear_head
@@ -50,7 +50,7 @@ from opd.methods.base import AuxiliaryContext, Method
 from opd.models.dropout import disable_dropout
 from opd.models.loading import check_model_path, load_model, load_tokenizer, resolve_device
 from opd.models.scoring import completion_logits
-from opd.sampling.base import RolloutBatch
+from opd.sampling.base import RolloutBatch, eos_token_ids, unfinished_rows
 from opd.sampling.behaviour import RolloutContext
 from opd.sampling.tokenize import encode_targets
 from opd.teachers import SparseTeacherLogprobs, Teacher
@@ -232,6 +232,9 @@ class Trainer:
             self.vocab_size = teacher.setup(self.student, self.tokenizer, self.device)
             teacher.vocab_size = self.vocab_size
         self._hide_padded_rows()
+        if self.cfg.eval_teacher_kl and self.teacher is None:
+            raise ConfigError("trainer.eval_teacher_kl=true needs a teacher model in this process (a local teacher); "
+                              "set it false for a served or missing teacher")
         try:  # checks that need the vocabulary, before any training
             self.method.check_vocabulary(self.vocab_size)
         except ValueError as err:
@@ -281,6 +284,11 @@ class Trainer:
         tuning = trainer_cfg.evaluate_on == "validation"  # hyperparameter search: score on validation, never on eval
         validation = (validation_split(task, trainer_cfg.validation_examples)
                       if self.method.needs_validation_loss or tuning else [])
+        #: distinct prompts shared by train / eval / validation (after the chat template); all 0 for held-out splits
+        self.split_overlap = split_overlap(task, validation or None)
+        if any(self.split_overlap.values()):
+            warnings.warn(f"data: the splits share prompts {self.split_overlap}: accuracies on them are partly "
+                          "in-sample", UserWarning, stacklevel=2)
         train_examples = fit_to_context(task.train, self.tokenizer, limit, sampler.max_new_tokens, "training")
         eval_examples = fit_to_context(validation if tuning else task.eval, self.tokenizer, limit,
                                        sampler.max_new_tokens, "validation" if tuning else "evaluation")
@@ -290,10 +298,12 @@ class Trainer:
                                         self.teacher_logits, trainer_cfg.grad_accum,
                                         lambda count: int(dist.all_reduce_sum([count])[0]))
         self.rollout_ctx = RolloutContext(self.student, self.teacher, self.tokenizer, sampler, self.device,
-                                          rng=random.Random(self.seed), max_steps=trainer_cfg.max_steps)
+                                          rng=random.Random(self.seed), max_steps=trainer_cfg.max_steps, task=task)
         self.eval_examples = eval_examples[: trainer_cfg.eval_examples] if trainer_cfg.eval_examples else eval_examples
         self.validation_examples = fit_to_context(validation, self.tokenizer, limit, sampler.max_new_tokens,
                                                   "validation") if validation else []
+        #: the ids that end a sampled completion (student's and teacher's): a row without one was cut by the budget
+        self.eos_ids = eos_token_ids(self.tokenizer, *(m for m in (self.student, self.teacher) if m is not None))
 
     def _setup_state(self) -> None:
         """Counters a checkpoint saves and restores."""
@@ -304,10 +314,14 @@ class Trainer:
         self.initial_results: dict[str, float | None] = {}  # teacher and step-0 student accuracy, kept across resumes
         self.stop_signal: int | None = None
         self.last_pass_at_k: dict[str, float] = {}  # the latest sampled evaluation (trainer.eval_samples > 0)
+        self.last_teacher_kl: dict[str, float] = {}  # the latest teacher agreement (trainer.eval_teacher_kl)
         self.restored_from: Path | None = None  # the checkpoint this run continues, if any
         #: step -> its micro-batches, submitted ahead (trainer.max_staleness) or restored from a checkpoint
         self.queued: dict[int, list[RolloutBatch | PendingRollout]] = {}
         self.async_rollouts: AsyncRollouts | None = None  # the rollout worker, started at the first step
+        self.rollouts_sampled = 0  # sampled completions trained on so far (student, teacher or mixed writer)
+        self.rollouts_truncated = 0  # ... of which cut by sampler.max_new_tokens before any EOS
+        self.empty_steps = 0  # steps with no completion token left to train on (trainer.overlong=mask, all rows cut)
 
     @property
     def rollout_threads(self) -> int:
@@ -475,15 +489,19 @@ class Trainer:
         step = self.step
         batches = self.step_rollouts()
         rollout_time = time.perf_counter() - started
+        truncated, sampled = self._count_unfinished(batches)  # and, with trainer.overlong=mask, take them out of the loss
         num_tokens = int(dist.all_reduce_sum([sum(b.num_tokens for b in batches)])[0])  # all ranks, all micro-batches
-        loss_total, finite, metrics = self.accumulate_gradients(batches, num_tokens)
-        metrics = per_teacher_means(metrics, num_tokens)  # several teachers: each one's loss per routed token
+        empty = num_tokens == 0  # every row masked: nothing to learn, the weights stay (not a failure)
+        loss_total, finite, metrics = self.accumulate_gradients(batches, max(num_tokens, 1))
+        metrics = per_teacher_means(metrics, max(num_tokens, 1))  # several teachers: each one's loss per routed token
 
-        grad_norm, updated = self.backend.step(skip=not (finite and math.isfinite(loss_total)))
+        grad_norm, updated = self.backend.step(skip=empty or not (finite and math.isfinite(loss_total)))
         if updated:
             self.skipped_in_a_row = 0
             if hasattr(self.sampler, "sync_weights"):  # samplers with their own copy of the weights (vLLM):
                 self.sampler.sync_weights(self.student)  # the student's engine only; a teacher's is never re-synced
+        elif empty:
+            self.empty_steps += 1
         else:  # skipped: weights (and, in one process, the optimizer moments) stay as they were
             self.skipped_in_a_row += 1
             self.skipped_total += 1
@@ -506,6 +524,10 @@ class Trainer:
                                                         sum(len(b.examples) for b in student_batches)])
         if rollouts:
             metrics["rollout/mean_length"] = rollout_tokens / rollouts
+        if sampled:  # the share of sampled completions the length budget cut before EOS (DAPO's "overlong" samples)
+            metrics["rollout/truncated"] = truncated / sampled
+        if self.cfg.overlong == "mask":
+            metrics["train/empty_steps"] = self.empty_steps
         if self.cfg.max_staleness or self.restored_from is not None:  # the oldest student batch of every rank (a
             # dataset or teacher batch is never stale); a resumed run may start on rollouts the worker wrote before
             versions = [b.policy_version for b in student_batches if b.policy_version is not None]
@@ -525,6 +547,23 @@ class Trainer:
                                 "checkpoint, so the last good one is kept. Lower trainer.lr, check the data, or raise "
                                 "trainer.max_skipped_steps.")
         return dict(metrics)
+
+    def _count_unfinished(self, batches: list[RolloutBatch]) -> tuple[int, int]:
+        """(rows cut by ``sampler.max_new_tokens`` before any EOS, sampled rows) over the step's sampled micro-batches
+        (all ranks); dataset and replayed rows are not sampled now and are not counted. With ``trainer.overlong=mask``
+        the cut rows get no loss (their completion mask is zeroed, as DAPO's overlong filtering does)."""
+        truncated = sampled = 0
+        for batch in batches:
+            if batch.source not in ("student", "teacher", "mixed"):
+                continue
+            cut = unfinished_rows(batch, self.eos_ids)
+            truncated, sampled = truncated + int(cut.sum()), sampled + len(cut)
+            if self.cfg.overlong == "mask" and cut.any():
+                batch.completion_mask = batch.completion_mask * (~cut).to(batch.completion_mask.dtype)[:, None]
+        truncated, sampled = (int(v) for v in dist.all_reduce_sum([truncated, sampled]))
+        self.rollouts_truncated += truncated
+        self.rollouts_sampled += sampled
+        return truncated, sampled
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, model: torch.nn.Module, desc: str) -> EvalResult:
@@ -578,7 +617,7 @@ class Trainer:
         return torch.cat(out).view_as(batch.completion_ids)
 
     def _log_eval(self, result: EvalResult) -> None:
-        metrics = {"eval/accuracy": result.accuracy, "eval/mean_length": result.mean_length}
+        metrics = {"eval/accuracy": result.accuracy, "eval/mean_length": result.mean_length, "eval/eos_rate": result.eos_rate}
         metrics.update({f"eval/accuracy/{source}": value for source, value in result.by_source.items()})  # data=mixture
         if self.task.score_name != "exact_match":  # e.g. eval/rouge_l for instruction tasks
             metrics[f"eval/{self.task.score_name}"] = result.score
@@ -592,6 +631,15 @@ class Trainer:
                 pass_k = {key: value / max(sums[0], 1) for key, value in zip(sorted(pass_k), sums[1:])}
             metrics.update({f"eval/{key}": value for key, value in pass_k.items()})
             self.last_pass_at_k = pass_k
+        if self.cfg.eval_teacher_kl and self.teacher is not None:
+            # one fixed sampling seed for every evaluation, run and seed (common random numbers: arms differ by their
+            # weights, not by the draw); training's RNG stream is untouched
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                agreement = evaluate_teacher_kl(self.student, self.teacher, self.tokenizer, self.eval_examples,
+                                                self.sampler, self.vocab_size, progress=self.cfg.progress and dist.is_main())
+            metrics.update({f"eval/{key}": value for key, value in agreement.items()})
+            self.last_teacher_kl = agreement
         if self.method.needs_validation_loss:
             metrics.update(self.method.on_evaluate(self.validation_loss()))
         self.logger.log(metrics, self.step)
@@ -604,7 +652,8 @@ class Trainer:
                 **self.backend.state_dict(),  # optimizer and scheduler (in one process; DeepSpeed keeps its own)
                 "rng": ckpt.rng_state(), "policy_rng": self.rollout_ctx.rng.getstate(), "data": self.prompts.state_dict(),
                 "method": self.method.state_dict(),
-                "tokens_trained": self.tokens_trained, "skipped_total": self.skipped_total}
+                "tokens_trained": self.tokens_trained, "skipped_total": self.skipped_total,
+                "rollouts": (self.rollouts_sampled, self.rollouts_truncated, self.empty_steps)}
 
     def wait_for_rollouts(self) -> None:
         """Wait until the worker has written every rollout submitted so far (they stay queued for their steps)."""
@@ -663,6 +712,7 @@ class Trainer:
         self.method.load_state_dict(state["method"])
         self.step, self.tokens_trained = state["step"], state["tokens_trained"]
         self.skipped_total, self.skipped_in_a_row = state["skipped_total"], state["skipped_in_a_row"]
+        self.rollouts_sampled, self.rollouts_truncated, self.empty_steps = state.get("rollouts", (0, 0, 0))
         self.initial_results = dict(state["initial_results"])
         self.queued = {step: [RolloutBatch.from_state_dict(batch, self.device) for batch in batches]
                        for step, batches in ckpt.load_in_flight(checkpoint).items()}
@@ -731,13 +781,20 @@ class Trainer:
             "student_accuracy_after": after.accuracy,
             **({"student_accuracy_after_by_source": after.by_source} if after.by_source else {}),
             **{f"student_{key}_after": value for key, value in self.last_pass_at_k.items()},
+            "student_eos_rate_after": after.eos_rate,  # greedy, on the evaluation split
+            "student_mean_length_after": after.mean_length,
+            **{f"student_{key}_after": value for key, value in self.last_teacher_kl.items()},
             "eval_examples": after.num_examples,
             "evaluated_on": self.cfg.evaluate_on,  # "validation" in a tuning run: the accuracies are validation ones
             "steps": self.step,
             "tokens": self.tokens_trained,
             "skipped_steps": self.skipped_total,
+            # the share of sampled completions cut by sampler.max_new_tokens before EOS, over the whole run (None: none sampled)
+            "rollout_truncated": self.rollouts_truncated / self.rollouts_sampled if self.rollouts_sampled else None,
+            **({"empty_steps": self.empty_steps} if self.cfg.overlong == "mask" else {}),
             "wall_time_s": round(time.perf_counter() - started, 2),
             "checkpoint": str(checkpoint),
+            "split_overlap": self.split_overlap,  # distinct prompts shared between splits (opd.data.base.split_overlap)
         }
 
     def _train_loop(self) -> EvalResult | None:

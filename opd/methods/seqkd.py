@@ -73,3 +73,72 @@ class SeqKD(Method):
              num_tokens: int) -> LossOutput:
         loss = completion_cross_entropy(batch, student_logits, num_tokens, self.label_smoothing)
         return LossOutput(loss, {"loss/ce": loss.item(), f"seqkd/{batch.source}_batches": 1.0})
+
+
+class CorrectTeacherSamplePolicy(TeacherPolicy):
+    """The teacher samples ``candidates`` completions per prompt; the first one the task judges correct is kept.
+
+    A prompt with no correct candidate keeps its first candidate with an all-zero completion mask, so it adds no
+    loss (and no token to the step's normaliser). ``extras["accepted"]`` (``[B]``, 1.0 or 0.0) says which rows count.
+
+    Args:
+        candidates: teacher samples drawn per prompt (one generate call with ``n`` = candidates).
+    """
+
+    #: the task's answer checker decides which samples are trained on (the shared checks give untrained tiny teachers,
+    #: which are never right, a stand-in checker so that the loss is not empty)
+    judges_samples = True
+
+    def __init__(self, candidates: int) -> None:
+        if candidates < 1:
+            raise ValueError(f"candidates must be >= 1, got {candidates}")
+        self.candidates = candidates
+
+    def collect(self, ctx: RolloutContext, examples: list[Example]) -> RolloutBatch:
+        if ctx.teacher is None:
+            raise TrainingError("rs_seqkd needs a teacher model to write completions, but teacher is null; "
+                                "set teacher=<name> (e.g. teacher=toy)")
+        if ctx.task is None:
+            raise TrainingError("rs_seqkd needs the task's answer checker (RolloutContext.task) to judge samples")
+        batch = ctx.sampler.generate(ctx.teacher, ctx.tokenizer, examples, n=self.candidates)
+        texts = ctx.tokenizer.batch_decode(batch.completion_ids, skip_special_tokens=True)
+        correct = [ctx.task.is_correct(text, example) for text, example in zip(texts, batch.examples)]
+        rows, accepted = [], []
+        for first in range(0, len(correct), self.candidates):  # rows are grouped by example
+            group = correct[first : first + self.candidates]
+            hit = next((i for i, ok in enumerate(group) if ok), None)
+            rows.append(first + (hit if hit is not None else 0))
+            accepted.append(hit is not None)
+        batch = batch.select(torch.tensor(rows, device=batch.completion_ids.device))
+        keep = torch.tensor(accepted, device=batch.completion_mask.device)
+        batch.completion_mask = batch.completion_mask * keep.to(batch.completion_mask.dtype)[:, None]
+        batch.extras["accepted"] = keep.float()
+        batch.source, batch.sampler_logprobs = "teacher", None
+        return batch
+
+
+@METHODS.register("rs_seqkd")
+class RejectionSampledSeqKD(SeqKD):
+    """Rejection-sampled SeqKD: cross-entropy on the teacher's *correct* samples only (rejection sampling
+    fine-tuning, Yuan et al. 2023, arXiv:2308.01825 Sec. 3.3; the STaR filter, Zelikman et al. 2022, Sec. 3.1, with
+    the teacher as the sampler). The teacher draws ``candidates`` completions per prompt at ``sampler.temperature``;
+    the first that the task's checker accepts is the target, and prompts without one are left out of the step.
+    Loss: token-level cross-entropy on the kept completions (EOS included), token mean over the step.
+
+    Args:
+        candidates: teacher samples per prompt (4 by default: the chance of at least one correct grows as 1-(1-p)^k).
+        label_smoothing: cross-entropy label smoothing in [0, 1).
+    """
+
+    def __init__(self, candidates: int = 4, label_smoothing: float = 0.0) -> None:
+        super().__init__(greedy=False, label_smoothing=label_smoothing)
+        self.candidates = candidates
+        self.policy = CorrectTeacherSamplePolicy(candidates)
+
+    def loss(self, batch: RolloutBatch, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None,
+             num_tokens: int) -> LossOutput:
+        out = super().loss(batch, student_logits, teacher_logits, num_tokens)
+        accepted = batch.extras.get("accepted")
+        if accepted is not None:  # summed over micro-batches by the trainer: the step's count of accepted prompts
+            out.metrics["rs_seqkd/accepted_prompts"] = float(accepted.sum())
+        return out

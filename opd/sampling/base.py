@@ -182,6 +182,13 @@ def truncate_after_eos(completion_ids: torch.Tensor, eos_token_id: int | Sequenc
     return completion_ids.masked_fill(after_eos, pad_token_id), mask
 
 
+def unfinished_rows(batch: RolloutBatch, eos_token_id: int | Sequence[int]) -> torch.Tensor:
+    """``[B]`` bool: rows whose completion holds no EOS (any of ``eos_token_id``), i.e. cut by the length budget
+    (an empty row, all padding, counts as unfinished too)."""
+    is_eos = torch.isin(batch.completion_ids, eos_id_tensor(eos_token_id, batch.completion_ids.device))
+    return ~(is_eos & batch.completion_mask.bool()).any(dim=1)
+
+
 def repeat_per_example(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, examples: list[Example], n: int
                        ) -> tuple[torch.Tensor, torch.Tensor, list[Example]]:
     """Prompts ``[B, P]`` and examples repeated for ``n`` samples each, grouped by example (rows ``[B·n, P]``)."""

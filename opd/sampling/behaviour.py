@@ -41,6 +41,7 @@ class RolloutContext:
     rng: random.Random
     step: int = 0
     max_steps: int = 1
+    task: Any = None  # the run's task (its answer checker: rejection-sampled SeqKD keeps only correct samples)
 
 
 class BehaviourPolicy:

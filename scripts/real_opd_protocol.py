@@ -1,0 +1,280 @@
+"""The on-policy protocol study on the real LM (issue 21): does on-policy distillation beat SeqKD once the student is
+warm and its rollouts finish? ``make study`` runs this.
+
+1. Every *arm* x seed runs ``opd-train experiment=real_opd_protocol`` (SmolLM2-135M-Instruct teaches its pruned
+   copy; ``conf/experiment/real_opd_protocol.yaml``). Each run first needs the experiment's warm start (stage 1,
+   greedy SeqKD); it is trained once, by the first run, and shared by every arm and seed of that student size
+   (``opd/stages.py``). Runs go seed by seed (all arms of seed 0, then seed 1, ...), so an early stop still leaves
+   every arm with the same seeds. A run with a ``summary.json`` is never run again; an interrupted one resumes from
+   its newest checkpoint (``trainer.resume=auto``), so the whole target resumes after an interruption.
+2. The two deciding arms (SeqKD and the pre-declared on-policy arm) again at a second student size
+   (``student.keep_layers=20``, with its own warm start).
+3. ``--report`` (also after the runs) writes ``results.md`` / ``results.json`` and the curves into ``--out``:
+   accuracy, EOS rate, mean length and teacher agreement per arm (mean, sample std, 95 % CI, per seed), and the
+   verdicts (``opd.report.compare_arms``): on-policy vs SeqKD at equal steps and at equal training seconds, GKD
+   lambda = 1 vs 0, and at the second size.
+
+Usage::
+
+    python scripts/real_opd_protocol.py                      # all runs (resumable), then the report
+    python scripts/real_opd_protocol.py --only-report        # the report from the runs that exist
+    python scripts/real_opd_protocol.py --arms seqkd gkd --seeds 0   # a subset
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from opd.report import compare_arms  # noqa: E402
+
+EXPERIMENT = "real_opd_protocol"
+SEEDS = (0, 1, 2)
+#: arm -> opd-train overrides over the experiment (which sets lr, steps, budget, warm start for all of them)
+ARMS: dict[str, list[str]] = {
+    "seqkd": ["method=seqkd", "method.greedy=true"],  # the distillation baseline: the teacher's greedy answers, as stage 1
+    "gkd_l0": ["method=gkd", "method.lmbda=0", "method.beta=0.5"],  # GKD off-policy: the teacher's samples, JSD(0.5)
+    "gkd_l1": ["method=gkd", "method.lmbda=1", "method.beta=0.5"],  # GKD on-policy, JSD(0.5) (the paper's main setting)
+    "gkd_l1_b1": ["method=gkd", "method.lmbda=1", "method.beta=1"],  # GKD on-policy, reverse KL (full distribution)
+    "tm_opd": ["method=tm_opd"],  # sampled-token reverse KL (Thinking Machines)
+    "distillm": ["method=distillm"],  # skew KL with adaptive off-policy
+}
+ON_POLICY = ("gkd_l1", "gkd_l1_b1", "tm_opd", "distillm")
+#: fixed before the runs: the on-policy arm the headline verdicts use (GKD's own on-policy setting, Agarwal et al. 2024)
+DECLARED_ON_POLICY = "gkd_l1"
+SECOND_SIZE = {"keep_layers": 20, "arms": ("seqkd", DECLARED_ON_POLICY)}
+METRIC = "eval/accuracy"
+
+
+def run_dir(root: Path, arm: str, seed: int, size: str = "") -> Path:
+    return root / f"{arm}{size}" / f"seed{seed}"
+
+
+def plan(arms: list[str], seeds: list[int], second_size: bool) -> list[tuple[str, int, list[str], str]]:
+    """(arm, seed, overrides, size tag) in run order: seed-major, then the second student size."""
+    cells = [(arm, seed, ARMS[arm], "") for seed in seeds for arm in arms]
+    if second_size:
+        tag = f"_keep{SECOND_SIZE['keep_layers']}"
+        cells += [(arm, seed, ARMS[arm] + [f"student.keep_layers={SECOND_SIZE['keep_layers']}"], tag)
+                  for seed in seeds for arm in SECOND_SIZE["arms"] if arm in arms]
+    return cells
+
+
+def run_cell(root: Path, arm: str, seed: int, overrides: list[str], tag: str, log) -> float | None:
+    """One run (skipped when finished); returns its wall seconds, or None when it was already done."""
+    out = run_dir(root, arm, seed, tag)
+    if (out / "summary.json").exists():
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    command = [str(ROOT / ".venv" / "bin" / "opd-train"), f"experiment={EXPERIMENT}", *overrides, f"seed={seed}",
+               f"output_dir={out}", "trainer.resume=auto", "trainer.progress=false"]
+    started = time.time()
+    print(f"[{time.strftime('%H:%M:%S')}] {arm}{tag} seed {seed}: {' '.join(command[1:])}", file=log, flush=True)
+    with open(out / "stdout.log", "a") as handle:
+        code = subprocess.call(command, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT)
+    if code != 0:
+        raise SystemExit(f"{arm}{tag} seed {seed} failed (exit {code}); see {out / 'stdout.log'}")
+    return time.time() - started
+
+
+# ------------------------------------------------------------------ analysis
+def read_run(path: Path) -> dict[str, Any] | None:
+    """A finished run: its summary, evaluation rows by step, and cumulative training seconds by step."""
+    if not (path / "summary.json").exists():
+        return None
+    summary = json.loads((path / "summary.json").read_text())
+    evals: dict[int, dict[str, float]] = {}
+    seconds, train_seconds = {0: 0.0}, 0.0
+    for line in (path / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if "time/step_s" in row:
+            train_seconds += row["time/step_s"]
+            seconds[row["step"]] = train_seconds
+        if METRIC in row:
+            evals.setdefault(row["step"], {}).update({k: v for k, v in row.items() if k.startswith("eval/")})
+    return {"summary": summary, "evals": evals, "train_seconds": seconds}
+
+
+def accuracy_within(run: dict[str, Any], budget_s: float) -> float:
+    """Accuracy at the last evaluation whose cumulative training seconds are within ``budget_s``."""
+    steps = [step for step in sorted(run["evals"]) if run["train_seconds"].get(step, math.inf) <= budget_s + 1e-9]
+    return run["evals"][steps[-1]][METRIC]
+
+
+def describe(values: list[float]) -> dict[str, Any]:
+    from opd.report import mean_confidence_interval
+
+    return {"n": len(values), "mean": statistics.fmean(values) if values else None,
+            "std": statistics.stdev(values) if len(values) > 1 else None,
+            "ci95": mean_confidence_interval(values) if len(values) > 1 else None, "per_seed": values}
+
+
+def analyse(root: Path, seeds: list[int]) -> dict[str, Any]:
+    runs: dict[str, dict[int, dict[str, Any]]] = {}
+    for arm_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.exists() else []:
+        for seed in seeds:
+            run = read_run(arm_dir / f"seed{seed}")
+            if run is not None:
+                runs.setdefault(arm_dir.name, {})[seed] = run
+    table = {}
+    for arm, by_seed in runs.items():
+        finals = [r["summary"] for r in by_seed.values()]
+        table[arm] = {
+            "seeds": sorted(by_seed),
+            "accuracy": describe([s["student_accuracy_after"] for s in finals]),
+            "eos_rate": describe([s.get("student_eos_rate_after") for s in finals]),
+            "mean_length": describe([s.get("student_mean_length_after") for s in finals]),
+            "teacher_rkl": describe([s.get("student_teacher_rkl_after") for s in finals]),
+            "rollout_truncated": describe([s["rollout_truncated"] for s in finals if s.get("rollout_truncated") is not None]),
+            "train_seconds": describe([max(r["train_seconds"].values()) for r in by_seed.values()]),
+            "start_accuracy": finals[0].get("student_accuracy_before"),
+            "teacher_accuracy": finals[0].get("teacher_accuracy"),
+            "eval_examples": finals[0].get("eval_examples"),
+            "warm_start": {k: finals[0]["warm_start"].get(k) for k in ("method", "steps", "student_accuracy_after",
+                           "student_eos_rate_after", "student_mean_length_after", "student_teacher_rkl_after",
+                           "wall_time_s", "run_dir")} if finals[0].get("warm_start") else None,
+        }
+    return {"runs": runs, "table": table}
+
+
+def verdicts(analysis: dict[str, Any]) -> list[dict[str, Any]]:
+    runs, table = analysis["runs"], analysis["table"]
+    out = []
+
+    def final(arm: str) -> list[float]:
+        return [runs[arm][s]["summary"]["student_accuracy_after"] for s in sorted(runs.get(arm, {}))]
+
+    def add(claim: str, a: str, b: str, values_a: list[float], values_b: list[float], note: str = "") -> None:
+        if len(values_a) < 2 or len(values_b) < 2:
+            out.append({"claim": claim, "arms": [a, b], "verdict": "not run (fewer than 2 seeds per arm)"})
+            return
+        n_eval = table[a]["eval_examples"]
+        comparison = compare_arms(values_a, values_b, eval_examples=n_eval)
+        out.append({"claim": claim, "arms": [a, b], "a": values_a, "b": values_b, "note": note,
+                    **comparison_fields(comparison)})
+
+    for arm in ON_POLICY:
+        add(f"{arm} beats SeqKD at equal steps", arm, "seqkd", final(arm), final("seqkd"),
+            "pre-declared headline" if arm == DECLARED_ON_POLICY else "secondary (several comparisons)")
+    if "seqkd" in runs and DECLARED_ON_POLICY in runs:  # equal training seconds: the smaller arm's median total
+        budget = min(statistics.median(max(r["train_seconds"].values()) for r in runs[arm].values())
+                     for arm in ("seqkd", DECLARED_ON_POLICY))
+        add(f"{DECLARED_ON_POLICY} beats SeqKD at equal training seconds ({budget:.0f} s)", DECLARED_ON_POLICY, "seqkd",
+            [accuracy_within(r, budget) for _, r in sorted(runs[DECLARED_ON_POLICY].items())],
+            [accuracy_within(r, budget) for _, r in sorted(runs["seqkd"].items())],
+            "accuracy at the last evaluation within the budget (evaluation time excluded, the same for both)")
+    add("GKD lambda=1 beats lambda=0 (beta 0.5)", "gkd_l1", "gkd_l0", final("gkd_l1"), final("gkd_l0"))
+    tag = f"_keep{SECOND_SIZE['keep_layers']}"
+    add(f"{DECLARED_ON_POLICY} beats SeqKD at keep_layers={SECOND_SIZE['keep_layers']}", DECLARED_ON_POLICY + tag,
+        "seqkd" + tag, final(DECLARED_ON_POLICY + tag), final("seqkd" + tag))
+    return out
+
+
+def comparison_fields(comparison: Any) -> dict[str, Any]:
+    """The JSON fields of an ``opd.report.compare_arms`` result."""
+    import dataclasses
+
+    return dataclasses.asdict(comparison) if dataclasses.is_dataclass(comparison) else dict(comparison)
+
+
+def pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}"
+
+
+def format_results(analysis: dict[str, Any], claims: list[dict[str, Any]]) -> str:
+    table = analysis["table"]
+    lines = ["| arm | seeds | accuracy (%) mean ± std [95 % CI] | per seed | greedy EOS rate | mean length (tokens) | "
+             "teacher RKL (nats/token) | rollouts cut (%) | training s |", "|" + "---|" * 9]
+    for arm, row in table.items():
+        acc = row["accuracy"]
+        ci = acc["ci95"]
+        spread = "all seeds equal" if acc["std"] == 0 else (
+            f"± {100 * acc['std']:.1f} [{pct(ci[0])}, {pct(ci[1])}]" if ci else "")
+        lines.append("| " + " | ".join([
+            arm, str(len(row["seeds"])), f"{pct(acc['mean'])} {spread}", ", ".join(pct(v) for v in acc["per_seed"]),
+            pct(row["eos_rate"]["mean"]), f"{row['mean_length']['mean']:.1f}",
+            f"{row['teacher_rkl']['mean']:.3f}" if row["teacher_rkl"]["mean"] is not None else "n/a",
+            pct(row["rollout_truncated"]["mean"]), f"{row['train_seconds']['mean']:.0f}"]) + " |")
+    lines += ["", "| claim | difference (points) | 95 % CI | verdict | smallest detectable difference | note |",
+              "|---|---|---|---|---|---|"]
+    for claim in claims:
+        if "difference" not in claim:
+            lines.append(f"| {claim['claim']} | | | {claim['verdict']} | | |")
+            continue
+        lines.append(f"| {claim['claim']} | {100 * claim['difference']:+.1f} | [{100 * claim['ci_low']:+.1f}, "
+                     f"{100 * claim['ci_high']:+.1f}] | **{claim['verdict']}** | "
+                     f"{100 * claim['min_detectable_difference']:.1f} | {claim.get('note') or ''} "
+                     f"{claim.get('comparison_note') or ''} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(analysis: dict[str, Any], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for x_key, xlabel, name in (("step", "optimizer step", "accuracy_vs_steps.png"),
+                                ("seconds", "training seconds (evaluation excluded)", "accuracy_vs_seconds.png")):
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for arm, by_seed in analysis["runs"].items():
+            steps = sorted(set.intersection(*(set(r["evals"]) for r in by_seed.values())))
+            ys = [statistics.fmean(r["evals"][s][METRIC] for r in by_seed.values()) for s in steps]
+            xs = steps if x_key == "step" else [statistics.fmean(r["train_seconds"].get(s, 0.0) for r in by_seed.values())
+                                                for s in steps]
+            ax.plot(xs, [100 * y for y in ys], marker="o", label=f"{arm} (n={len(by_seed)})")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("held-out accuracy (%), mean over seeds")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=120)
+        plt.close(fig)
+        paths.append(out / name)
+    return paths
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs-dir", default=f"logs/{EXPERIMENT}/study", help="run directories (fixed: resumable)")
+    parser.add_argument("--out", default=f"experiments/2026-12-03_{EXPERIMENT}", help="where the results go")
+    parser.add_argument("--arms", nargs="*", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--seeds", nargs="*", type=int, default=list(SEEDS))
+    parser.add_argument("--no-second-size", action="store_true", help="skip the keep_layers=20 arms")
+    parser.add_argument("--only-report", action="store_true", help="no runs: the report from what exists")
+    args = parser.parse_args()
+    root, out = ROOT / args.runs_dir, ROOT / args.out
+    if not args.only_report:
+        cells = plan(args.arms, args.seeds, not args.no_second_size)
+        log = sys.stdout
+        started = time.time()
+        for index, (arm, seed, overrides, tag) in enumerate(cells):
+            seconds = run_cell(root, arm, seed, overrides, tag, log)
+            status = "done before" if seconds is None else f"{seconds:.0f} s"
+            print(f"  [{index + 1}/{len(cells)}] {arm}{tag} seed {seed}: {status} "
+                  f"(study {time.time() - started:.0f} s so far)", file=log, flush=True)
+    analysis = analyse(root, args.seeds)
+    claims = verdicts(analysis)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.md").write_text(format_results(analysis, claims))
+    (out / "results.json").write_text(json.dumps({"table": analysis["table"], "claims": claims}, indent=2,
+                                                 default=str) + "\n")
+    plot_curves(analysis, out)
+    print(format_results(analysis, claims))
+    print(f"wrote {out / 'results.md'}, results.json and the curves; load average now {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

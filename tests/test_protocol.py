@@ -1,0 +1,167 @@
+"""The on-policy protocol's pieces (issue 21): two-stage runs, truncation accounting and overlong masking,
+rejection-sampled SeqKD, and the teacher-agreement evaluation."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from opd.data.base import Example
+from opd.engine.evaluate import evaluate_teacher_kl
+from opd.errors import ConfigError
+from opd.methods.seqkd import CorrectTeacherSamplePolicy
+from opd.sampling.base import RolloutBatch, unfinished_rows
+from opd.sampling.behaviour import RolloutContext
+from opd.sampling.hf import HFSampler
+from opd.train import build_trainer, run
+
+EOS = 2
+
+
+def batch_of(rows: list[list[int]], mask: list[list[int]]) -> RolloutBatch:
+    ids = torch.tensor(rows)
+    return RolloutBatch(torch.ones(len(rows), 2, dtype=torch.long), torch.ones(len(rows), 2, dtype=torch.long), ids,
+                        torch.tensor(mask), [Example(f"p{i}", "t", "a") for i in range(len(rows))], "student")
+
+
+def test_unfinished_rows_are_those_without_an_eos_inside_the_mask():
+    batch = batch_of([[5, 6, EOS, 0], [5, 6, 7, 8], [EOS, 0, 0, 0], [5, 6, 7, EOS]],
+                     [[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 1, 1]])
+    assert unfinished_rows(batch, [EOS]).tolist() == [False, True, False, False]
+    batch.completion_mask[3, 3] = 0  # an EOS the mask hides does not count
+    assert unfinished_rows(batch, [EOS]).tolist() == [False, True, False, True]
+
+
+def test_truncation_is_logged_and_overlong_masking_trains_on_nothing_when_every_rollout_is_cut(compose_cfg, tmp_path):
+    # one new token: every sampled row is cut (an EOS as the very first token is possible but the random tiny
+    # student puts ~1/40 of its mass on it; the run's own counts are compared, not a fixed share)
+    cfg = compose_cfg("sampler.max_new_tokens=1", "trainer.max_steps=3", "trainer.overlong=mask", "method.lmbda=1.0")
+    trainer = build_trainer(cfg)
+    before = {name: p.detach().clone() for name, p in trainer.student.named_parameters()}
+    summary = trainer.fit()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    shares = [row["rollout/truncated"] for row in rows if "rollout/truncated" in row]
+    assert len(shares) == 3 and summary["rollout_truncated"] == pytest.approx(sum(shares) / 3)
+    if summary["rollout_truncated"] == 1.0:  # all cut: no loss, no update
+        assert summary["empty_steps"] == 3 and summary["tokens"] == 0
+        assert all(torch.equal(before[name], p) for name, p in trainer.student.named_parameters())
+    else:  # a finished row somewhere: only finished rows' tokens were trained on
+        assert summary["tokens"] < 3 * cfg.trainer.batch_size
+
+
+def test_overlong_keep_trains_on_cut_rows_and_counts_them(compose_cfg):
+    summary = build_trainer(compose_cfg("sampler.max_new_tokens=2", "trainer.max_steps=2")).fit()
+    assert summary["rollout_truncated"] > 0.5 and summary["tokens"] > 0 and "empty_steps" not in summary
+
+
+def test_overlong_must_be_keep_or_mask(compose_cfg):
+    with pytest.raises(ConfigError, match="trainer.overlong must be keep or mask"):
+        build_trainer(compose_cfg("trainer.overlong=drop"))
+
+
+class StubSampler:
+    """Returns fixed completions, grouped by example, ``n`` per example."""
+
+    def __init__(self, texts: dict[str, list[str]], tokenizer) -> None:
+        self.texts, self.tokenizer = texts, tokenizer
+
+    def generate(self, model, tokenizer, examples, greedy=False, n=None):
+        rows = [self.texts[ex.prompt][i] for ex in examples for i in range(n)]
+        ids = [tokenizer(text, add_special_tokens=False)["input_ids"] + [EOS] for text in rows]
+        width = max(map(len, ids))
+        completion = torch.tensor([row + [0] * (width - len(row)) for row in ids])
+        mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in ids])
+        return RolloutBatch(torch.ones(len(rows), 1, dtype=torch.long), torch.ones(len(rows), 1, dtype=torch.long),
+                            completion, mask, [ex for ex in examples for _ in range(n)], "student")
+
+
+class AnswerTask:
+    def is_correct(self, completion: str, example: Example) -> bool:
+        return completion.strip() == example.answer
+
+
+def test_rejection_sampling_keeps_the_first_correct_sample_and_drops_prompts_without_one(tiny_model_dirs):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dirs["student"])
+    examples = [Example("a", "7", "7"), Example("b", "9", "9")]
+    sampler = StubSampler({"a": ["1", "7", "7 "], "b": ["2", "3", "4"]}, tokenizer)
+    ctx = RolloutContext(None, torch.nn.Identity(), tokenizer, sampler, torch.device("cpu"), random.Random(0),
+                         task=AnswerTask())
+    batch = CorrectTeacherSamplePolicy(candidates=3).collect(ctx, examples)
+    texts = tokenizer.batch_decode(batch.completion_ids, skip_special_tokens=True)
+    assert [ex.prompt for ex in batch.examples] == ["a", "b"]
+    assert texts[0] == "7"  # the first correct of a's three candidates
+    assert batch.extras["accepted"].tolist() == [1.0, 0.0]
+    assert batch.completion_mask[0].sum() == 2 and batch.completion_mask[1].sum() == 0  # "7" + EOS; b: no loss
+    assert batch.source == "teacher"
+
+
+def test_rs_seqkd_trains_on_the_toy(compose_cfg):
+    summary = build_trainer(compose_cfg("method=rs_seqkd", "trainer.max_steps=2")).fit()
+    assert summary["method"] == "rs_seqkd" and summary["steps"] == 2
+
+
+def test_teacher_kl_matches_torch_distributions_and_is_zero_against_itself(tiny_model_dirs):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dirs["student"])
+    student = AutoModelForCausalLM.from_pretrained(tiny_model_dirs["student"]).eval()
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_model_dirs["teacher"]).eval()
+    examples = [Example(f"{i}+{i}=", "x", "x") for i in range(5)]
+    sampler = HFSampler(max_new_tokens=6)
+    vocab = student.get_output_embeddings().weight.shape[0]
+    torch.manual_seed(3)
+    result = evaluate_teacher_kl(student, teacher, tokenizer, examples, sampler, vocab, batch_size=2, progress=False)
+    torch.manual_seed(3)  # the same samples, scored independently
+    total, count = 0.0, 0.0
+    from opd.models.scoring import completion_logits
+
+    for start in range(0, 5, 2):
+        rollout = sampler.generate(student, tokenizer, examples[start : start + 2])
+        with torch.no_grad():
+            q = torch.distributions.Categorical(logits=completion_logits(student, rollout).float())
+            p = torch.distributions.Categorical(logits=completion_logits(teacher, rollout).float())
+        kl = torch.distributions.kl_divergence(q, p)
+        total += float((kl * rollout.completion_mask).sum())
+        count += float(rollout.completion_mask.sum())
+    # float32 log-softmax of the same logits, summed over ~60 tokens: agreement to ~1e-6 relative
+    assert result["teacher_rkl"] == pytest.approx(total / count, rel=1e-5)
+    assert result["teacher_rkl"] > 0
+    torch.manual_seed(3)
+    same = evaluate_teacher_kl(student, student, tokenizer, examples, sampler, vocab, batch_size=2, progress=False)
+    assert same["teacher_rkl"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_a_sweep_over_stage_two_shares_one_warm_start(compose_cfg, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default warm-start directory is logs/<name>/warm_starts/... under the cwd
+    warm = "warm_start={method: sft, trainer: {max_steps: 3, lr: 0.01}}"
+    first = run(compose_cfg("method=gkd", "seed=0", warm, "trainer.max_steps=2"), tmp_path / "gkd0")
+    stage_dirs = [d for d in (tmp_path / "logs" / "default" / "warm_starts").iterdir() if d.is_dir()]  # + a lock file
+    assert len(stage_dirs) == 1
+    stage_dir = stage_dirs[0]
+    written = (stage_dir / "summary.json").stat().st_mtime_ns
+    second = run(compose_cfg("method=tm_opd", "seed=1", warm, "trainer.max_steps=2"), tmp_path / "tm1")
+    assert (stage_dir / "summary.json").stat().st_mtime_ns == written  # reused, not trained again
+    assert len([d for d in (tmp_path / "logs" / "default" / "warm_starts").iterdir() if d.is_dir()]) == 1
+    for summary in (first, second):
+        assert summary["warm_start"]["method"] == "sft" and summary["warm_start"]["steps"] == 3
+        # stage 2 starts from stage 1's final student: its step-0 accuracy is stage 1's final one
+        assert summary["student_accuracy_before"] == summary["warm_start"]["student_accuracy_after"]
+    resolved = OmegaConf.load(tmp_path / "gkd0" / "resolved_config.yaml")
+    assert resolved.student.name_or_path == first["warm_start"]["checkpoint"]
+
+
+def test_a_typo_in_stage_two_fails_before_the_warm_start_trains(compose_cfg, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="lmbdaa"):
+        run(compose_cfg("method=gkd", "+method.lmbdaa=1", "warm_start={method: sft}"), tmp_path / "typo")
+    assert not (tmp_path / "logs").exists()
+    with pytest.raises(ConfigError, match="warm_start.method: no method 'sfft'"):
+        run(compose_cfg("warm_start={method: sfft}"), tmp_path / "typo2")
+    with pytest.raises(ConfigError, match="warm_start.trainer: unknown trainer key"):
+        run(compose_cfg("warm_start={method: sft, trainer: {lrr: 1}}"), tmp_path / "typo3")
