@@ -351,7 +351,7 @@ def privileged_accuracy(overrides: list[str], limit: int | None = None) -> dict[
         examples = trainer.eval_examples[:limit] if limit else trainer.eval_examples
         trainer.eval_examples = examples
         plain = trainer.evaluate(trainer.student, "plain").accuracy
-        trainer.eval_examples = [dataclasses.replace(ex, prompt=trainer.method.render(ex)) for ex in examples]
+        trainer.eval_examples = [dataclasses.replace(ex, prompt=trainer.method.render(ex, trainer.tokenizer)) for ex in examples]
         privileged = trainer.evaluate(trainer.student, "privileged").accuracy
     return {"plain": plain, "privileged": privileged, "examples": len(examples)}
 

@@ -637,7 +637,8 @@ class Trainer:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)
                 agreement = evaluate_teacher_kl(self.student, self.teacher, self.tokenizer, self.eval_examples,
-                                                self.sampler, self.vocab_size, progress=self.cfg.progress and dist.is_main())
+                                                self.sampler, self.vocab_size, batch_size=max(1, self.cfg.eval_batch_size // 2),
+                                                progress=self.cfg.progress and dist.is_main())
             metrics.update({f"eval/{key}": value for key, value in agreement.items()})
             self.last_teacher_kl = agreement
         if self.method.needs_validation_loss:
