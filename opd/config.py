@@ -172,7 +172,7 @@ class WarmStartConfig:
 
     method: str = "seqkd"  # conf/method/<name>.yaml trained in stage 1
     method_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # keys of that method node
-    trainer: dict[str, Any] = dataclasses.field(default_factory=dict)  # trainer keys of stage 1 (max_steps, lr, ...) over the run's
+    trainer: dict[str, Any] = dataclasses.field(default_factory=dict)  # stage 1's trainer keys (max_steps, lr...) over the run's
     seed: int = 0  # stage 1's seed: the same warm start for every seed of stage 2
     dir: Optional[str] = None  # stage 1's run directory; null = logs/<name>/warm_starts/<method>-<hash of its config>
 
@@ -213,8 +213,9 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="train_schema", node=schema)
 
 
+#: the fixed (typed) sections
 SECTIONS: dict[str, type] = {"student": ModelConfig, "trainer": TrainerConfig,
-                              "logger": LoggerConfig, "deepspeed": DeepSpeedConfig, "warm_start": WarmStartConfig}  # the fixed (typed) sections
+                              "logger": LoggerConfig, "deepspeed": DeepSpeedConfig, "warm_start": WarmStartConfig}
 
 
 def section_keys(section: str) -> set[str]:

@@ -47,12 +47,13 @@ def main() -> None:
              f"{args.seeds}; command: `python scripts/overlong_effect.py --max-new-tokens {args.max_new_tokens}`", "",
              "| trainer.overlong | accuracy after (%) per seed | mean | rollouts cut over the run (%) per seed | "
              "greedy EOS rate after (%) per seed | empty steps |", "|---|---|---|---|---|---|"]
+    def per_seed(runs: list[dict], key: str) -> str:
+        return ", ".join(f"{100 * run[key]:.1f}" for run in runs)
+
     for arm, runs in results.items():
-        lines.append(f"| {arm} | {', '.join(f'{100 * s['student_accuracy_after']:.1f}' for s in runs)} | "
-                     f"{100 * sum(accuracy[arm]) / len(runs):.1f} | "
-                     f"{', '.join(f'{100 * s['rollout_truncated']:.1f}' for s in runs)} | "
-                     f"{', '.join(f'{100 * s['student_eos_rate_after']:.1f}' for s in runs)} | "
-                     f"{', '.join(str(s.get('empty_steps', '-')) for s in runs)} |")
+        lines.append(f"| {arm} | {per_seed(runs, 'student_accuracy_after')} | {100 * sum(accuracy[arm]) / len(runs):.1f} | "
+                     f"{per_seed(runs, 'rollout_truncated')} | {per_seed(runs, 'student_eos_rate_after')} | "
+                     f"{', '.join(str(run.get('empty_steps', '-')) for run in runs)} |")
     lines += ["", f"mask − keep: {comparison.interval_text(100)} points: **{comparison.verdict_text(100, ' points')}**"]
     out = ROOT / args.out
     out.mkdir(parents=True, exist_ok=True)

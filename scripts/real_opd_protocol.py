@@ -4,12 +4,13 @@ warm and its rollouts finish? ``make study`` runs this.
 1. Every *arm* x seed runs ``opd-train experiment=real_opd_protocol`` (SmolLM2-135M-Instruct teaches its pruned
    copy; ``conf/experiment/real_opd_protocol.yaml``). Each run first needs the experiment's warm start (stage 1,
    greedy SeqKD); it is trained once, by the first run, and shared by every arm and seed of that student size
-   (``opd/stages.py``). Runs go seed by seed (all arms of seed 0, then seed 1, ...), so an early stop still leaves
-   every arm with the same seeds. A run with a ``summary.json`` is never run again; an interrupted one resumes from
-   its newest checkpoint (``trainer.resume=auto``), so the whole target resumes after an interruption.
+   (``opd/stages.py``). The arms the headline verdicts need (SeqKD, GKD lambda = 1 and lambda = 0) run first, seed
+   by seed, then the other arms seed by seed, so an early stop still leaves the deciding comparisons complete. A run
+   with a ``summary.json`` is never run again; an interrupted one resumes from its newest checkpoint
+   (``trainer.resume=auto``), so the whole target resumes after an interruption.
 2. The two deciding arms (SeqKD and the pre-declared on-policy arm) again at a second student size
    (``student.keep_layers=20``, with its own warm start).
-3. ``--report`` (also after the runs) writes ``results.md`` / ``results.json`` and the curves into ``--out``:
+3. ``--only-report`` (or after the runs) writes ``results.md`` / ``results.json`` and the curves into ``--out``:
    accuracy, EOS rate, mean length and teacher agreement per arm (mean, sample std, 95 % CI, per seed), and the
    verdicts (``opd.report.compare_arms``): on-policy vs SeqKD at equal steps and at equal training seconds, GKD
    lambda = 1 vs 0, and at the second size.
@@ -49,8 +50,10 @@ ARMS: dict[str, list[str]] = {
     "gkd_l1_b1": ["method=gkd", "method.lmbda=1", "method.beta=1"],  # GKD on-policy, reverse KL (full distribution)
     "tm_opd": ["method=tm_opd"],  # sampled-token reverse KL (Thinking Machines)
     "distillm": ["method=distillm"],  # skew KL with adaptive off-policy
+    # the overlong treatment (trainer.overlong=mask, DAPO's filtering): gkd_l1 with no loss on rollouts cut before EOS
+    "gkd_l1_mask": ["method=gkd", "method.lmbda=1", "method.beta=0.5", "trainer.overlong=mask"],
 }
-ON_POLICY = ("gkd_l1", "gkd_l1_b1", "tm_opd", "distillm")
+ON_POLICY = ("gkd_l1", "gkd_l1_b1", "tm_opd", "distillm", "gkd_l1_mask")
 #: fixed before the runs: the on-policy arm the headline verdicts use (GKD's own on-policy setting, Agarwal et al. 2024)
 DECLARED_ON_POLICY = "gkd_l1"
 SECOND_SIZE = {"keep_layers": 20, "arms": ("seqkd", DECLARED_ON_POLICY)}
@@ -61,9 +64,16 @@ def run_dir(root: Path, arm: str, seed: int, size: str = "") -> Path:
     return root / f"{arm}{size}" / f"seed{seed}"
 
 
+#: run order: the arms the headline verdicts need first (all seeds), then the other arms, then the second size; an
+#: interrupted or time-boxed study so always holds complete seeds of the deciding comparisons
+DECIDING = ("seqkd", DECLARED_ON_POLICY, "gkd_l0")
+
+
 def plan(arms: list[str], seeds: list[int], second_size: bool) -> list[tuple[str, int, list[str], str]]:
-    """(arm, seed, overrides, size tag) in run order: seed-major, then the second student size."""
-    cells = [(arm, seed, ARMS[arm], "") for seed in seeds for arm in arms]
+    """(arm, seed, overrides, size tag) in run order: the deciding arms seed-major, the others seed-major, then the
+    second student size."""
+    tiers = [[arm for arm in arms if arm in DECIDING], [arm for arm in arms if arm not in DECIDING]]
+    cells = [(arm, seed, ARMS[arm], "") for tier in tiers for seed in seeds for arm in tier]
     if second_size:
         tag = f"_keep{SECOND_SIZE['keep_layers']}"
         cells += [(arm, seed, ARMS[arm] + [f"student.keep_layers={SECOND_SIZE['keep_layers']}"], tag)
@@ -175,6 +185,8 @@ def verdicts(analysis: dict[str, Any]) -> list[dict[str, Any]]:
             [accuracy_within(r, budget) for _, r in sorted(runs["seqkd"].items())],
             "accuracy at the last evaluation within the budget (evaluation time excluded, the same for both)")
     add("GKD lambda=1 beats lambda=0 (beta 0.5)", "gkd_l1", "gkd_l0", final("gkd_l1"), final("gkd_l0"))
+    add("masking cut rollouts (trainer.overlong=mask) helps gkd_l1", "gkd_l1_mask", "gkd_l1", final("gkd_l1_mask"),
+        final("gkd_l1"))
     tag = f"_keep{SECOND_SIZE['keep_layers']}"
     add(f"{DECLARED_ON_POLICY} beats SeqKD at keep_layers={SECOND_SIZE['keep_layers']}", DECLARED_ON_POLICY + tag,
         "seqkd" + tag, final(DECLARED_ON_POLICY + tag), final("seqkd" + tag))
@@ -194,7 +206,18 @@ def pct(value: float | None) -> str:
 
 def format_results(analysis: dict[str, Any], claims: list[dict[str, Any]]) -> str:
     table = analysis["table"]
-    lines = ["| arm | seeds | accuracy (%) mean ± std [95 % CI] | per seed | greedy EOS rate | mean length (tokens) | "
+    lines = []
+    for row in table.values():  # the shared starting points, once per student size
+        ws = row["warm_start"]
+        if ws and not any(line.startswith(f"- warm start {ws['run_dir']}") for line in lines):
+            sharing = [name for name, other in table.items() if (other["warm_start"] or {}).get("run_dir") == ws["run_dir"]]
+            lines.append(f"- warm start {ws['run_dir']} (arms {', '.join(sharing)}): "
+                         f"{ws['method']} for {ws['steps']} steps; teacher {pct(row['teacher_accuracy'])} %, student after "
+                         f"the warm start {pct(ws['student_accuracy_after'])} % on {row['eval_examples']} held-out problems, "
+                         "greedy EOS "
+                         f"rate {pct(ws['student_eos_rate_after'])} %, mean length {ws['student_mean_length_after']:.1f} tokens, "
+                         f"teacher RKL {ws['student_teacher_rkl_after']:.3f} nats/token, {ws['wall_time_s']:.0f} s")
+    lines += ["", "| arm | seeds | accuracy (%) mean ± std [95 % CI] | per seed | greedy EOS rate | mean length (tokens) | "
              "teacher RKL (nats/token) | rollouts cut (%) | training s |", "|" + "---|" * 9]
     for arm, row in table.items():
         acc = row["accuracy"]

@@ -165,3 +165,48 @@ def test_a_typo_in_stage_two_fails_before_the_warm_start_trains(compose_cfg, tmp
         run(compose_cfg("warm_start={method: sfft}"), tmp_path / "typo2")
     with pytest.raises(ConfigError, match="warm_start.trainer: unknown trainer key"):
         run(compose_cfg("warm_start={method: sft, trainer: {lrr: 1}}"), tmp_path / "typo3")
+
+
+# ---------------------------------------------------------------------------------------------- the study's analysis
+def load_study():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "real_opd_protocol.py"
+    spec = importlib.util.spec_from_file_location("real_opd_protocol", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["real_opd_protocol"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_run(directory, accuracies: dict[int, float], step_seconds: float, final: float) -> None:
+    """A finished run's metrics.jsonl (evaluations at the given steps, a training row per step) and summary.json."""
+    directory.mkdir(parents=True)
+    rows = []
+    for step in range(0, max(accuracies) + 1):
+        if step:
+            rows.append({"step": step, "time/step_s": step_seconds})
+        if step in accuracies:
+            rows.append({"step": step, "eval/accuracy": accuracies[step]})
+    (directory / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (directory / "summary.json").write_text(json.dumps({"student_accuracy_after": final, "eval_examples": 256,
+                                                        "rollout_truncated": None}))
+
+
+def test_the_study_runs_the_deciding_arms_first_and_compares_at_equal_training_seconds(tmp_path):
+    study = load_study()
+    order = [(arm, seed) for arm, seed, _, tag in study.plan(list(study.ARMS), [0, 1, 2], second_size=False)]
+    deciding = [cell for cell in order if cell[0] in study.DECIDING]
+    assert order[: len(deciding)] == deciding and len(deciding) == 9  # 3 arms x 3 seeds before any other arm
+    # a slow arm (2 s per step) and a fast one (1 s): at the fast arm's 40 training seconds the slow arm has trained
+    # 20 steps, so its accuracy there is the one at step 20, not its final one
+    for seed in (0, 1):
+        write_run(tmp_path / "slow" / f"seed{seed}", {0: 0.1, 20: 0.2, 40: 0.5}, 2.0, 0.5)
+        write_run(tmp_path / "fast" / f"seed{seed}", {0: 0.1, 20: 0.3, 40: 0.4}, 1.0, 0.4)
+    slow = study.read_run(tmp_path / "slow" / "seed0")
+    assert slow["train_seconds"][40] == pytest.approx(80.0)
+    assert study.accuracy_within(slow, 40.0) == 0.2
+    assert study.accuracy_within(slow, 80.0) == 0.5
+    assert study.accuracy_within(study.read_run(tmp_path / "fast" / "seed1"), 40.0) == 0.4
