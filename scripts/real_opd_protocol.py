@@ -229,6 +229,24 @@ def format_results(analysis: dict[str, Any], claims: list[dict[str, Any]]) -> st
             pct(row["eos_rate"]["mean"]), f"{row['mean_length']['mean']:.1f}",
             f"{row['teacher_rkl']['mean']:.3f}" if row["teacher_rkl"]["mean"] is not None else "n/a",
             pct(row["rollout_truncated"]["mean"]), f"{row['train_seconds']['mean']:.0f}"]) + " |")
+    lines += ["", "Per evaluation, mean over the arm's seeds (greedy accuracy / greedy EOS rate / teacher RKL in nats per "
+              "token / training seconds so far):", "", "| arm | " + " | ".join(f"step {step}" for step in
+              sorted({step for by_seed in analysis["runs"].values() for r in by_seed.values() for step in r["evals"]}))
+              + " |"]
+    steps = sorted({step for by_seed in analysis["runs"].values() for r in by_seed.values() for step in r["evals"]})
+    lines.append("|---|" + "---|" * len(steps))
+    for arm, by_seed in analysis["runs"].items():
+        cells = []
+        for step in steps:
+            rows = [r["evals"][step] for r in by_seed.values() if step in r["evals"]]
+            secs = [r["train_seconds"].get(step, 0.0) for r in by_seed.values() if step in r["evals"]]
+            if not rows:
+                cells.append("")
+                continue
+            accuracy, eos, rkl = (statistics.fmean(row.get(key, math.nan) for row in rows)
+                                  for key in (METRIC, "eval/eos_rate", "eval/teacher_rkl"))
+            cells.append(f"{100 * accuracy:.1f} / {100 * eos:.0f} % / {rkl:.2f} / {statistics.fmean(secs):.0f} s")
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     lines += ["", "| claim | difference (points) | 95 % CI | verdict | smallest detectable difference | note |",
               "|---|---|---|---|---|---|"]
     for claim in claims:
@@ -271,14 +289,20 @@ def plot_curves(analysis: dict[str, Any], out: Path) -> list[Path]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs-dir", default=f"logs/{EXPERIMENT}/study", help="run directories (fixed: resumable)")
-    parser.add_argument("--out", default=f"experiments/2026-12-03_{EXPERIMENT}", help="where the results go")
+    parser.add_argument("--toy", action="store_true",
+                        help="the same study on the shipped toy pair (experiment=toy_opd_protocol; no second size)")
+    parser.add_argument("--runs-dir", default=None, help="run directories (fixed: resumable)")
+    parser.add_argument("--out", default=None, help="where the results go")
     parser.add_argument("--arms", nargs="*", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--seeds", nargs="*", type=int, default=list(SEEDS))
     parser.add_argument("--no-second-size", action="store_true", help="skip the keep_layers=20 arms")
     parser.add_argument("--only-report", action="store_true", help="no runs: the report from what exists")
     args = parser.parse_args()
-    root, out = ROOT / args.runs_dir, ROOT / args.out
+    global EXPERIMENT
+    if args.toy:
+        EXPERIMENT, args.no_second_size = "toy_opd_protocol", True
+    root = ROOT / (args.runs_dir or f"logs/{EXPERIMENT}/study")
+    out = ROOT / (args.out or ("experiments/2026-12-03_real_opd_protocol" + ("/toy" if args.toy else "")))
     if not args.only_report:
         cells = plan(args.arms, args.seeds, not args.no_second_size)
         log = sys.stdout

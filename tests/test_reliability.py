@@ -147,6 +147,8 @@ def bad(tmp_path_factory, tiny_model_dirs) -> Path:
     (root / "garbage.jsonl").write_text('not json\n{"prompt": "1+1="}\n{"prompt": "", "answer": "2"}\n')
     long_prompt = "1+" * 60 + "1="  # 122 characters: with 24 new tokens more than the tiny models' 128 positions
     (root / "long.jsonl").write_text("\n".join(json.dumps({"prompt": long_prompt, "answer": "61"}) for _ in range(3)))
+    # held-out rows must differ from training ones (a training row that repeats an eval prompt is dropped)
+    (root / "long_eval.jsonl").write_text(json.dumps({"prompt": "2+" + long_prompt, "answer": "63"}))
     (root / "a_file").write_text("an earlier run's output_dir was never a file\n")
 
     garbled = root / "garbled_run" / "checkpoints" / "step_000002"  # complete marker, unreadable state
@@ -199,7 +201,7 @@ BAD_INPUTS = [
     # prompts longer than the context
     ("no prompt fits the context", ["sampler.max_new_tokens=127"], DataError,
      "context of 128 tokens (max_position_embeddings) minus sampler.max_new_tokens=127 leaves 1"),
-    ("every jsonl prompt too long", ["data=jsonl", "data.train_path=$bad/long.jsonl", "data.eval_path=$bad/long.jsonl"],
+    ("every jsonl prompt too long", ["data=jsonl", "data.train_path=$bad/long.jsonl", "data.eval_path=$bad/long_eval.jsonl"],
      DataError, "no training prompt fits: the student and teacher's context of 128 tokens"),
     # model directories
     ("missing model directory", ["teacher.name_or_path=$bad/nowhere"], ModelLoadError,
@@ -267,14 +269,16 @@ def test_bad_input_fails_early_with_a_clear_message_and_keeps_earlier_results(co
 def test_prompts_too_long_for_the_context_are_skipped_with_a_count(compose_cfg, tmp_path):
     rows = [{"prompt": f"{i}+1=", "answer": str(i + 1)} for i in range(8)]
     rows.append({"prompt": "1+" * 60 + "1=", "answer": "61"})  # 123 tokens with BOS
-    train = tmp_path / "train.jsonl"
+    train, held_out = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
     train.write_text("\n".join(json.dumps(r) for r in rows))
+    # the same kinds of prompts, none of them a training one (training rows repeating an eval prompt are dropped)
+    held_out.write_text("\n".join(json.dumps({"prompt": "0+" + r["prompt"], "answer": r["answer"]}) for r in rows))
     with pytest.warns(UserWarning) as caught:
-        trainer = build_trainer(compose_cfg("data=jsonl", f"data.train_path={train}", f"data.eval_path={train}"))
-    assert [str(w.message) for w in caught] == [
+        trainer = build_trainer(compose_cfg("data=jsonl", f"data.train_path={train}", f"data.eval_path={held_out}"))
+    assert [str(w.message) for w in caught] == [  # the held-out prompts are two characters longer ("0+")
         f"skipping 1 of 9 {split} prompts that do not fit: the student and teacher's context of 128 tokens "
         "(max_position_embeddings) minus sampler.max_new_tokens=24 leaves 104 tokens for a prompt; the longest prompt "
-        "has 123 tokens" for split in ("training", "evaluation")]
+        f"has {length} tokens" for split, length in (("training", 123), ("evaluation", 125))]
     assert len(trainer.prompts.examples) == 8 and len(trainer.eval_examples) == 8
 
 
