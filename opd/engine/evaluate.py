@@ -125,7 +125,7 @@ def evaluate_teacher_kl(student: torch.nn.Module, teacher: torch.nn.Module, toke
     from opd.models.scoring import completion_logits
     from opd.sampling.base import eos_token_ids, unfinished_rows
 
-    total, tokens, finished, lengths = 0.0, 0.0, 0, 0.0
+    total, tokens, finished = 0.0, 0.0, 0
     eos = eos_token_ids(tokenizer, student)
     batches = range(0, len(examples), batch_size)
     for start in tqdm(batches, desc=desc, leave=False, disable=not progress, unit="batch"):
@@ -137,6 +137,5 @@ def evaluate_teacher_kl(student: torch.nn.Module, teacher: torch.nn.Module, toke
         total += float((kl * mask).sum())
         tokens += float(mask.sum())
         finished += int((~unfinished_rows(rollout, eos)).sum())
-        lengths += float(mask.sum())
     n = max(len(examples), 1)
-    return {"teacher_rkl": total / max(tokens, 1.0), "sampled_eos_rate": finished / n, "sampled_mean_length": lengths / n}
+    return {"teacher_rkl": total / max(tokens, 1.0), "sampled_eos_rate": finished / n, "sampled_mean_length": tokens / n}
