@@ -81,7 +81,7 @@ real: $(STAMP)  ## the real-model experiment: SmolLM2-135M-Instruct teaches its 
 	$(BIN)/opd-train -m experiment=real_smollm2 $(ARGS)
 	$(BIN)/opd-report $$(ls -d logs/real_smollm2/multiruns/* | tail -n 1)
 
-study: $(STAMP)  ## the on-policy protocol study on the real LM (warm start, 6 arms x 3 seeds, 2nd size; resumable; see experiments/2026-12-03_real_opd_protocol)
+study: $(STAMP)  ## the on-policy protocol study on the real LM (fine-tuned teacher, warm start, 7 arms x 3 seeds, 2nd size; resumable; see experiments/2026-12-03_real_opd_finetuned_teacher)
 	$(BIN)/python scripts/real_opd_protocol.py $(ARGS)
 
 debug: $(STAMP)  ## a 3-step plumbing check (seconds)

@@ -178,6 +178,21 @@ class WarmStartConfig:
 
 
 @dataclasses.dataclass
+class TeacherFinetuneConfig(WarmStartConfig):
+    """Stage 0 of a staged run (opd/stages.py): fine-tune the *teacher* on the task first, as GKD's teachers are
+    (Agarwal et al. 2024, Sec. 4: T5-XL supervised fine-tuned on each task), then distil from that checkpoint.
+
+    Stage 0 is the run's config with the teacher's model as the student (all layers), ``method`` (default SFT on the
+    dataset's gold outputs), ``trainer`` and ``seed`` replaced; it is trained once into a directory named by that
+    config's hash and reused by every job, like a warm start. The warm start (if any) and stage 2 then use its final
+    checkpoint as ``teacher.name_or_path``.
+    """
+
+    method: str = "sft"  # conf/method/<name>.yaml trained in stage 0 (sft: the dataset's gold outputs)
+    dir: Optional[str] = None  # stage 0's run directory; null = logs/<name>/teachers/<method>-<hash of its config>
+
+
+@dataclasses.dataclass
 class TrainConfig:
     """The whole run. Group nodes (method, sampler, data, teacher) are validated by their registries."""
 
@@ -195,6 +210,9 @@ class TrainConfig:
     # null = one stage | a stage-1 method whose final student this run starts from (WarmStartConfig; typed Any so that a
     # mapping can replace null from the command line, checked by WarmStartConfig at start-up)
     warm_start: Any = None
+    # null = the teacher as configured | a stage-0 fine-tuning of the teacher on the task before anything else
+    # (TeacherFinetuneConfig; typed Any like warm_start); needs a local Hugging Face teacher (kind hf)
+    teacher_finetune: Any = None
     name: str = "default"  # experiment name: run directory and W&B group
     output_dir: Optional[str] = None  # run directory; Hydra's when null
 
@@ -215,7 +233,8 @@ def register_configs() -> None:
 
 #: the fixed (typed) sections
 SECTIONS: dict[str, type] = {"student": ModelConfig, "trainer": TrainerConfig,
-                              "logger": LoggerConfig, "deepspeed": DeepSpeedConfig, "warm_start": WarmStartConfig}
+                              "logger": LoggerConfig, "deepspeed": DeepSpeedConfig, "warm_start": WarmStartConfig,
+                              "teacher_finetune": TeacherFinetuneConfig}
 
 
 def section_keys(section: str) -> set[str]:

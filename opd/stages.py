@@ -18,6 +18,7 @@ from that checkpoint (already pruned, so ``student.keep_layers`` is cleared) and
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -27,12 +28,14 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from opd.config import WarmStartConfig
+from opd.config import ModelConfig, TeacherFinetuneConfig, WarmStartConfig
 from opd.errors import ConfigError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 #: keys that name or place a run but do not change what it trains: left out of the warm start's hash
-_UNHASHED = ("name", "output_dir", "warm_start")
+_UNHASHED = ("name", "output_dir", "warm_start", "teacher_finetune")
+#: the staging keys: a stage's own config has none of them (its teacher is already the fine-tuned one)
+_STAGE_KEYS = ("warm_start", "teacher_finetune")
 _UNHASHED_TRAINER = ("progress", "resume", "eval_batch_size")
 
 
@@ -42,38 +45,83 @@ def warm_start_section(cfg: DictConfig) -> WarmStartConfig | None:
     return None if node is None else WarmStartConfig(**OmegaConf.to_container(node, resolve=True))
 
 
+def teacher_finetune_section(cfg: DictConfig) -> TeacherFinetuneConfig | None:
+    """The run's ``teacher_finetune`` as a dataclass (range checks run), or None when the teacher is used as given."""
+    node = cfg.get("teacher_finetune")
+    return None if node is None else TeacherFinetuneConfig(**OmegaConf.to_container(node, resolve=True))
+
+
+def _stage_config(cfg: DictConfig, section: WarmStartConfig, key: str) -> dict[str, Any]:
+    """The run's config (resolved, as a dict) with ``section``'s method, trainer keys and seed, and no stages.
+
+    Raises:
+        ConfigError: no ``conf/method/<section.method>.yaml``, or a trainer key the schema lacks.
+    """
+    method_file = CONF_DIR / "method" / f"{section.method}.yaml"
+    if not method_file.is_file():
+        known = sorted(p.stem for p in (CONF_DIR / "method").glob("*.yaml"))
+        raise ConfigError(f"{key}.method: no method {section.method!r}; known: {', '.join(known)}")
+    stage = OmegaConf.to_container(cfg, resolve=True)
+    for stage_key in _STAGE_KEYS:
+        stage.pop(stage_key, None)
+    stage["method"] = {**OmegaConf.to_container(OmegaConf.load(method_file)), **section.method_overrides}
+    unknown = set(section.trainer) - set(stage["trainer"])
+    if unknown:
+        raise ConfigError(f"{key}.trainer: unknown trainer key(s) {sorted(unknown)}; "
+                          f"valid: {', '.join(sorted(stage['trainer']))}")
+    stage["trainer"].update(section.trainer, resume=None)
+    stage["seed"] = section.seed
+    return stage
+
+
 def stage_one_config(cfg: DictConfig) -> DictConfig:
     """The stage-1 config of a two-stage run: the run's, with ``warm_start``'s method, trainer keys and seed.
 
     Raises:
         ConfigError: no ``conf/method/<warm_start.method>.yaml``, or a trainer key the schema lacks.
     """
-    section = warm_start_section(cfg)
-    method_file = CONF_DIR / "method" / f"{section.method}.yaml"
-    if not method_file.is_file():
-        known = sorted(p.stem for p in (CONF_DIR / "method").glob("*.yaml"))
-        raise ConfigError(f"warm_start.method: no method {section.method!r}; known: {', '.join(known)}")
-    stage = OmegaConf.to_container(cfg, resolve=True)
-    stage.pop("warm_start")
-    stage["method"] = {**OmegaConf.to_container(OmegaConf.load(method_file)), **section.method_overrides}
-    unknown = set(section.trainer) - set(stage["trainer"])
-    if unknown:
-        raise ConfigError(f"warm_start.trainer: unknown trainer key(s) {sorted(unknown)}; "
-                          f"valid: {', '.join(sorted(stage['trainer']))}")
-    stage["trainer"].update(section.trainer, resume=None)
-    stage["seed"] = section.seed
+    return OmegaConf.create(_stage_config(cfg, warm_start_section(cfg), "warm_start"))
+
+
+def stage_zero_config(cfg: DictConfig) -> DictConfig:
+    """The teacher fine-tuning config: the run's, with the teacher's model (every layer) as the student and
+    ``teacher_finetune``'s method, trainer keys and seed.
+
+    Raises:
+        ConfigError: the teacher is not a local Hugging Face model (``kind: hf``), or as :func:`stage_one_config`.
+    """
+    teacher = cfg.get("teacher")
+    kind = None if teacher is None else (teacher.get("kind") or "hf")  # no kind: a local Hugging Face model
+    if kind != "hf":
+        raise ConfigError(f"teacher_finetune: needs a Hugging Face teacher (kind hf) to fine-tune, got "
+                          f"{'no teacher' if teacher is None else f'kind {kind!r}'}")
+    stage = _stage_config(cfg, teacher_finetune_section(cfg), "teacher_finetune")
+    from opd.teachers import teacher_config
+
+    model = teacher_config(cfg.teacher)  # the teacher node as its ModelConfig, with the schema's defaults filled in
+    model_keys = {field.name for field in dataclasses.fields(ModelConfig)}
+    stage["student"] = {**{k: v for k, v in dataclasses.asdict(model).items() if k in model_keys}, "keep_layers": None}
     return OmegaConf.create(stage)
 
 
-def stage_one_dir(cfg: DictConfig, stage: DictConfig) -> Path:
-    """``warm_start.dir``, else ``logs/<name>/warm_starts/<method>-<12 hex digits of the stage-1 config's hash>``."""
-    section = warm_start_section(cfg)
+def _stage_dir(cfg: DictConfig, stage: DictConfig, section: WarmStartConfig, folder: str) -> Path:
+    """``section.dir``, else ``logs/<name>/<folder>/<method>-<12 hex digits of the stage config's hash>``."""
     if section.dir:
         return Path(section.dir).expanduser()
     content = {k: v for k, v in OmegaConf.to_container(stage, resolve=True).items() if k not in _UNHASHED}
     content["trainer"] = {k: v for k, v in content["trainer"].items() if k not in _UNHASHED_TRAINER}
     digest = hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    return Path("logs") / str(cfg.name) / "warm_starts" / f"{section.method}-{digest}"
+    return Path("logs") / str(cfg.name) / folder / f"{section.method}-{digest}"
+
+
+def stage_one_dir(cfg: DictConfig, stage: DictConfig) -> Path:
+    """``warm_start.dir``, else ``logs/<name>/warm_starts/<method>-<12 hex digits of the stage-1 config's hash>``."""
+    return _stage_dir(cfg, stage, warm_start_section(cfg), "warm_starts")
+
+
+def stage_zero_dir(cfg: DictConfig, stage: DictConfig) -> Path:
+    """``teacher_finetune.dir``, else ``logs/<name>/teachers/<method>-<12 hex digits of the stage-0 config's hash>``."""
+    return _stage_dir(cfg, stage, teacher_finetune_section(cfg), "teachers")
 
 
 @contextlib.contextmanager
@@ -88,31 +136,60 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def ensure_warm_start(cfg: DictConfig) -> dict[str, Any]:
-    """Stage 1's summary (with ``run_dir`` and the final ``checkpoint``), trained now unless a finished one exists.
+def _train_once(stage: DictConfig, run_dir: Path, key: str, what: str) -> dict[str, Any]:
+    """The summary of the stage run in ``run_dir``, trained now (resuming an interrupted attempt) unless it finished.
 
-    A stage-1 directory with checkpoints but no ``summary.json`` (an interrupted attempt) is resumed from its newest
-    valid checkpoint (``trainer.resume=auto``); one whose checkpoint was deleted is refused.
+    Raises:
+        ConfigError: the run finished but its final checkpoint was deleted.
     """
     from opd.train import run
 
-    stage = stage_one_config(cfg)
-    run_dir = stage_one_dir(cfg, stage).resolve()  # absolute: stage 2 may be launched from elsewhere later
+    run_dir = run_dir.resolve()  # absolute: later stages may be launched from elsewhere
     with _locked(run_dir.parent / f".{run_dir.name}.lock"):
         summary_file = run_dir / "summary.json"
         if not summary_file.exists():
-            print(f"opd-train: warm start: training stage 1 ({stage.method.name}, {stage.trainer.max_steps} steps) "
+            print(f"opd-train: {key}: training {what} ({stage.method.name}, {stage.trainer.max_steps} steps) "
                   f"in {run_dir}", flush=True)
             stage.trainer.resume = "auto"
             stage.output_dir = str(run_dir)
             run(stage, run_dir)
         summary = json.loads(summary_file.read_text())
     if not (Path(summary["checkpoint"]) / "config.json").is_file():
-        raise ConfigError(f"warm_start: {str(run_dir)!r} finished but its final checkpoint {summary['checkpoint']!r} "
-                          "is gone; delete that directory to train the warm start again")
+        raise ConfigError(f"{key}: {str(run_dir)!r} finished but its final checkpoint {summary['checkpoint']!r} "
+                          f"is gone; delete that directory to train {what} again")
+    return summary
+
+
+def ensure_warm_start(cfg: DictConfig) -> dict[str, Any]:
+    """Stage 1's summary (with ``run_dir`` and the final ``checkpoint``), trained now unless a finished one exists.
+
+    A stage-1 directory with checkpoints but no ``summary.json`` (an interrupted attempt) is resumed from its newest
+    valid checkpoint (``trainer.resume=auto``); one whose checkpoint was deleted is refused.
+    """
+    stage = stage_one_config(cfg)
+    summary = _train_once(stage, stage_one_dir(cfg, stage), "warm start", "stage 1")
     print(f"opd-train: warm start: stage 2 starts from {summary['checkpoint']} "
           f"(stage-1 accuracy {summary['student_accuracy_after']:.3f})", flush=True)
     return summary
+
+
+def ensure_teacher_finetune(cfg: DictConfig) -> dict[str, Any]:
+    """The teacher fine-tuning's summary (with its final ``checkpoint``), trained now unless a finished one exists;
+    resumed and reused as :func:`ensure_warm_start`."""
+    stage = stage_zero_config(cfg)
+    summary = _train_once(stage, stage_zero_dir(cfg, stage), "teacher_finetune", "the teacher")
+    print(f"opd-train: teacher_finetune: the teacher is {summary['checkpoint']} (accuracy "
+          f"{summary['student_accuracy_before']:.3f} before fine-tuning, {summary['student_accuracy_after']:.3f} after)",
+          flush=True)
+    return summary
+
+
+def with_finetuned_teacher(cfg: DictConfig, teacher_finetune: dict[str, Any]) -> DictConfig:
+    """The run's config with the teacher loaded from the fine-tuned checkpoint (and no ``teacher_finetune`` left)."""
+    stage = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    stage.teacher.name_or_path = teacher_finetune["checkpoint"]
+    stage.teacher_finetune = None
+    return stage
 
 
 def stage_two_config(cfg: DictConfig, warm_start: dict[str, Any]) -> DictConfig:

@@ -211,45 +211,58 @@ def resolve_resume(resume: str, run_dir: Path) -> tuple[Path, Path | None]:
 
 def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     """Build the trainer, train, and write ``summary.json`` into the run directory; return the summary. With
-    ``warm_start`` set, stage 1 is trained (or reused) first and this run starts from it (:mod:`opd.stages`). A process
-    group of one that the run formed (DeepSpeed without a launcher) is left afterwards, also when the run fails."""
+    ``teacher_finetune`` or ``warm_start`` set, those stages are trained (or reused) first and this run starts from
+    them (:mod:`opd.stages`). A process group of one that the run formed (DeepSpeed without a launcher) is left
+    afterwards, also when the run fails."""
     try:
-        cfg, warm_start = with_warm_start(cfg)
+        cfg, stages = with_stages(cfg)
         trainer = build_trainer(cfg, run_dir)
-        if warm_start is not None:
+        if "warm_start" in stages:
             from opd.stages import reuse_final_evaluation
 
-            reuse_final_evaluation(trainer, cfg, warm_start)
-        return _fit(trainer, warm_start)
+            reuse_final_evaluation(trainer, cfg, stages["warm_start"])
+        return _fit(trainer, stages)
     finally:
         dist.leave_own_process_group()
 
 
-def with_warm_start(cfg: DictConfig) -> tuple[DictConfig, dict[str, Any] | None]:
-    """(the config stage 2 runs, stage 1's summary) of a two-stage run; ``(cfg, None)`` without ``warm_start``.
+def with_stages(cfg: DictConfig) -> tuple[DictConfig, dict[str, dict[str, Any]]]:
+    """(the config the final stage runs, {stage key: that stage's summary}) of a staged run; ``(cfg, {})`` without
+    ``teacher_finetune`` and ``warm_start``. The teacher is fine-tuned first (stage 0), then the warm start (stage 1)
+    distils from it.
 
-    Stage 2's own method, sections and data are checked before stage 1 trains, so a typo costs a second, not a warm start.
+    The final stage's own method, sections and data are checked before any stage trains, so a typo costs a second,
+    not a warm start.
     """
     from opd import stages
 
-    if cfg.get("warm_start") is None:
-        return cfg, None
+    if cfg.get("warm_start") is None and cfg.get("teacher_finetune") is None:
+        return cfg, {}
     stages.warm_start_section(cfg)
+    stages.teacher_finetune_section(cfg)
     typed_sections(cfg)
     METHODS.build(cfg.method, "method")
     DATASETS.validate(cfg.data, "data")
-    warm_start = stages.ensure_warm_start(cfg)
-    return stages.stage_two_config(cfg, warm_start), warm_start
+    summaries: dict[str, dict[str, Any]] = {}
+    if cfg.get("teacher_finetune") is not None:
+        stages.stage_zero_config(cfg)  # a teacher it cannot fine-tune fails here, before anything trains
+        if cfg.get("warm_start") is not None:
+            stages.stage_one_config(cfg)
+        summaries["teacher_finetune"] = stages.ensure_teacher_finetune(cfg)
+        cfg = stages.with_finetuned_teacher(cfg, summaries["teacher_finetune"])
+    if cfg.get("warm_start") is not None:
+        summaries["warm_start"] = stages.ensure_warm_start(cfg)
+        cfg = stages.stage_two_config(cfg, summaries["warm_start"])
+    return cfg, summaries
 
 
-def _fit(trainer, warm_start: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Train a built trainer and write ``summary.json`` into its run directory (with stage 1's summary under
-    ``warm_start`` in a two-stage run); return the summary."""
+def _fit(trainer, stages: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Train a built trainer and write ``summary.json`` into its run directory (with each earlier stage's summary
+    under its key, ``teacher_finetune`` / ``warm_start``, in a staged run); return the summary."""
     summary = trainer.fit()
     summary["run_dir"] = str(trainer.run_dir)
     summary["world_size"] = dist.world_size()
-    if warm_start is not None:
-        summary["warm_start"] = warm_start
+    summary.update(stages or {})
     if dist.is_main():
         (trainer.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     trainer.logger.finish(summary)
@@ -281,17 +294,17 @@ def format_summary(summary: dict[str, Any]) -> str:
 def _hydra_main(cfg: DictConfig) -> float | None:
     try:
         try:
-            cfg, warm_start = with_warm_start(cfg)  # stage 1 first, in a two-stage run (its own directory)
+            cfg, stages = with_stages(cfg)  # earlier stages first, in a staged run (each in its own directory)
             trainer = build_trainer(cfg)
-            if warm_start is not None:  # every rank: none evaluates at step 0
+            if "warm_start" in stages:  # every rank: none evaluates at step 0
                 from opd.stages import reuse_final_evaluation
 
-                reuse_final_evaluation(trainer, cfg, warm_start)
+                reuse_final_evaluation(trainer, cfg, stages["warm_start"])
         except OPDError:  # a failed start leaves no run directory (Hydra made one before the checks ran)
             if hydra_dir := _hydra_output_dir():
                 _remove_hydra_only_dir(Path(hydra_dir))
             raise
-        summary = _fit(trainer, warm_start)  # past start-up: the run keeps its directories, also if it fails
+        summary = _fit(trainer, stages)  # past start-up: the run keeps its directories, also if it fails
         if dist.is_main():  # while the group still tells the ranks apart
             print(format_summary(summary))
     except TrainingInterrupted as err:

@@ -2,7 +2,8 @@
 
     python scripts/measure_budget.py [--experiment real_opd_protocol] [--num-prompts 256] [--cap 256] [--out budget.json]
 
-The teacher answers ``--num-prompts`` training prompts of the experiment's task through the chat template, greedily
+The teacher (the fine-tuned checkpoint when the experiment sets ``teacher_finetune``; trained first if it is not
+there yet) answers ``--num-prompts`` training prompts of the experiment's task through the chat template, greedily
 and by sampling at the experiment's sampler temperature, with a cap far above any answer it finishes. The script
 prints the length percentiles, the EOS rate and the accuracy of both, and the budget it recommends: the greedy
 95th percentile rounded up to a multiple of 16 (a sampled completion that never stops has no percentile to meet;
@@ -66,13 +67,18 @@ def main() -> None:
     load_builtin_components()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=[f"experiment={args.experiment}"])
+    if cfg.get("teacher_finetune") is not None:  # the teacher the runs use: the fine-tuned checkpoint (trained once)
+        from opd import stages
+
+        tuned = stages.ensure_teacher_finetune(cfg)
+        cfg = stages.with_finetuned_teacher(cfg, tuned)
     teacher_cfg = teacher_config(cfg.teacher)
     tokenizer = load_tokenizer(teacher_cfg, "teacher")
     teacher = load_model(teacher_cfg, "teacher", torch.device("cpu")).eval()
     task = DATASETS.build(cfg.data, "data")
     apply_chat_template(task, tokenizer)
     prompts = task.train[: args.num_prompts]
-    result = {"experiment": args.experiment, "num_prompts": len(prompts), "cap": args.cap,
+    result = {"experiment": args.experiment, "teacher": str(cfg.teacher.name_or_path), "num_prompts": len(prompts), "cap": args.cap,
               "greedy": completion_lengths(teacher, tokenizer, task, prompts, args.cap, True, 1.0),
               "sampled": completion_lengths(teacher, tokenizer, task, prompts, args.cap, False,
                                             float(cfg.sampler.temperature)),

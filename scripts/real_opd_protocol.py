@@ -1,10 +1,12 @@
 """The on-policy protocol study on the real LM (issue 21): does on-policy distillation beat SeqKD once the student is
 warm and its rollouts finish? ``make study`` runs this.
 
-1. Every *arm* x seed runs ``opd-train experiment=real_opd_protocol`` (SmolLM2-135M-Instruct teaches its pruned
-   copy; ``conf/experiment/real_opd_protocol.yaml``). Each run first needs the experiment's warm start (stage 1,
-   greedy SeqKD); it is trained once, by the first run, and shared by every arm and seed of that student size
-   (``opd/stages.py``). The arms the headline verdicts need (SeqKD, GKD lambda = 1 and lambda = 0) run first, seed
+1. Every *arm* x seed runs ``opd-train experiment=<study>``. The default study,
+   ``conf/experiment/real_opd_finetuned_teacher.yaml``, first fine-tunes SmolLM2-135M-Instruct on the task (stage 0,
+   as GKD's teachers are) and distils it into its pruned copy; ``--experiment real_opd_protocol`` is the first record's
+   study (the teacher as shipped, on letter counting), ``--toy`` the shipped toy pair. Each run first needs the
+   experiment's fine-tuned teacher and warm start (stage 1, greedy SeqKD); each is trained once, by the first run, and
+   shared by every arm and seed of that student size (``opd/stages.py``). The arms the headline verdicts need (SeqKD, GKD lambda = 1 and lambda = 0) run first, seed
    by seed, then the other arms seed by seed, so an early stop still leaves the deciding comparisons complete. A run
    with a ``summary.json`` is never run again; an interrupted one resumes from its newest checkpoint
    (``trainer.resume=auto``), so the whole target resumes after an interruption.
@@ -18,6 +20,7 @@ warm and its rollouts finish? ``make study`` runs this.
 Usage::
 
     python scripts/real_opd_protocol.py                      # all runs (resumable), then the report
+    python scripts/real_opd_protocol.py --experiment real_opd_protocol   # the letter-counting study of the first record
     python scripts/real_opd_protocol.py --only-report        # the report from the runs that exist
     python scripts/real_opd_protocol.py --arms seqkd gkd --seeds 0   # a subset
 """
@@ -52,8 +55,25 @@ ARMS: dict[str, list[str]] = {
     "distillm": ["method=distillm"],  # skew KL with adaptive off-policy
     # the overlong treatment (trainer.overlong=mask, DAPO's filtering): gkd_l1 with no loss on rollouts cut before EOS
     "gkd_l1_mask": ["method=gkd", "method.lmbda=1", "method.beta=0.5", "trainer.overlong=mask"],
+    # rejection-sampled SeqKD: CE on the teacher's correct samples (the task verifier judges them), the next baseline a
+    # practitioner tries after SeqKD
+    "rs_seqkd": ["method=rs_seqkd"],
+}
+#: the studies this script runs: experiment -> (record directory, default arms). The fine-tuned-teacher study drops
+#: gkd_l1_mask (its teacher answers in 3-4 tokens: no rollout is cut, so masking cut ones changes nothing) and adds
+#: rs_seqkd; the letter-counting one is the first record's (its teacher is below a constant answer)
+STUDIES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "real_opd_finetuned_teacher": ("experiments/2026-12-03_real_opd_finetuned_teacher",
+                                   ("seqkd", "gkd_l1", "gkd_l0", "gkd_l1_b1", "tm_opd", "distillm", "rs_seqkd")),
+    "real_opd_protocol": ("experiments/2026-12-03_real_opd_protocol",
+                          ("seqkd", "gkd_l1", "gkd_l0", "gkd_l1_b1", "tm_opd", "distillm", "gkd_l1_mask")),
+    "toy_opd_protocol": ("experiments/2026-12-03_real_opd_protocol/toy",
+                         ("seqkd", "gkd_l1", "gkd_l0", "gkd_l1_b1", "tm_opd", "distillm", "gkd_l1_mask")),
 }
 ON_POLICY = ("gkd_l1", "gkd_l1_b1", "tm_opd", "distillm", "gkd_l1_mask")
+#: baselines compared with SeqKD too: gkd_l0 trains on the dataset's gold outputs (oracle labels), rs_seqkd on the
+#: teacher's verified-correct samples
+OTHER_BASELINES = ("rs_seqkd",)
 #: fixed before the runs: the on-policy arm the headline verdicts use (GKD's own on-policy setting, Agarwal et al. 2024)
 DECLARED_ON_POLICY = "gkd_l1"
 SECOND_SIZE = {"keep_layers": 20, "arms": ("seqkd", DECLARED_ON_POLICY)}
@@ -154,6 +174,9 @@ def analyse(root: Path, seeds: list[int]) -> dict[str, Any]:
             "warm_start": {k: finals[0]["warm_start"].get(k) for k in ("method", "steps", "student_accuracy_after",
                            "student_eos_rate_after", "student_mean_length_after", "student_teacher_rkl_after",
                            "wall_time_s", "run_dir")} if finals[0].get("warm_start") else None,
+            "teacher_finetune": {k: finals[0]["teacher_finetune"].get(k) for k in ("method", "steps",
+                                 "student_accuracy_before", "student_accuracy_after", "wall_time_s", "run_dir")}
+            if finals[0].get("teacher_finetune") else None,
         }
     return {"runs": runs, "table": table}
 
@@ -174,7 +197,9 @@ def verdicts(analysis: dict[str, Any]) -> list[dict[str, Any]]:
         out.append({"claim": claim, "arms": [a, b], "a": values_a, "b": values_b, "note": note,
                     **comparison_fields(comparison)})
 
-    for arm in ON_POLICY:
+    for arm in ON_POLICY + OTHER_BASELINES:
+        if arm not in runs and arm != DECLARED_ON_POLICY:
+            continue  # an arm this study does not run
         add(f"{arm} beats SeqKD at equal steps", arm, "seqkd", final(arm), final("seqkd"),
             "pre-declared headline" if arm == DECLARED_ON_POLICY else "secondary (several comparisons)")
     if "seqkd" in runs and DECLARED_ON_POLICY in runs:  # equal training seconds: the smaller arm's median total
@@ -185,8 +210,9 @@ def verdicts(analysis: dict[str, Any]) -> list[dict[str, Any]]:
             [accuracy_within(r, budget) for _, r in sorted(runs["seqkd"].items())],
             "accuracy at the last evaluation within the budget (evaluation time excluded, the same for both)")
     add("GKD lambda=1 beats lambda=0 (beta 0.5)", "gkd_l1", "gkd_l0", final("gkd_l1"), final("gkd_l0"))
-    add("masking cut rollouts (trainer.overlong=mask) helps gkd_l1", "gkd_l1_mask", "gkd_l1", final("gkd_l1_mask"),
-        final("gkd_l1"))
+    if "gkd_l1_mask" in runs:
+        add("masking cut rollouts (trainer.overlong=mask) helps gkd_l1", "gkd_l1_mask", "gkd_l1",
+            final("gkd_l1_mask"), final("gkd_l1"))
     tag = f"_keep{SECOND_SIZE['keep_layers']}"
     add(f"{DECLARED_ON_POLICY} beats SeqKD at keep_layers={SECOND_SIZE['keep_layers']}", DECLARED_ON_POLICY + tag,
         "seqkd" + tag, final(DECLARED_ON_POLICY + tag), final("seqkd" + tag))
@@ -207,6 +233,12 @@ def pct(value: float | None) -> str:
 def format_results(analysis: dict[str, Any], claims: list[dict[str, Any]]) -> str:
     table = analysis["table"]
     lines = []
+    for row in table.values():  # the fine-tuned teacher, once
+        tf = row["teacher_finetune"]
+        if tf and not any(line.startswith(f"- teacher fine-tuned in {tf['run_dir']}") for line in lines):
+            lines.append(f"- teacher fine-tuned in {tf['run_dir']}: {tf['method']} for {tf['steps']} steps; held-out accuracy "
+                         f"{pct(tf['student_accuracy_before'])} % as shipped, {pct(tf['student_accuracy_after'])} % after, "
+                         f"{tf['wall_time_s']:.0f} s")
     for row in table.values():  # the shared starting points, once per student size
         ws = row["warm_start"]
         if ws and not any(line.startswith(f"- warm start {ws['run_dir']}") for line in lines):
@@ -289,20 +321,26 @@ def plot_curves(analysis: dict[str, Any], out: Path) -> list[Path]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--experiment", default="real_opd_finetuned_teacher", choices=list(STUDIES),
+                        help="which study: the fine-tuned SmolLM2 teacher on two-number sums (default), the shipped "
+                             "SmolLM2 on letter counting (the first record), or the toy pair")
     parser.add_argument("--toy", action="store_true",
-                        help="the same study on the shipped toy pair (experiment=toy_opd_protocol; no second size)")
+                        help="the same study on the shipped toy pair (= --experiment toy_opd_protocol; no second size)")
     parser.add_argument("--runs-dir", default=None, help="run directories (fixed: resumable)")
     parser.add_argument("--out", default=None, help="where the results go")
-    parser.add_argument("--arms", nargs="*", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--arms", nargs="*", default=None, choices=list(ARMS), help="default: the study's arms")
     parser.add_argument("--seeds", nargs="*", type=int, default=list(SEEDS))
     parser.add_argument("--no-second-size", action="store_true", help="skip the keep_layers=20 arms")
     parser.add_argument("--only-report", action="store_true", help="no runs: the report from what exists")
     args = parser.parse_args()
     global EXPERIMENT
-    if args.toy:
-        EXPERIMENT, args.no_second_size = "toy_opd_protocol", True
+    EXPERIMENT = "toy_opd_protocol" if args.toy else args.experiment
+    if EXPERIMENT == "toy_opd_protocol":
+        args.no_second_size = True
+    record, default_arms = STUDIES[EXPERIMENT]
+    args.arms = list(default_arms) if args.arms is None else args.arms
     root = ROOT / (args.runs_dir or f"logs/{EXPERIMENT}/study")
-    out = ROOT / (args.out or ("experiments/2026-12-03_real_opd_protocol" + ("/toy" if args.toy else "")))
+    out = ROOT / (args.out or record)
     if not args.only_report:
         cells = plan(args.arms, args.seeds, not args.no_second_size)
         log = sys.stdout

@@ -156,6 +156,45 @@ def test_a_sweep_over_stage_two_shares_one_warm_start(compose_cfg, tmp_path, mon
     assert resolved.student.name_or_path == first["warm_start"]["checkpoint"]
 
 
+def test_the_teacher_is_fine_tuned_once_and_then_teaches_the_warm_start_and_stage_two(compose_cfg, tmp_path,
+                                                                                         monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    tune = "teacher_finetune={method: sft, trainer: {max_steps: 2, lr: 0.01}}"
+    warm = "warm_start={method: seqkd, trainer: {max_steps: 2}}"
+    first = run(compose_cfg("method=gkd", tune, warm, "trainer.max_steps=1"), tmp_path / "a")
+    teachers = [d for d in (tmp_path / "logs" / "default" / "teachers").iterdir() if d.is_dir()]
+    assert len(teachers) == 1 and teachers[0].name.startswith("sft-")
+    tuned = first["teacher_finetune"]
+    assert tuned["steps"] == 2 and tuned["checkpoint"].startswith(str(teachers[0]))
+    # stage 0 trains the whole teacher model (lr 0.01 moves it), and both later stages load that checkpoint
+    base = OmegaConf.load(tmp_path / "a" / "resolved_config.yaml")
+    assert base.teacher.name_or_path == tuned["checkpoint"]
+    warm_config = OmegaConf.load(f"{first['warm_start']['run_dir']}/resolved_config.yaml")
+    assert warm_config.teacher.name_or_path == tuned["checkpoint"]
+    stage_zero = OmegaConf.load(teachers[0] / "resolved_config.yaml")
+    assert stage_zero.student.name_or_path == compose_cfg().teacher.name_or_path and stage_zero.student.keep_layers is None
+    from safetensors.torch import load_file
+
+    before = load_file(f"{stage_zero.student.name_or_path}/model.safetensors")
+    after = load_file(f"{tuned['checkpoint']}/model.safetensors")
+    assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
+    written = (teachers[0] / "summary.json").stat().st_mtime_ns
+    second = run(compose_cfg("method=tm_opd", "seed=1", tune, warm, "trainer.max_steps=1"), tmp_path / "b")
+    assert (teachers[0] / "summary.json").stat().st_mtime_ns == written  # reused, not trained again
+    assert second["warm_start"]["run_dir"] == first["warm_start"]["run_dir"]
+    # the teacher it reports is the fine-tuned one: stage 0's final accuracy is the warm start's teacher accuracy
+    assert first["warm_start"]["teacher_accuracy"] == pytest.approx(tuned["student_accuracy_after"])
+
+
+def test_teacher_finetune_refuses_a_teacher_it_cannot_train(compose_cfg, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="teacher_finetune: needs a Hugging Face teacher"):
+        run(compose_cfg("teacher=vllm_server", "teacher_finetune={method: sft}"), tmp_path / "served")
+    with pytest.raises(ConfigError, match="teacher_finetune.method: no method 'sfft'"):
+        run(compose_cfg("teacher_finetune={method: sfft}"), tmp_path / "typo")
+    assert not (tmp_path / "logs").exists()
+
+
 def test_a_typo_in_stage_two_fails_before_the_warm_start_trains(compose_cfg, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError, match="lmbdaa"):
