@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> None:
             continue
         accuracy = final_accuracies(runs)
         wall = [r.summary["wall_time_s"] for r in runs]
-        diff = difference_interval(accuracy, sync) if arm != "max_staleness_0" and len(sync) > 1 else None
+        diff = (difference_interval(accuracy, sync, eval_examples=runs[0].summary.get("eval_examples"))
+                if arm != "max_staleness_0" and len(sync) > 1 else None)
         results[arm] = {"seeds": [r.summary["seed"] for r in runs], "accuracy_after": accuracy,
                         "accuracy_before": [r.summary["student_accuracy_before"] for r in runs],
                         "teacher_accuracy": runs[0].summary["teacher_accuracy"], "wall_time_s": wall,

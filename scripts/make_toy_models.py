@@ -440,6 +440,16 @@ def main(argv: list[str] | None = None) -> None:
     task = build_task(args.task, args)
     # Stopping decisions use held-out *training* problems, so the eval split stays untouched until the end.
     train, val = task.train[: -args.val_size], task.train[-args.val_size:]
+    # a generated training split may repeat a problem: a validation problem that is also trained on would make the
+    # stopping decision in-sample, so those are dropped (and counted) from validation
+    trained = {example.prompt for example in train}
+    repeated = sum(example.prompt in trained for example in val)
+    val = [example for example in val if example.prompt not in trained]
+    if repeated:
+        print(f"validation: dropped {repeated} problem(s) that the training split repeats")
+    if not val:
+        raise SystemExit(f"make_toy_models: all {args.val_size} validation problems repeat training ones; "
+                         "raise --num-train or --val-size")
     tokenizer = build_char_tokenizer()
     print(f"task: {len(train)} train / {len(val)} validation / {len(task.eval)} eval problems; "
           f"vocab {len(tokenizer)}; {args.threads} threads")

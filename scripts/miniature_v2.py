@@ -227,9 +227,11 @@ def steps_to_reach(curve: list[list[float]], threshold: float, max_steps: int) -
     return max_steps + 1, False
 
 
-def difference_interval(a: list[float], b: list[float], paired: bool = False) -> dict[str, Any]:
-    """``{"diff", "ci95"}``: :func:`opd.report.compare_arms` at 95 %, in the form scripts/async_accuracy.py reads."""
-    comparison = compare_arms(a, b, paired=paired)
+def difference_interval(a: list[float], b: list[float], paired: bool = False,
+                        eval_examples: int | None = None) -> dict[str, Any]:
+    """``{"diff", "ci95"}``: :func:`opd.report.compare_arms` at 95 %, in the form scripts/async_accuracy.py reads.
+    ``eval_examples`` (the accuracies' denominator) floors the spread when all seeds of an arm are equal."""
+    comparison = compare_arms(a, b, paired=paired, eval_examples=eval_examples)
     return {"diff": comparison.difference, "ci95": [comparison.ci_low, comparison.ci_high]}
 
 

@@ -141,6 +141,12 @@ def test_difference_interval_is_compare_arms():
     paired = claims.difference_interval([1.5, 2.5, 3.5], [0.5, 0.5, 0.5], paired=True)
     half = T_975_DF2 / math.sqrt(3)
     assert paired["ci95"] == pytest.approx([2 - half, 2 + half])
+    # every seed of both arms equal (scripts/async_accuracy.py's toy arms can be): the binomial floor of the eval set
+    # gives an interval, instead of the ValueError compare_arms raises without a denominator
+    with pytest.raises(ValueError, match="all 3 seeds"):
+        claims.difference_interval([0.5] * 3, [0.4] * 3)
+    floored = claims.difference_interval([0.5] * 3, [0.4] * 3, eval_examples=200)
+    assert floored["diff"] == pytest.approx(0.1) and floored["ci95"][0] < 0.1 < floored["ci95"][1]
 
 
 def _run(method: str, seed: int, curve: dict[int, float], eval_every: int = 20) -> Run:
