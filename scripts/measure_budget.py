@@ -78,7 +78,8 @@ def main() -> None:
     task = DATASETS.build(cfg.data, "data")
     apply_chat_template(task, tokenizer)
     prompts = task.train[: args.num_prompts]
-    result = {"experiment": args.experiment, "teacher": str(cfg.teacher.name_or_path), "num_prompts": len(prompts), "cap": args.cap,
+    result = {"experiment": args.experiment, "teacher": str(cfg.teacher.name_or_path), "num_prompts": len(prompts),
+              "cap": args.cap,
               "greedy": completion_lengths(teacher, tokenizer, task, prompts, args.cap, True, 1.0),
               "sampled": completion_lengths(teacher, tokenizer, task, prompts, args.cap, False,
                                             float(cfg.sampler.temperature)),

@@ -6,10 +6,11 @@ warm and its rollouts finish? ``make study`` runs this.
    as GKD's teachers are) and distils it into its pruned copy; ``--experiment real_opd_protocol`` is the first record's
    study (the teacher as shipped, on letter counting), ``--toy`` the shipped toy pair. Each run first needs the
    experiment's fine-tuned teacher and warm start (stage 1, greedy SeqKD); each is trained once, by the first run, and
-   shared by every arm and seed of that student size (``opd/stages.py``). The arms the headline verdicts need (SeqKD, GKD lambda = 1 and lambda = 0) run first, seed
-   by seed, then the other arms seed by seed, so an early stop still leaves the deciding comparisons complete. A run
-   with a ``summary.json`` is never run again; an interrupted one resumes from its newest checkpoint
-   (``trainer.resume=auto``), so the whole target resumes after an interruption.
+   shared by every arm and seed of that student size (``opd/stages.py``). The arms the headline verdicts need
+   (SeqKD, GKD lambda = 1 and lambda = 0) run first, seed by seed, then the other arms seed by seed, so an early
+   stop still leaves the deciding comparisons complete. A run with a ``summary.json`` is never run again; an
+   interrupted one resumes from its newest checkpoint (``trainer.resume=auto``), so the whole target resumes after
+   an interruption.
 2. The two deciding arms (SeqKD and the pre-declared on-policy arm) again at a second student size
    (``student.keep_layers=20``, with its own warm start).
 3. ``--only-report`` (or after the runs) writes ``results.md`` / ``results.json`` and the curves into ``--out``:
