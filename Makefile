@@ -58,7 +58,8 @@ demo: $(STAMP)  ## the default run: GKD (λ=1) distils the toy teacher into the 
 # the tests of one shared `vllm serve` on one worker. Then the pinned tests once more under ATEN_CPU_CAPABILITY=default
 # (other CPU kernels, another reduction order): a value pinned bit for bit fails here, on the machine that pins it.
 PYTEST_WORKERS ?= 2
-test: $(STAMP)  ## the test suite, incl. 2-process DeepSpeed ZeRO and vLLM tests on CPU (slow/gpu ones are skipped)
+test: $(STAMP)  ## the layer contracts, then the test suite, incl. 2-process DeepSpeed ZeRO and vLLM tests on CPU (slow/gpu ones are skipped)
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup $(ARGS)
 	ATEN_CPU_CAPABILITY=default $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) -m "pinned and not slow and not gpu" -p no:cacheprovider
 
@@ -127,8 +128,9 @@ variance: $(STAMP)  ## tm_opd's sampled-token gradient vs the exact reverse-KL g
 toy-models: $(STAMP)  ## re-make the shipped toy teacher and student checkpoints (opd/assets/toy)
 	$(BIN)/python scripts/make_toy_models.py $(ARGS)
 
-lint: $(STAMP)  ## ruff
+lint: $(STAMP)  ## ruff, and the layer contracts (import-linter, pyproject.toml)
 	$(BIN)/python -m ruff check opd tests scripts
+	$(BIN)/lint-imports --no-cache
 
 clean-logs:  ## delete run directories under logs/
 	rm -rf logs/ multirun/

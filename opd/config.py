@@ -14,11 +14,41 @@ from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from opd.errors import ConfigError, unknown_key_error
+from opd.registry import TEACHERS
 
 ASSETS = Path(__file__).parent / "assets"
+
+
+def keep_layer_indices(num_layers: int, keep: Any, key: str = "keep_layers") -> list[int]:
+    """The layer indices that ``keep`` selects.
+
+    Args:
+        num_layers: the model's decoder layers L.
+        keep: N (an int): N layers evenly spaced over ``[0, L−1]``, first and last included
+            (``round(i·(L−1)/(N−1))``); or an explicit list of distinct, increasing indices.
+        key: the config key, for messages.
+    Returns:
+        Increasing layer indices.
+    Raises:
+        ValueError: naming ``key`` when N is not in [1, L] or an index is out of range, repeated or unordered.
+    """
+    if isinstance(keep, bool):
+        raise ValueError(f"{key} must be an int or a list of layer indices, got {keep!r}")
+    if isinstance(keep, int):
+        if not 1 <= keep <= num_layers:
+            raise ValueError(f"{key}={keep}: the model has {num_layers} layers; keep between 1 and {num_layers}")
+        if keep == 1:
+            return [0]
+        return sorted({round(i * (num_layers - 1) / (keep - 1)) for i in range(keep)})
+    indices = list(keep)
+    if not indices or not all(isinstance(i, int) and not isinstance(i, bool) for i in indices):
+        raise ValueError(f"{key} must be an int or a non-empty list of layer indices, got {keep!r}")
+    if any(not 0 <= i < num_layers for i in indices) or indices != sorted(set(indices)):
+        raise ValueError(f"{key}={indices}: indices must be distinct, increasing and in [0, {num_layers - 1}]")
+    return indices
 
 
 @dataclasses.dataclass
@@ -41,8 +71,6 @@ class ModelConfig:
         if self.dtype not in ("float32", "bfloat16", "float16", "auto"):
             raise ConfigError(f"model dtype must be float32, bfloat16, float16 or auto, got {self.dtype!r}")
         if self.keep_layers is not None:
-            from opd.models.pruning import keep_layer_indices
-
             try:  # the form only; the range is checked against the model's depth when it loads
                 keep_layer_indices(10**9, self.keep_layers if isinstance(self.keep_layers, int) else list(self.keep_layers))
             except (TypeError, ValueError) as err:
@@ -217,14 +245,56 @@ class TrainConfig:
     output_dir: Optional[str] = None  # run directory; Hydra's when null
 
 
+# ------------------------------------------------------------------ the teacher node, typed through the registry
+#: the kind of a ``teacher`` node without a ``kind`` key (every local-model entry of conf/teacher/)
+DEFAULT_TEACHER_KIND = "hf"
+
+
+def teacher_config(node: DictConfig | dict | None, kind: str | None = None) -> Any:
+    """The ``teacher`` node checked against its kind's schema (unknown keys, types, ranges): the kind's ``Config``.
+
+    Args:
+        node: the composed ``teacher`` section, or None.
+        kind: a kind fixed by the method (OPSD: ``initial_student``): the node is then not read.
+    Returns:
+        The ``Config`` instance, or None when there is no teacher.
+    Raises:
+        ConfigError: one line naming the key (``teacher.server_topk``) and the kind's valid keys.
+    """
+    resolved = resolve_teacher(node, kind)
+    return None if resolved is None else resolved[1]
+
+
+def node_schema() -> type:
+    """The ``teacher`` node as Hydra types it: ``kind`` and every key of every registered kind, each optional (None).
+
+    Only the chosen kind's keys are read (:func:`teacher_config`): keys left None are dropped before its own schema
+    checks the rest, so a key set to null explicitly means its kind's default.
+    """
+    names = ["kind"] + [f.name for kind in TEACHERS for f in dataclasses.fields(TEACHERS.get(kind).Config)]
+    fields = [(name, Optional[Any], dataclasses.field(default=None)) for name in dict.fromkeys(names)]
+    return dataclasses.make_dataclass("TeacherNode", fields)
+
+
+def resolve_teacher(node: DictConfig | dict | None, kind: str | None) -> tuple[str, Any] | None:
+    """(kind, its ``Config``) of a ``teacher`` node (or of a method's fixed ``kind``), found through the registry."""
+    if kind is not None:
+        return kind, TEACHERS.get(kind).Config()
+    if node is None:
+        return None
+    node = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    node = {key: value for key, value in node.items() if value is not None}  # other kinds' keys (see node_schema)
+    chosen = node.pop("kind", DEFAULT_TEACHER_KIND)
+    kwargs = TEACHERS.validate({**node, "kind": chosen}, "teacher")
+    return chosen, TEACHERS.get(chosen).Config(**kwargs)
+
+
 def register_configs() -> None:
     """Put the schema into Hydra's ConfigStore (``train_schema`` is the root's first default).
 
-    The ``teacher`` node is typed by :func:`opd.teachers.node_schema`, every key of every registered teacher kind, so
+    The ``teacher`` node is typed by :func:`node_schema`, every key of every registered teacher kind, so
     ``teacher.chat_template=true`` overrides a key its YAML entry does not set; the kind's own schema checks it later.
     """
-    from opd.teachers import node_schema
-
     node = node_schema()
     schema = dataclasses.make_dataclass("TrainConfig", [("teacher", Optional[node], None),
                                                         ("teachers", Optional[dict[str, node]], None)], bases=(TrainConfig,))
@@ -240,15 +310,13 @@ SECTIONS: dict[str, type] = {"student": ModelConfig, "trainer": TrainerConfig,
 def section_keys(section: str) -> set[str]:
     """The valid keys of a fixed section, or of ``teacher`` (those of every registered teacher kind, and ``kind``)."""
     if section == "teacher":
-        from opd.teachers import node_schema
-
         return {f.name for f in dataclasses.fields(node_schema())}
     return {f.name for f in dataclasses.fields(SECTIONS[section])}
 
 
 def typed_sections(cfg: Any) -> tuple[Any, ModelConfig, TrainerConfig, LoggerConfig]:
     """Instantiate the fixed sections as dataclasses, which runs their range checks (``__post_init__``); the teacher
-    as its kind's ``Config`` (``opd.teachers.teacher_config``: ``ModelConfig`` for ``kind: hf``), or None.
+    as its kind's ``Config`` (:func:`teacher_config`: ``ModelConfig`` for ``kind: hf``), or None.
 
     Unknown keys anywhere in the fixed part (a ``+foo=1`` or ``+trainer.lrr=1`` override gets past the
     schema) are refused first by :func:`check_known_keys`.
@@ -260,8 +328,6 @@ def typed_sections(cfg: Any) -> tuple[Any, ModelConfig, TrainerConfig, LoggerCon
         if node is None:
             return None
         return schema(**OmegaConf.to_container(node, resolve=True))
-
-    from opd.teachers import teacher_config
 
     return teacher_config(cfg.get("teacher")), build("student", ModelConfig), build("trainer", TrainerConfig), \
         build("logger", LoggerConfig)

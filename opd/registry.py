@@ -89,9 +89,10 @@ class Registry(Generic[T]):
         rows = []
         for name in self:
             entry = self._entries[name]
-            if isinstance(entry, str):  # not imported yet: an optional extra may be missing, so do not import it here
+            if isinstance(entry, str) and name in OPTIONAL.get(self, set()):  # an optional extra may be missing
                 rows.append((name, f"(optional extra, loaded on use from {entry.split(':')[0]})"))
                 continue
+            entry = self.get(name)
             doc = (inspect.getdoc(entry) or "").strip().splitlines()
             rows.append((name, doc[0] if doc else ""))
         return rows
@@ -171,13 +172,44 @@ class Registry(Generic[T]):
 METHODS: Registry = Registry("method")
 SAMPLERS: Registry = Registry("sampler")
 DATASETS: Registry = Registry("data")
-#: teacher kinds (``teacher.kind``): ``opd/teachers/<kind>.py`` registers itself when ``opd.teachers`` is imported
+#: teacher kinds (``teacher.kind``): ``opd/teachers/<kind>.py``
 TEACHERS: Registry = Registry("teacher", name_key="kind")
+
+#: the built-in components, declared: registry -> {config name: "module:Class"}. Each is imported on first use
+#: (:meth:`Registry.get`), so that the registry, and the config layer that finds schemas through it, import no
+#: implementation; importing an implementation module registers its class under the same name (the decorator
+#: replaces the declared entry). ``tests/test_layers.py`` checks that this table and the decorators agree.
+BUILTINS: dict[Registry, dict[str, str]] = {
+    METHODS: {
+        "aopd": "opd.methods.aopd:AOPD", "distillm": "opd.methods.distillm:DistiLLM",
+        "distillm2": "opd.methods.distillm2:DistiLLM2", "eopd": "opd.methods.eopd:EOPD", "gkd": "opd.methods.gkd:GKD",
+        "kd": "opd.methods.kd:KD", "minillm": "opd.methods.minillm:MiniLLM", "opsd": "opd.methods.opsd:OPSD",
+        "reopold": "opd.methods.reopold:REOPOLD", "seqkd": "opd.methods.seqkd:SeqKD",
+        "rs_seqkd": "opd.methods.seqkd:RejectionSampledSeqKD", "sft": "opd.methods.sft:SFT", "tip": "opd.methods.tip:TIP",
+        "tm_opd": "opd.methods.tm_opd:TMOPD", "topk_rkl_sg": "opd.methods.topk_rkl_sg:TopKRKLStopGrad",
+    },
+    SAMPLERS: {"hf": "opd.sampling.hf:HFSampler", "vllm": "opd.sampling.vllm:VLLMSampler"},
+    DATASETS: {
+        "arithmetic": "opd.data.arithmetic:ChainArithmetic", "gym": "opd.data.gym:GymTask", "gsm8k": "opd.data.hub:GSM8K",
+        "instruct": "opd.data.instruct:InstructTask", "jsonl": "opd.data.jsonl:JsonlTask", "math": "opd.data.math:MathTask",
+        "mixture": "opd.data.mixture:Mixture", "multiplication": "opd.data.multiplication:Multiplication",
+    },
+    TEACHERS: {
+        "hf": "opd.teachers.hf:HFTeacher", "initial_student": "opd.teachers.initial_student:InitialStudentTeacher",
+        "vllm_server": "opd.teachers.vllm_server:ServedTeacher",
+    },
+}
+#: declared entries whose module needs an optional extra: listed without importing them (``make methods``)
+OPTIONAL: dict[Registry, set[str]] = {SAMPLERS: {"vllm"}}
+for _registry, _entries in BUILTINS.items():
+    for _name, _target in _entries.items():
+        _registry.register_lazy(_name, _target)
 
 
 def load_builtin_components() -> None:
-    """Import the packages whose modules register the built-in components."""
-    importlib.import_module("opd.methods")
-    importlib.import_module("opd.sampling")
-    importlib.import_module("opd.data")
-    importlib.import_module("opd.teachers")
+    """Import every declared built-in that needs no optional extra (their docstrings, ``Config`` schemas and
+    class attributes become readable); the registries already know every name without this."""
+    for registry, entries in BUILTINS.items():
+        for name in entries:
+            if name not in OPTIONAL.get(registry, set()):
+                registry.get(name)

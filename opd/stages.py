@@ -22,13 +22,13 @@ import dataclasses
 import fcntl
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from opd.config import ModelConfig, TeacherFinetuneConfig, WarmStartConfig
+from opd.config import ModelConfig, TeacherFinetuneConfig, WarmStartConfig, teacher_config
 from opd.errors import ConfigError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -96,8 +96,6 @@ def stage_zero_config(cfg: DictConfig) -> DictConfig:
         raise ConfigError(f"teacher_finetune: needs a Hugging Face teacher (kind hf) to fine-tune, got "
                           f"{'no teacher' if teacher is None else f'kind {kind!r}'}")
     stage = _stage_config(cfg, teacher_finetune_section(cfg), "teacher_finetune")
-    from opd.teachers import teacher_config
-
     model = teacher_config(cfg.teacher)  # the teacher node as its ModelConfig, with the schema's defaults filled in
     model_keys = {field.name for field in dataclasses.fields(ModelConfig)}
     stage["student"] = {**{k: v for k, v in dataclasses.asdict(model).items() if k in model_keys}, "keep_layers": None}
@@ -136,14 +134,18 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _train_once(stage: DictConfig, run_dir: Path, key: str, what: str) -> dict[str, Any]:
-    """The summary of the stage run in ``run_dir``, trained now (resuming an interrupted attempt) unless it finished.
+#: trains one run config into a directory and returns its summary (``opd.train.run``; passed in, so that this module,
+#: which ``opd.train`` calls, does not import it back)
+RunFn = Callable[[DictConfig, Path], dict[str, Any]]
+
+
+def _train_once(stage: DictConfig, run_dir: Path, key: str, what: str, run: RunFn) -> dict[str, Any]:
+    """The summary of the stage run in ``run_dir``, trained now by ``run`` (resuming an interrupted attempt) unless it
+    finished.
 
     Raises:
         ConfigError: the run finished but its final checkpoint was deleted.
     """
-    from opd.train import run
-
     run_dir = run_dir.resolve()  # absolute: later stages may be launched from elsewhere
     with _locked(run_dir.parent / f".{run_dir.name}.lock"):
         summary_file = run_dir / "summary.json"
@@ -160,24 +162,24 @@ def _train_once(stage: DictConfig, run_dir: Path, key: str, what: str) -> dict[s
     return summary
 
 
-def ensure_warm_start(cfg: DictConfig) -> dict[str, Any]:
+def ensure_warm_start(cfg: DictConfig, run: RunFn) -> dict[str, Any]:
     """Stage 1's summary (with ``run_dir`` and the final ``checkpoint``), trained now unless a finished one exists.
 
     A stage-1 directory with checkpoints but no ``summary.json`` (an interrupted attempt) is resumed from its newest
     valid checkpoint (``trainer.resume=auto``); one whose checkpoint was deleted is refused.
     """
     stage = stage_one_config(cfg)
-    summary = _train_once(stage, stage_one_dir(cfg, stage), "warm start", "stage 1")
+    summary = _train_once(stage, stage_one_dir(cfg, stage), "warm start", "stage 1", run)
     print(f"opd-train: warm start: stage 2 starts from {summary['checkpoint']} "
           f"(stage-1 accuracy {summary['student_accuracy_after']:.3f})", flush=True)
     return summary
 
 
-def ensure_teacher_finetune(cfg: DictConfig) -> dict[str, Any]:
+def ensure_teacher_finetune(cfg: DictConfig, run: RunFn) -> dict[str, Any]:
     """The teacher fine-tuning's summary (with its final ``checkpoint``), trained now unless a finished one exists;
     resumed and reused as :func:`ensure_warm_start`."""
     stage = stage_zero_config(cfg)
-    summary = _train_once(stage, stage_zero_dir(cfg, stage), "teacher_finetune", "the teacher")
+    summary = _train_once(stage, stage_zero_dir(cfg, stage), "teacher_finetune", "the teacher", run)
     print(f"opd-train: teacher_finetune: the teacher is {summary['checkpoint']} (accuracy "
           f"{summary['student_accuracy_before']:.3f} before fine-tuning, {summary['student_accuracy_after']:.3f} after)",
           flush=True)

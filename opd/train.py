@@ -248,10 +248,10 @@ def with_stages(cfg: DictConfig) -> tuple[DictConfig, dict[str, dict[str, Any]]]
         stages.stage_zero_config(cfg)  # a teacher it cannot fine-tune fails here, before anything trains
         if cfg.get("warm_start") is not None:
             stages.stage_one_config(cfg)
-        summaries["teacher_finetune"] = stages.ensure_teacher_finetune(cfg)
+        summaries["teacher_finetune"] = stages.ensure_teacher_finetune(cfg, run)
         cfg = stages.with_finetuned_teacher(cfg, summaries["teacher_finetune"])
     if cfg.get("warm_start") is not None:
-        summaries["warm_start"] = stages.ensure_warm_start(cfg)
+        summaries["warm_start"] = stages.ensure_warm_start(cfg, run)
         cfg = stages.stage_two_config(cfg, summaries["warm_start"])
     return cfg, summaries
 

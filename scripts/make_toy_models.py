@@ -51,7 +51,7 @@ from opd.data.arithmetic import ChainArithmetic  # noqa: E402
 from opd.data.base import Example, PromptIterator, Task  # noqa: E402
 from opd.data.multiplication import Multiplication  # noqa: E402
 from opd.engine.evaluate import evaluate_accuracy  # noqa: E402
-from opd.engine.scoring import completion_logits  # noqa: E402
+from opd.models.scoring import completion_logits  # noqa: E402
 from opd.models.toy import build_char_tokenizer, tiny_llama_config  # noqa: E402
 from opd.sampling.hf import HFSampler  # noqa: E402
 from opd.sampling.tokenize import encode_targets  # noqa: E402

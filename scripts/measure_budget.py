@@ -69,8 +69,9 @@ def main() -> None:
         cfg = compose("train", overrides=[f"experiment={args.experiment}"])
     if cfg.get("teacher_finetune") is not None:  # the teacher the runs use: the fine-tuned checkpoint (trained once)
         from opd import stages
+        from opd.train import run
 
-        tuned = stages.ensure_teacher_finetune(cfg)
+        tuned = stages.ensure_teacher_finetune(cfg, run)
         cfg = stages.with_finetuned_teacher(cfg, tuned)
     teacher_cfg = teacher_config(cfg.teacher)
     tokenizer = load_tokenizer(teacher_cfg, "teacher")

@@ -8,14 +8,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from opd.engine.scoring import completion_logits
-from opd.losses.chunked import (
-    auto_chunk_size,
-    chunked_divergence_loss,
-    completion_hidden_states,
-    linear_head,
-    resolve_loss_chunk_size,
-)
+from opd.losses.chunked import auto_chunk_size, chunked_divergence_loss, resolve_loss_chunk_size
 from opd.losses.divergences import (
     clipped_forward_kl,
     forward_kl,
@@ -27,6 +20,7 @@ from opd.losses.divergences import (
     total_variation,
 )
 from opd.methods.gkd import GKD
+from opd.models.scoring import completion_hidden_states, completion_logits, linear_head
 from opd.models.toy import build_char_tokenizer, tiny_llama_config
 from opd.sampling.base import RolloutBatch
 

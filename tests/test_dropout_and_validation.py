@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from opd.data.base import Example, Task, validation_split
-from opd.engine.scoring import completion_logits
 from opd.errors import DataError
 from opd.methods.common import policy_logprobs
 from opd.models.dropout import active_dropout, disable_dropout
+from opd.models.scoring import completion_logits
 from opd.models.toy import build_char_tokenizer
 from opd.sampling.tokenize import encode_targets
 from opd.train import build_trainer

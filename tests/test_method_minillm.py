@@ -138,7 +138,7 @@ def test_training_steps_on_teacher_mixed_rollouts(compose_cfg):
 
 def test_lm_term_equals_a_hand_computed_mix_of_ce_and_forward_kl(compose_cfg):
     """L_PT = lm_coef·((1−r)·CE + r·FKL) on the reference completions, added to the loss and logged."""
-    from opd.engine.scoring import completion_logits
+    from opd.models.scoring import completion_logits
     from opd.sampling.tokenize import encode_targets
 
     trainer = build_trainer(compose_cfg("method=minillm", "method.lm_coef=2.0", "method.lm_kd_ratio=0.25",

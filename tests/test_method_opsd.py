@@ -11,9 +11,9 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from opd.data.base import Example
-from opd.engine.scoring import completion_logits
 from opd.errors import ConfigError
 from opd.methods.opsd import OPSD, chat_user_message
+from opd.models.scoring import completion_logits
 from opd.models.toy import TOY_ALPHABET
 from opd.registry import METHODS
 from opd.sampling.base import RolloutBatch

@@ -39,8 +39,8 @@ import pytest
 import torch
 
 import opd.methods  # noqa: F401  (registers every method)
-from opd.engine.scoring import completion_logits
 from opd.errors import ConfigError, ModelLoadError
+from opd.models.scoring import completion_logits
 from opd.registry import METHODS
 from opd.sampling.base import RolloutBatch
 from opd.sampling.tokenize import encode_targets

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import opd.methods  # noqa: F401  (registers every method)
-from opd.engine.scoring import token_logprobs
 from opd.errors import ConfigError
+from opd.models.scoring import token_logprobs
 from opd.registry import METHODS
 from opd.sampling.base import RolloutBatch
 from opd.train import build_trainer

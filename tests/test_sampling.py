@@ -7,8 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from opd.data.base import Example
-from opd.engine.scoring import completion_logits, token_logprobs
 from opd.errors import ConfigError
+from opd.models.scoring import completion_logits, token_logprobs
 from opd.registry import SAMPLERS
 from opd.sampling.base import truncate_after_eos
 from opd.sampling.hf import HFSampler

@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from opd.engine.scoring import completion_logits
 from opd.errors import ConfigError, ModelLoadError
 from opd.losses.divergences import generalized_jsd, masked_reduce
+from opd.models.scoring import completion_logits
 from opd.sampling.tokenize import encode_targets
 from opd.train import build_trainer, run
 

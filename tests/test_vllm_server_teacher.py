@@ -20,12 +20,12 @@ from vllm_server_harness import free_port  # noqa: E402
 
 from opd.config import ASSETS  # noqa: E402
 from opd.data.arithmetic import ChainArithmetic  # noqa: E402
-from opd.engine.scoring import completion_logits  # noqa: E402
 from opd.errors import ConfigError  # noqa: E402
 from opd.losses.divergences import masked_reduce  # noqa: E402
 from opd.losses.topk import topk_forward_kl  # noqa: E402
 from opd.methods.gkd import GKD  # noqa: E402
 from opd.methods.tm_opd import TMOPD  # noqa: E402
+from opd.models.scoring import completion_logits  # noqa: E402
 from opd.sampling.hf import HFSampler  # noqa: E402
 from opd.sampling.tokenize import encode_targets  # noqa: E402
 from opd.teachers import VLLMServerTeacher  # noqa: E402

@@ -2,31 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 import random
 import re
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 
-
-@dataclasses.dataclass(frozen=True)
-class Example:
-    """One task instance.
-
-    Attributes:
-        prompt: the text the model is conditioned on (already formatted).
-        target: a reference completion (worked solution + final answer), used by off-policy
-            methods (SFT, dataset batches of GKD) and as privileged information (OPSD).
-        answer: the gold final answer, compared by exact match after extraction.
-        source: the task this example came from in a mixed dataset (``data=mixture``), which routes it to its
-            teacher and its scoring; "" for a single task.
-    """
-
-    prompt: str
-    target: str
-    answer: str
-    #: keyword-only, so that subclasses' positional fields (InstructExample's references) keep their place
-    source: str = dataclasses.field(default="", kw_only=True)
+from opd.types import Example as Example  # its home is opd.types (below every layer); re-exported
 
 
 class Task:

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from opd.data.base import Example, Task
+from opd.data.base import Task
 from opd.errors import ConfigError
+from opd.types import Example
 
 
 def chat_prompt(tokenizer, prompt: str) -> str:

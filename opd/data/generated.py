@@ -17,8 +17,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from opd.data.base import Example
 from opd.errors import DataError
+from opd.types import Example
 
 #: held-out problems are searched for among up to SEARCH_FACTOR x (num_eval + num_validation) problems after train ...
 SEARCH_FACTOR = 10

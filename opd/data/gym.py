@@ -15,9 +15,10 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from opd.data.base import Example, Task
+from opd.data.base import Task
 from opd.data.generated import describe_generator, held_out_splits, search_limit
 from opd.registry import DATASETS
+from opd.types import Example
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 ANSWER_FORMATS = ("number", "line")

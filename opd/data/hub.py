@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from opd.data.base import Example, Task, without_prompts
+from opd.data.base import Task, without_prompts
 from opd.data.metrics import math_answers_equal
 from opd.errors import DataError
 from opd.registry import DATASETS
+from opd.types import Example
 
 
 def load_hub_split(path: str, config: str | None, split: str):

@@ -39,10 +39,11 @@ import re
 from pathlib import Path
 from typing import Any
 
-from opd.data.base import Example, Task, without_prompts
+from opd.data.base import Task, without_prompts
 from opd.data.metrics import normalize_text, rouge_l_max
 from opd.errors import DataError
 from opd.registry import DATASETS
+from opd.types import Example
 
 #: MiniLLM's Dolly prompt without and with an input (``tools/process_data_dolly.py``, non-Qwen models).
 DOLLY_TEMPLATE = ("Below is an instruction that describes a task. Write a response that appropriately completes "

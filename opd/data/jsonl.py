@@ -22,9 +22,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from opd.data.base import Example, Task, without_prompts
+from opd.data.base import Task, without_prompts
 from opd.errors import DataError
 from opd.registry import DATASETS
+from opd.types import Example
 
 #: how many offending lines a warning or error lists before "...".
 _MAX_LISTED = 5

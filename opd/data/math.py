@@ -29,11 +29,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from opd.data.base import Example, Task, without_prompts
+from opd.data.base import Task, without_prompts
 from opd.data.instruct import load_rows
 from opd.data.metrics import boxed_answer, math_answers_equal, parse_math
 from opd.errors import DataError
 from opd.registry import DATASETS
+from opd.types import Example
 
 #: OPSD's student prompt (official data_collator.py; research notes §7.2).
 BOXED_PROMPT = "Problem: {problem}\n\nPlease reason step by step, and put your final answer within \\boxed{}."

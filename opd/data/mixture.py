@@ -17,8 +17,9 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-from opd.data.base import Example, Task, without_prompts
+from opd.data.base import Task, without_prompts
 from opd.registry import DATASETS
+from opd.types import Example
 
 
 def tag(examples: Sequence[Example], source: str) -> list[Example]:

@@ -46,10 +46,9 @@ import numpy as np
 import torch
 
 from opd.config import ModelConfig
-from opd.data.base import Example
 from opd.errors import TrainingError
 from opd.models.weights import named_full_tensors
-from opd.sampling.base import RolloutBatch
+from opd.types import Example, RolloutBatch
 
 #: seconds between checks that the other process is still alive while waiting on a queue
 POLL_S = 1.0

@@ -7,10 +7,11 @@ import dataclasses
 import torch
 from tqdm.auto import tqdm
 
-from opd.data.base import Example, Task
+from opd.data.base import Task
 from opd.data.metrics import pass_at_k
 from opd.data.mixture import per_source_accuracy
 from opd.sampling.hf import HFSampler
+from opd.types import Example
 
 
 @dataclasses.dataclass

@@ -19,12 +19,12 @@ import warnings
 import torch
 
 from opd.errors import ConfigError, TrainingError
-from opd.losses.chunked import chunked_divergence_loss, completion_hidden_states, linear_head, resolve_loss_chunk_size
+from opd.losses.chunked import chunked_divergence_loss, resolve_loss_chunk_size
 from opd.methods.base import LossOutput, Method
-from opd.models.scoring import completion_logits
-from opd.sampling.base import RolloutBatch
+from opd.models.scoring import completion_hidden_states, completion_logits, linear_head
 from opd.teachers.base import Teacher
 from opd.teachers.router import TeacherRouter, per_teacher_metrics
+from opd.types import RolloutBatch
 
 
 @dataclasses.dataclass(frozen=True)

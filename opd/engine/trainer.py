@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from opd import distributed as dist
 from opd.config import DeepSpeedConfig, LoggerConfig, ModelConfig, TrainerConfig
-from opd.data.base import Example, PromptIterator, Task, split_overlap, validation_split
+from opd.data.base import PromptIterator, Task, split_overlap, validation_split
 from opd.data.chat import apply_chat_template
 from opd.data.mixture import merge_per_source
 from opd.engine import checkpoint as ckpt
@@ -45,17 +45,17 @@ from opd.engine.backends import DeepSpeedBackend, LocalBackend
 from opd.engine.evaluate import EvalResult, evaluate_accuracy, evaluate_pass_at_k, evaluate_teacher_kl
 from opd.engine.loss_paths import LossPath, check_pair, path_loss, select_loss_path
 from opd.errors import ConfigError, DataError, TrainingError, TrainingInterrupted
-from opd.losses.chunked import completion_hidden_states, linear_head
 from opd.methods.base import AuxiliaryContext, Method
 from opd.models.dropout import disable_dropout
 from opd.models.loading import check_model_path, load_model, load_tokenizer, resolve_device
-from opd.models.scoring import completion_logits
-from opd.sampling.base import RolloutBatch, eos_token_ids, unfinished_rows
+from opd.models.scoring import completion_hidden_states, completion_logits, linear_head
+from opd.sampling.base import eos_token_ids, unfinished_rows
 from opd.sampling.behaviour import RolloutContext
 from opd.sampling.tokenize import encode_targets
-from opd.teachers import SparseTeacherLogprobs, Teacher
+from opd.teachers import Teacher
 from opd.teachers.router import per_teacher_means
 from opd.tracking.loggers import JsonlLogger
+from opd.types import Example, RolloutBatch, SparseTeacherLogprobs
 
 
 def seed_everything(seed: int) -> None:

@@ -18,8 +18,8 @@ from opd.methods.common import (
 )
 from opd.models.scoring import token_logprobs
 from opd.registry import METHODS
-from opd.sampling.base import RolloutBatch
 from opd.sampling.behaviour import StudentPolicy
+from opd.types import RolloutBatch
 
 
 @METHODS.register("aopd")

@@ -9,9 +9,8 @@ from typing import Any, ClassVar
 import torch
 
 from opd.losses.divergences import masked_reduce
-from opd.sampling.base import RolloutBatch
 from opd.sampling.behaviour import BehaviourPolicy, StudentPolicy
-from opd.teachers.base import SparseTeacherLogprobs
+from opd.types import RolloutBatch, SparseTeacherLogprobs
 
 
 @dataclasses.dataclass
@@ -237,7 +236,6 @@ class Method:
 
 def sparse_teacher_methods() -> list[str]:
     """Registered methods whose loss can run from :class:`SparseTeacherLogprobs` (some only in some settings)."""
-    import opd.methods  # noqa: F401  (registers every method)
-    from opd.registry import METHODS
+    from opd.registry import METHODS  # every built-in is declared there and imported on first use
 
     return [name for name in METHODS if getattr(METHODS.get(name), "teacher_inputs", "logits") == "sparse"]

@@ -20,8 +20,7 @@ import torch.nn.functional as F
 from opd.losses.divergences import masked_reduce
 from opd.losses.topk import SPARSE_MODES, sparse_topk_forward_kl
 from opd.models.scoring import token_logprobs
-from opd.sampling.base import RolloutBatch
-from opd.teachers.base import SparseTeacherLogprobs
+from opd.types import RolloutBatch, SparseTeacherLogprobs
 
 NORMALIZATIONS = ("kept", "all")
 

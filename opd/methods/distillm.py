@@ -8,8 +8,8 @@ from opd.losses.divergences import skew_forward_kl, skew_reverse_kl
 from opd.methods.base import LossOutput, Method
 from opd.methods.common import mix_with_cross_entropy
 from opd.registry import METHODS
-from opd.sampling.base import RolloutBatch
 from opd.sampling.behaviour import AdaptiveReplayPolicy
+from opd.types import RolloutBatch
 
 
 class DistiLLMReplayPolicy(AdaptiveReplayPolicy):

@@ -7,12 +7,11 @@ from typing import Any
 
 import torch
 
-from opd.data.base import Example
 from opd.losses.divergences import masked_reduce, skew_forward_kl, skew_reverse_kl
 from opd.methods.base import LossOutput, Method
 from opd.registry import METHODS
-from opd.sampling.base import RolloutBatch
 from opd.sampling.behaviour import BehaviourPolicy, RolloutContext, StudentPolicy, TeacherPolicy
+from opd.types import Example, RolloutBatch
 
 
 def skew_reverse_kl_detached(student_logits: torch.Tensor, teacher_logits: torch.Tensor, alpha: float = 0.1,

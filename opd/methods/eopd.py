@@ -11,8 +11,8 @@ from opd.methods.base import LossOutput, Method
 from opd.methods.common import check_choice, check_k_fits, check_positive, policy_logprobs, reward_logprobs
 from opd.models.scoring import token_logprobs
 from opd.registry import METHODS
-from opd.sampling.base import RolloutBatch
 from opd.sampling.behaviour import StudentPolicy
+from opd.types import RolloutBatch
 
 
 @METHODS.register("eopd")

@@ -9,9 +9,8 @@ from opd.losses.topk import SPARSE_MODES
 from opd.methods.base import LossOutput, Method
 from opd.methods.common import check_choice, mix_with_cross_entropy, sparse_forward_kl, sparse_mode_blocker
 from opd.registry import METHODS
-from opd.sampling.base import RolloutBatch
 from opd.sampling.behaviour import DatasetPolicy
-from opd.teachers.base import SparseTeacherLogprobs
+from opd.types import RolloutBatch, SparseTeacherLogprobs
 
 
 @METHODS.register("kd")

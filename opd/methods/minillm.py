@@ -10,9 +10,9 @@ from opd.methods.base import AuxiliaryContext, LossOutput, Method
 from opd.methods.common import check_positive, check_unit, completion_cross_entropy, policy_logprobs
 from opd.models.scoring import token_logprobs
 from opd.registry import METHODS
-from opd.sampling.base import RolloutBatch
 from opd.sampling.behaviour import TeacherMixedPolicy
 from opd.sampling.tokenize import encode_targets
+from opd.types import RolloutBatch
 
 
 @METHODS.register("minillm")

@@ -7,16 +7,15 @@ import re
 
 import torch
 
-from opd.data.base import Example
 from opd.data.chat import chat_prompt
 from opd.errors import ConfigError
 from opd.losses.divergences import clipped_forward_kl, entropy, generalized_jsd, masked_reduce
 from opd.methods.base import LossOutput, Method
 from opd.methods.common import check_choice, check_positive, check_unit
 from opd.registry import METHODS
-from opd.sampling.base import RolloutBatch
 from opd.sampling.behaviour import StudentPolicy
 from opd.sampling.tokenize import encode_prompts
+from opd.types import Example, RolloutBatch
 
 _PLACEHOLDER = re.compile(r"\{(prompt|solution)\}")
 #: stands in for the user's message when the chat template is rendered around it (a private-use character)

@@ -22,9 +22,8 @@ from opd.methods.common import (
     top_fraction_mask,
 )
 from opd.registry import METHODS
-from opd.sampling.base import RolloutBatch
 from opd.sampling.behaviour import StudentPolicy
-from opd.teachers.base import SparseTeacherLogprobs
+from opd.types import RolloutBatch, SparseTeacherLogprobs
 
 
 @METHODS.register("reopold")

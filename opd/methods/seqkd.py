@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from opd.data.base import Example
 from opd.errors import TrainingError
 from opd.methods.base import LossOutput, Method
 from opd.methods.common import completion_cross_entropy
 from opd.registry import METHODS
-from opd.sampling.base import RolloutBatch
 from opd.sampling.behaviour import RolloutContext, TeacherPolicy
+from opd.types import Example, RolloutBatch
 
 
 class TeacherDecodePolicy(TeacherPolicy):

@@ -7,8 +7,8 @@ import torch
 from opd.methods.base import LossOutput, Method
 from opd.methods.common import completion_cross_entropy
 from opd.registry import METHODS
-from opd.sampling.base import RolloutBatch
 from opd.sampling.behaviour import DatasetPolicy
+from opd.types import RolloutBatch
 
 
 @METHODS.register("sft")

@@ -15,8 +15,8 @@ from opd.methods.common import (
     top_fraction_mask,
 )
 from opd.registry import METHODS
-from opd.sampling.base import RolloutBatch
 from opd.sampling.behaviour import StudentPolicy
+from opd.types import RolloutBatch
 
 
 def minmax_per_row(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -16,9 +16,8 @@ from opd.methods.common import (
     teacher_token_logprobs,
 )
 from opd.registry import METHODS
-from opd.sampling.base import RolloutBatch
 from opd.sampling.behaviour import StudentPolicy
-from opd.teachers.base import SparseTeacherLogprobs
+from opd.types import RolloutBatch, SparseTeacherLogprobs
 
 
 @METHODS.register("tm_opd")

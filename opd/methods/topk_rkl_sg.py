@@ -9,8 +9,8 @@ from opd.losses.topk import REVERSE_MODES, SUPPORTS, topk_reverse_kl
 from opd.methods.base import LossOutput, Method
 from opd.methods.common import check_choice, check_k_fits, check_positive
 from opd.registry import METHODS
-from opd.sampling.base import RolloutBatch
 from opd.sampling.behaviour import StudentPolicy
+from opd.types import RolloutBatch
 
 
 @METHODS.register("topk_rkl_sg")

@@ -13,34 +13,7 @@ from typing import Any
 
 import torch
 
-
-def keep_layer_indices(num_layers: int, keep: Any, key: str = "keep_layers") -> list[int]:
-    """The layer indices that ``keep`` selects.
-
-    Args:
-        num_layers: the model's decoder layers L.
-        keep: N (an int): N layers evenly spaced over ``[0, L−1]``, first and last included
-            (``round(i·(L−1)/(N−1))``); or an explicit list of distinct, increasing indices.
-        key: the config key, for messages.
-    Returns:
-        Increasing layer indices.
-    Raises:
-        ValueError: naming ``key`` when N is not in [1, L] or an index is out of range, repeated or unordered.
-    """
-    if isinstance(keep, bool):
-        raise ValueError(f"{key} must be an int or a list of layer indices, got {keep!r}")
-    if isinstance(keep, int):
-        if not 1 <= keep <= num_layers:
-            raise ValueError(f"{key}={keep}: the model has {num_layers} layers; keep between 1 and {num_layers}")
-        if keep == 1:
-            return [0]
-        return sorted({round(i * (num_layers - 1) / (keep - 1)) for i in range(keep)})
-    indices = list(keep)
-    if not indices or not all(isinstance(i, int) and not isinstance(i, bool) for i in indices):
-        raise ValueError(f"{key} must be an int or a non-empty list of layer indices, got {keep!r}")
-    if any(not 0 <= i < num_layers for i in indices) or indices != sorted(set(indices)):
-        raise ValueError(f"{key}={indices}: indices must be distinct, increasing and in [0, {num_layers - 1}]")
-    return indices
+from opd.config import keep_layer_indices as keep_layer_indices  # a config value's form, checked there too
 
 
 def decoder_layers(model: torch.nn.Module) -> tuple[torch.nn.Module, str]:

@@ -24,9 +24,9 @@ from typing import Any
 import torch
 
 from opd import distributed as dist
-from opd.data.base import Example
-from opd.sampling.base import RolloutBatch, eos_id_tensor, eos_token_ids, truncate_after_eos
+from opd.sampling.base import eos_id_tensor, eos_token_ids, truncate_after_eos
 from opd.sampling.tokenize import encode_prompts, encode_targets
+from opd.types import Example, RolloutBatch
 
 
 @dataclasses.dataclass

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 
 from opd import distributed as dist
-from opd.data.base import Example
 from opd.registry import SAMPLERS
-from opd.sampling.base import RolloutBatch, check_sampling_params, eos_token_ids, repeat_per_example, truncate_after_eos
+from opd.sampling.base import check_sampling_params, eos_token_ids, repeat_per_example, truncate_after_eos
 from opd.sampling.tokenize import encode_prompts
+from opd.types import Example, RolloutBatch
 
 
 @SAMPLERS.register("hf")

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from opd.data.base import Example
-from opd.sampling.base import RolloutBatch
+from opd.types import Example, RolloutBatch
 
 
 def encode_prompts(tokenizer, prompts: list[str], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,11 +27,11 @@ from typing import Any
 
 import torch
 
-from opd.data.base import Example
 from opd.errors import ConfigError
 from opd.models.weights import cpu_state_dict, named_full_tensors
-from opd.sampling.base import RolloutBatch, check_sampling_params, eos_token_ids, repeat_per_example, truncate_after_eos
+from opd.sampling.base import check_sampling_params, eos_token_ids, repeat_per_example, truncate_after_eos
 from opd.sampling.tokenize import encode_prompts
+from opd.types import Example, RolloutBatch
 
 _DTYPES = ("float32", "bfloat16", "float16", "auto")
 _LOGPROBS_MODES = ("processed_logprobs", "raw_logprobs")

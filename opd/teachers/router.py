@@ -18,8 +18,8 @@ from typing import Any
 import torch
 
 from opd.errors import ConfigError, TrainingError
-from opd.sampling.base import RolloutBatch
-from opd.teachers.base import SparseTeacherLogprobs, Teacher
+from opd.teachers.base import Teacher
+from opd.types import RolloutBatch, SparseTeacherLogprobs
 
 
 class TeacherRouter(Teacher):

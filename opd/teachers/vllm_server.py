@@ -33,8 +33,8 @@ import torch
 
 from opd.errors import ConfigError, TrainingError
 from opd.registry import TEACHERS
-from opd.sampling.base import RolloutBatch
-from opd.teachers.base import SparseTeacherLogprobs, Teacher, padding_like
+from opd.teachers.base import Teacher
+from opd.types import RolloutBatch, SparseTeacherLogprobs, padding_like
 
 #: HTTP statuses worth retrying (overload, restarts, gateways)
 TRANSIENT_STATUSES = (408, 429, 500, 502, 503, 504)
