@@ -360,8 +360,7 @@ class _RolloutWorker:
     def sample(self, job: RolloutJob) -> RolloutBatch:
         if job.version != self.version:
             self.ring.read_into(job.version % len(self.ring.buffers), self.model)
-            if hasattr(self.sampler, "sync_weights"):  # a vLLM engine mirrors the model
-                self.sampler.sync_weights(self.model)
+            self.sampler.sync_weights(self.model)  # a vLLM engine mirrors the model (HF: nothing to do)
             self.version = job.version
         torch.manual_seed(job.seed)
         batch = self.sampler.generate(self.model, self.tokenizer, job.examples)
@@ -375,7 +374,7 @@ class _RolloutWorker:
 def sampled_token_logprobs(model: torch.nn.Module, batch: RolloutBatch, vocab_size: int) -> torch.Tensor:
     """``[B, T]`` log q_old(y_t) of each sampled token under ``model`` at the batch's sampling temperature (0 at
     padding), over the first ``vocab_size`` rows: the distribution the tokens were drawn from."""
-    from opd.models.scoring import completion_logits, token_logprobs
+    from opd.models.scoring import completion_logits, token_logprobs, trim_vocabulary
 
-    logits = completion_logits(model, batch)[..., :vocab_size]
+    logits = trim_vocabulary(completion_logits(model, batch), vocab_size)
     return token_logprobs(logits, batch.completion_ids, batch.temperature) * batch.completion_mask

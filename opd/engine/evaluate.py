@@ -123,7 +123,7 @@ def evaluate_teacher_kl(student: torch.nn.Module, teacher: torch.nn.Module, toke
         ``{"teacher_rkl": mean per-token KL (nats), "sampled_eos_rate": share of samples that ended with EOS,
         "sampled_mean_length": mean completion tokens}``.
     """
-    from opd.models.scoring import completion_logits
+    from opd.models.scoring import completion_logits, trim_vocabulary
     from opd.sampling.base import eos_token_ids, unfinished_rows
 
     total, tokens, finished = 0.0, 0.0, 0
@@ -132,8 +132,8 @@ def evaluate_teacher_kl(student: torch.nn.Module, teacher: torch.nn.Module, toke
     for start in tqdm(batches, desc=desc, leave=False, disable=not progress, unit="batch"):
         rollout = sampler.generate(student, tokenizer, examples[start : start + batch_size], n=1)
         mask = rollout.completion_mask.float()
-        q_logp = torch.log_softmax(completion_logits(student, rollout)[..., :vocab_size].float(), dim=-1)
-        p_logp = torch.log_softmax(completion_logits(teacher, rollout)[..., :vocab_size].float(), dim=-1)
+        q_logp = torch.log_softmax(trim_vocabulary(completion_logits(student, rollout), vocab_size).float(), dim=-1)
+        p_logp = torch.log_softmax(trim_vocabulary(completion_logits(teacher, rollout), vocab_size).float(), dim=-1)
         kl = (q_logp.exp() * (q_logp - p_logp)).sum(dim=-1)  # [B, T]
         total += float((kl * mask).sum())
         tokens += float(mask.sum())

@@ -21,7 +21,7 @@ import torch
 from opd.errors import ConfigError, TrainingError
 from opd.losses.chunked import chunked_divergence_loss, resolve_loss_chunk_size
 from opd.methods.base import LossOutput, Method
-from opd.models.scoring import completion_hidden_states, completion_logits, linear_head
+from opd.models.scoring import completion_hidden_states, completion_logits, linear_head, trim_vocabulary
 from opd.teachers.base import Teacher
 from opd.teachers.router import TeacherRouter, per_teacher_metrics
 from opd.types import RolloutBatch
@@ -41,7 +41,7 @@ class LossPath:
 
 
 def _name(method: Method) -> str:
-    return getattr(type(method), "registry_name", type(method).__name__)
+    return method.registry_name
 
 
 def check_pair(method: Method, teacher: Teacher | None) -> None:
@@ -124,8 +124,7 @@ def path_loss(path: LossPath, method: Method, batch: RolloutBatch, student: torc
         teacher_out = batch.teacher_scores
     else:
         teacher_out = teacher.score(batch, path.teacher_output, prompt) if path.teacher_output else None
-    logits = completion_logits(student, batch)
-    logits = logits if logits.shape[-1] == vocab_size else logits[..., :vocab_size]
+    logits = trim_vocabulary(completion_logits(student, batch), vocab_size)
     out = method.loss(batch, logits, teacher_out, num_tokens)
     if isinstance(teacher, TeacherRouter) and teacher_out is not None:  # tokens and loss per teacher
         out.metrics.update(per_teacher_metrics(teacher, method, batch, logits, teacher_out, num_tokens))

@@ -45,10 +45,11 @@ from opd.engine.backends import DeepSpeedBackend, LocalBackend
 from opd.engine.evaluate import EvalResult, evaluate_accuracy, evaluate_pass_at_k, evaluate_teacher_kl
 from opd.engine.loss_paths import LossPath, check_pair, path_loss, select_loss_path
 from opd.errors import ConfigError, DataError, TrainingError, TrainingInterrupted
+from opd.losses.chunked import chunked_token_cross_entropy, token_cross_entropy
 from opd.methods.base import AuxiliaryContext, Method
 from opd.models.dropout import disable_dropout
 from opd.models.loading import check_model_path, load_model, load_tokenizer, resolve_device
-from opd.models.scoring import completion_hidden_states, completion_logits, linear_head
+from opd.models.scoring import completion_hidden_states, completion_logits, linear_head, trim_vocabulary
 from opd.sampling.base import eos_token_ids, unfinished_rows
 from opd.sampling.behaviour import RolloutContext
 from opd.sampling.tokenize import encode_targets
@@ -420,9 +421,8 @@ class Trainer:
                              self.tokenizer, self.vocab_size, num_tokens)
 
     def _trim(self, logits: torch.Tensor) -> torch.Tensor:
-        """``[..., V]`` the first ``vocab_size`` logits: a model's padding rows beyond the pair's shared vocabulary
-        never enter a loss (a view; the padded rows get no gradient)."""
-        return logits if logits.shape[-1] == self.vocab_size else logits[..., : self.vocab_size]
+        """``[..., V]`` the pair's shared vocabulary (:func:`~opd.models.scoring.trim_vocabulary`)."""
+        return trim_vocabulary(logits, self.vocab_size)
 
     def _hide_padded_rows(self) -> None:
         """A model with more output rows than the shared vocabulary never generates the extra ids (they are padding,
@@ -432,7 +432,7 @@ class Trainer:
         for role, model in (("student", self.student), ("teacher", self.teacher)):
             rows = model.get_output_embeddings().weight.shape[0] if model is not None else 0
             if rows > self.vocab_size:
-                if not getattr(self.sampler, "honours_suppress_tokens", False):
+                if not self.sampler.honours_suppress_tokens:
                     raise ConfigError(f"the {type(self.sampler).__name__} sampler cannot keep the {role} from generating the "
                                       f"{rows - self.vocab_size} padding ids past the shared vocabulary ({role} {rows} rows, "
                                       f"shared {self.vocab_size}); use sampler=hf")
@@ -498,8 +498,8 @@ class Trainer:
         grad_norm, updated = self.backend.step(skip=empty or not (finite and math.isfinite(loss_total)))
         if updated:
             self.skipped_in_a_row = 0
-            if hasattr(self.sampler, "sync_weights"):  # samplers with their own copy of the weights (vLLM):
-                self.sampler.sync_weights(self.student)  # the student's engine only; a teacher's is never re-synced
+            # a sampler with its own copy of the weights (vLLM) refreshes the student's (a teacher's is never re-synced)
+            self.sampler.sync_weights(self.student)
         elif empty:
             self.empty_steps += 1
         else:  # skipped: weights (and, in one process, the optimizer moments) stay as they were
@@ -605,16 +605,10 @@ class Trainer:
     def _token_cross_entropy(self, model: torch.nn.Module, batch: RolloutBatch) -> torch.Tensor:
         """``[B, T]`` the model's cross-entropy at each completion token (no ``[B, T, V]`` logits on the chunked path)."""
         if not self.loss_chunk_size:
-            logits = self._trim(completion_logits(model, batch)).float()
-            return torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch.completion_ids, reduction="none")
+            return token_cross_entropy(self._trim(completion_logits(model, batch)), batch.completion_ids)
         head = completion_hidden_states(model, batch).first_rows(self.vocab_size)
-        hidden, out = head.hidden.flatten(0, 1), []
-        for start in range(0, hidden.shape[0], self.loss_chunk_size):
-            chunk = hidden[start : start + self.loss_chunk_size] @ head.weight.T
-            logits = (chunk if head.bias is None else chunk + head.bias).float()
-            out.append(torch.nn.functional.cross_entropy(
-                logits, batch.completion_ids.flatten()[start : start + self.loss_chunk_size], reduction="none"))
-        return torch.cat(out).view_as(batch.completion_ids)
+        return chunked_token_cross_entropy(head.hidden, head.weight, head.bias, batch.completion_ids,
+                                           self.loss_chunk_size)
 
     def _log_eval(self, result: EvalResult) -> None:
         metrics = {"eval/accuracy": result.accuracy, "eval/mean_length": result.mean_length, "eval/eos_rate": result.eos_rate}

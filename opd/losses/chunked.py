@@ -243,3 +243,27 @@ def chunked_divergence_loss(student_hidden: torch.Tensor, student_weight: torch.
                                flat_mask, spec, (False, False, False))[0]
     return _ChunkedDivergence.apply(s_hidden, student_weight, student_bias, t_hidden, teacher_weight, teacher_bias,
                                     flat_mask, spec)
+
+
+def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` cross-entropy of ``targets`` ``[B, T]`` under ``logits`` ``[B, T, V]`` (computed in float32)."""
+    return torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
+
+
+def chunked_token_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                                targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """:func:`token_cross_entropy` of the logits ``hidden @ weight.T + bias`` without forming them at once.
+
+    Args:
+        hidden: ``[B, T, H]`` final hidden states; weight: ``[V, H]``; bias: ``[V]`` or None.
+        targets: ``[B, T]`` token ids.
+        chunk_size: positions projected to the vocabulary at a time (``[chunk_size, V]`` logits live at once).
+    Returns:
+        ``[B, T]`` float32.
+    """
+    flat, out = hidden.flatten(0, 1), []
+    for start in range(0, flat.shape[0], chunk_size):
+        logits = _project(flat[start : start + chunk_size], weight, bias).float()
+        out.append(torch.nn.functional.cross_entropy(logits, targets.flatten()[start : start + chunk_size],
+                                                     reduction="none"))
+    return torch.cat(out).view_as(targets)

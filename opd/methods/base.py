@@ -59,6 +59,9 @@ class Method:
     ``__init__`` sets ``self.policy`` (on-policy student sampling unless it says otherwise).
     """
 
+    #: the config name (``method.name``) the class is registered under by ``METHODS.register``; a subclass starts
+    #: with its class name, so an unregistered one (a test's) still has a name for messages
+    registry_name: ClassVar[str] = "Method"
     #: whether the loss needs teacher logits (SFT does not).
     needs_teacher: ClassVar[bool] = True
     #: a teacher kind the method is defined by, used whatever ``teacher`` says (OPSD: "initial_student"); None = the
@@ -83,6 +86,10 @@ class Method:
     #: the ways a loss can train on rollouts sampled by older weights (``trainer.max_staleness > 0``)
     STALENESS_HANDLINGS: ClassVar[tuple[str, ...]] = ("as_is", "recompute", "importance_ratio")
 
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.registry_name = cls.__name__  # METHODS.register replaces it with the config name
     def staleness_handling(self) -> str:
         """How this loss, as configured, treats rollouts sampled by weights up to ``trainer.max_staleness`` steps old.
 
@@ -206,9 +213,8 @@ class Method:
             ValueError: one line naming the settings to change.
         """
         if self.uses_sampled_token_logprobs and (top_p < 1.0 or top_k > 0):
-            name = getattr(type(self), "registry_name", type(self).__name__)
-            raise ValueError(f"method {name!r} is a policy-gradient method (importance ratio and reward on the sampled "
-                             f"tokens' untruncated log-probs) and cannot train on top-p/top-k truncated samples; set "
+            raise ValueError(f"method {self.registry_name!r} is a policy-gradient method (importance ratio and reward on "
+                             f"the sampled tokens' untruncated log-probs) and cannot train on top-p/top-k truncated samples; set "
                              f"sampler.top_p=1.0 and sampler.top_k=0 (got top_p={top_p}, top_k={top_k})")
 
     def sparse_teacher_top_k(self) -> int:

@@ -37,6 +37,13 @@ def completion_logits(model: torch.nn.Module, batch: RolloutBatch, prompt_ids: t
     return out.logits[:, :-1]
 
 
+def trim_vocabulary(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """``[..., vocab_size]`` the first ``vocab_size`` logits of ``[..., V]``: the vocabulary a teacher-student pair
+    shares, when one model's output head is padded past it. A view (the cut rows get no gradient), or ``logits``
+    itself when nothing is cut."""
+    return logits if logits.shape[-1] == vocab_size else logits[..., :vocab_size]
+
+
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """``[B, T]`` log-probabilities of ``tokens`` ``[B, T]`` under ``logits`` ``[B, T, V]`` (computed in float32)."""
     logp = torch.log_softmax(logits.float() / temperature, dim=-1)

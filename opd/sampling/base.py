@@ -91,9 +91,21 @@ def repeat_per_example(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, exam
 
 
 class Sampler(Protocol):
-    """Writes completions for prompts with the current student (the on-policy behaviour policy)."""
+    """Writes completions for prompts with the current student (the on-policy behaviour policy).
+
+    What a sampler can do is declared here, so that the engine never probes for it: ``honours_suppress_tokens`` and
+    :meth:`sync_weights` (a no-op for a sampler that reads the model's own weights).
+    """
 
     max_new_tokens: int
+    #: ``generate`` applies the model's ``generation_config.suppress_tokens`` (as a -inf logit). The trainer relies on
+    #: it to keep a model with a padded output head from sampling ids past the vocabulary the two models share
+    honours_suppress_tokens: bool
+
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        """Bring the sampler's copy of ``model``'s weights up to date after an optimizer step (a vLLM engine's); a
+        sampler that generates with ``model`` itself has nothing to do."""
+        ...
 
     def generate(self, model: torch.nn.Module, tokenizer, examples: list[Example], greedy: bool = False,
                  n: int | None = None) -> RolloutBatch:

@@ -32,6 +32,9 @@ class HFSampler:
         check_sampling_params(temperature, top_p, top_k, max_new_tokens, n)
         self.temperature, self.top_p, self.top_k, self.max_new_tokens, self.n = temperature, top_p, top_k, max_new_tokens, n
 
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        """Nothing to do: ``generate`` runs ``model`` itself, with its current weights."""
+
     @torch.no_grad()
     def generate(self, model: torch.nn.Module, tokenizer, examples: list[Example], greedy: bool = False,
                  n: int | None = None) -> RolloutBatch:

@@ -120,6 +120,10 @@ class VLLMSampler:
         weight_sync: "iterator" (in place from the student's tensors) or "disk" (via a saved directory).
     """
 
+    #: vLLM samples from its own engine and ignores ``generation_config.suppress_tokens``: a model pair whose heads are
+    #: padded past the shared vocabulary is refused with this sampler
+    honours_suppress_tokens = False
+
     def __init__(self, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, max_new_tokens: int = 64,
                  n: int = 1, dtype: str = "float32", enforce_eager: bool = True, gpu_memory_utilization: float = 0.3,
                  enable_sleep_mode: bool = False, seed: int = 0, cpu_kvcache_space_gib: int = 1,

@@ -6,7 +6,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from opd.models.scoring import completion_hidden_states, completion_logits
+from opd.models.scoring import completion_hidden_states, completion_logits, trim_vocabulary
 from opd.types import RolloutBatch, SparseTeacherLogprobs
 
 #: what a teacher can give for a batch of completions: full logits ``[B, T, V]``, final hidden states with the output
@@ -86,8 +86,7 @@ class Teacher:
             return getattr(self, f"_{output}")(batch, prompt)
 
     def _logits(self, batch: RolloutBatch, prompt) -> torch.Tensor:
-        logits = completion_logits(self.model, batch, *(prompt or ()))
-        return logits if logits.shape[-1] == self.vocab_size else logits[..., : self.vocab_size]
+        return trim_vocabulary(completion_logits(self.model, batch, *(prompt or ())), self.vocab_size)
 
     def _hidden(self, batch: RolloutBatch, prompt):
         return completion_hidden_states(self.model, batch, *(prompt or ())).first_rows(self.vocab_size)
