@@ -248,7 +248,7 @@ class FailingSampler(HFSampler):
 
 def test_a_failing_worker_reports_its_error_to_the_learner(compose_cfg):
     trainer = build_trainer(compose_cfg(*SMALL, "trainer.max_staleness=1", "trainer.max_steps=4"))
-    trainer.sampler = FailingSampler(max_new_tokens=8)
+    trainer.rollouts.pipeline.spec.sampler = FailingSampler(max_new_tokens=8)  # the worker's copy of the sampler
     with pytest.raises(TrainingError, match="rollout worker failed: RuntimeError: sampler exploded on purpose"):
         trainer.train_step()
     trainer.close()

@@ -228,12 +228,11 @@ def test_the_path_follows_the_pair():
 
 
 def test_layering():
-    """Methods and teachers never import the engine; report.py uses no private function of train.py."""
+    """report.py uses no private function of train.py; the test harness's server launcher stays in tests. (That
+    methods, teachers, losses, sampling and models never import the engine is import-linter's layers contract:
+    tests/test_layers.py.)"""
     from pathlib import Path
 
     package = Path(opd.methods.__file__).resolve().parent.parent
-    for folder in ("methods", "teachers", "losses", "sampling", "models"):
-        for file in (package / folder).glob("*.py"):
-            assert "opd.engine" not in file.read_text().replace("opd.engine.loss_paths", ""), file
     assert "from opd.train import _" not in (package / "report.py").read_text()
     assert "def launch_server" not in (package / "teachers" / "vllm_server.py").read_text()  # tests/vllm_server_harness.py

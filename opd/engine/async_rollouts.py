@@ -5,9 +5,10 @@ Schedule, the same on every run with the same seed:
 
 - Before step k the learner copies its weights v_k (the weights after k optimizer steps) into slot ``k mod (N+1)``
   of a ring of shared-memory buffers (:class:`WeightRing`), then submits the rollouts of every step up to k+N not yet
-  submitted, each tagged with version k. The behaviour policy's ``collect`` runs then, on the learner, through a
-  sampler that turns each student sampling call into a job for the worker (:class:`DeferredSampler`); dataset or
-  teacher batches of a mixed policy (GKD's λ coin) are written there and then.
+  submitted, each tagged with version k. The behaviour policy's ``collect`` runs then, on the learner, with a context
+  whose ``sample_student`` turns the student sampling call into a job for the worker
+  (:class:`opd.engine.rollouts.WorkerRollouts`); dataset or teacher batches of a mixed policy (GKD's λ coin) are
+  written there and then.
 - The worker (:func:`worker_main`, one process per rank with its own copy of the student and of the sampler, so a
   vLLM sampler has its own engine) takes jobs in order; when a job's version differs from the weights it holds it
   copies that slot into its model (and its engine), seeds torch with the job's seed and samples. When the method
@@ -160,24 +161,6 @@ class WeightRing:
             state[name].data.copy_(view)
 
 
-class DeferredSampler:
-    """The configured sampler as the behaviour policy sees it at submission time: sampling the learner's student
-    becomes a :class:`PendingRollout` for the worker; anything else (the teacher's samples, greedy decoding) runs here.
-    """
-
-    def __init__(self, sampler: Any, student: torch.nn.Module, pipeline: AsyncRollouts) -> None:
-        self.sampler, self.student, self.pipeline = sampler, student, pipeline
-
-    def __getattr__(self, name: str) -> Any:  # temperature, max_new_tokens, ...: the configured sampler's
-        return getattr(self.sampler, name)
-
-    def generate(self, model: torch.nn.Module, tokenizer, examples: list[Example], greedy: bool = False,
-                 n: int | None = None):
-        if model is self.student and not greedy and n is None:
-            return self.pipeline.request(examples)
-        return self.sampler.generate(model, tokenizer, examples, greedy=greedy, n=n)
-
-
 class AsyncRollouts:
     """The learner's side of the rollout worker: the weight ring, the job and result queues, the process.
 
@@ -192,7 +175,6 @@ class AsyncRollouts:
         self.ring: WeightRing | None = None
         self.process = None
         self.published: int | None = None  # the newest version in the ring
-        self.submitting: tuple[int, int] | None = None  # (step, micro) of the policy call in progress
         self.results: dict[tuple[int, int], tuple[RolloutBatch, float]] = {}  # arrived, not yet taken
         self.generate_s: dict[int, float] = {}  # step -> the worker's seconds on it
 
@@ -225,11 +207,10 @@ class AsyncRollouts:
             self.ring.write(version % (self.max_staleness + 1), model)
             self.published = version
 
-    def request(self, examples: list[Example]) -> PendingRollout:
-        """Queue the student rollouts of ``examples`` for the (step, micro) being submitted, at the published version."""
-        if self.submitting is None or self.published is None:
-            raise RuntimeError("AsyncRollouts.request outside a submission")
-        step, micro = self.submitting
+    def request(self, examples: list[Example], *, step: int, micro: int) -> PendingRollout:
+        """Queue the student rollouts of ``examples`` for micro-batch ``micro`` of ``step``, at the published version."""
+        if self.published is None:
+            raise RuntimeError("AsyncRollouts.request before any weights were published")
         self.jobs.put(RolloutJob(step, micro, self.published, job_seed(self.seed, self.rank, step, micro),
                                  list(examples)))
         return PendingRollout(step, micro, self.published)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import dataclasses
 import math
 import random
 import signal
@@ -40,10 +39,10 @@ from opd.data.base import PromptIterator, Task, split_overlap, validation_split
 from opd.data.chat import apply_chat_template
 from opd.data.mixture import merge_per_source
 from opd.engine import checkpoint as ckpt
-from opd.engine.async_rollouts import AsyncRollouts, DeferredSampler, PendingRollout, WorkerSpec
 from opd.engine.backends import DeepSpeedBackend, LocalBackend
 from opd.engine.evaluate import EvalResult, evaluate_accuracy, evaluate_pass_at_k, evaluate_teacher_kl
 from opd.engine.loss_paths import LossPath, check_pair, path_loss, select_loss_path
+from opd.engine.rollouts import build_rollout_source, check_rollout_settings, worker_threads
 from opd.errors import ConfigError, DataError, TrainingError, TrainingInterrupted
 from opd.losses.chunked import chunked_token_cross_entropy, token_cross_entropy
 from opd.methods.base import AuxiliaryContext, Method
@@ -194,18 +193,14 @@ class Trainer:
         self._setup_backend(student_cfg, deepspeed_cfg)
         self._setup_data(student_cfg)
         self._setup_state()
+        self._setup_rollouts()
 
     # ------------------------------------------------------------------ set-up steps, in order
     def _check_components(self, teacher: Teacher | None, student_cfg: ModelConfig) -> None:
         """The method/teacher pair (:func:`~opd.engine.loss_paths.check_pair`), the chat templates and both model
         paths, before any model loads."""
         check_pair(self.method, teacher)
-        if self.cfg.max_staleness:  # before any model loads
-            reason = self.method.staleness_blocker()
-            if reason is not None:
-                raise ConfigError(f"trainer.max_staleness={self.cfg.max_staleness}: method "
-                                  f"{type(self.method).registry_name!r} cannot train on stale rollouts: {reason}; "
-                                  "or set trainer.max_staleness=0")
+        check_rollout_settings(self.cfg, self.method)
         if teacher is not None and teacher.chat_template is not None and teacher.chat_template != student_cfg.chat_template:
             raise ConfigError(f"teacher.chat_template={teacher.chat_template} but student.chat_template="
                               f"{student_cfg.chat_template}: both models must see the same prompt tokens")
@@ -222,7 +217,7 @@ class Trainer:
         if self.cfg.disable_dropout:  # scoring passes in train mode must equal eval-mode ones (opd/models/dropout.py)
             disable_dropout(self.student)
         self.student.train()
-        set_cpu_threads(self.cfg.num_threads, self.device, self.student, self.rollout_threads if self.cfg.max_staleness else 0)
+        set_cpu_threads(self.cfg.num_threads, self.device, self.student, worker_threads(self.cfg, self.device))
 
     def _setup_teacher(self, teacher: Teacher | None) -> None:
         """Load the teacher beside the student (frozen); the vocabulary the pair shares; padding rows hidden."""
@@ -317,17 +312,16 @@ class Trainer:
         self.last_pass_at_k: dict[str, float] = {}  # the latest sampled evaluation (trainer.eval_samples > 0)
         self.last_teacher_kl: dict[str, float] = {}  # the latest teacher agreement (trainer.eval_teacher_kl)
         self.restored_from: Path | None = None  # the checkpoint this run continues, if any
-        #: step -> its micro-batches, submitted ahead (trainer.max_staleness) or restored from a checkpoint
-        self.queued: dict[int, list[RolloutBatch | PendingRollout]] = {}
-        self.async_rollouts: AsyncRollouts | None = None  # the rollout worker, started at the first step
         self.rollouts_sampled = 0  # sampled completions trained on so far (student, teacher or mixed writer)
         self.rollouts_truncated = 0  # ... of which cut by sampler.max_new_tokens before any EOS
         self.empty_steps = 0  # steps with no completion token left to train on (trainer.overlong=mask, all rows cut)
 
-    @property
-    def rollout_threads(self) -> int:
-        """torch CPU threads of the rollout worker: ``trainer.rollout_num_threads``, else 1 on CPU."""
-        return self.cfg.rollout_num_threads or (1 if self.device.type == "cpu" else torch.get_num_threads())
+    def _setup_rollouts(self) -> None:
+        """The rollout source (:mod:`opd.engine.rollouts`): written in the step, or by a worker process."""
+        self.rollouts = build_rollout_source(
+            self.cfg, self.method, self.rollout_ctx, self.prompts, student_cfg=self.student_cfg, student=self.student,
+            teacher=self.teacher_component, teacher_output=self.loss_path.teacher_output, vocab_size=self.vocab_size,
+            seed=self.seed, device=self.device)
 
     @property
     def teacher(self) -> torch.nn.Module | None:
@@ -341,71 +335,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ rollouts and scoring
     def collect(self, examples: list[Example]) -> RolloutBatch:
-        """Completions for ``examples`` from the method's behaviour policy for this micro-batch."""
-        self.rollout_ctx.step = self.step
-        return self.method.policy.collect(self.rollout_ctx, examples)
-
-    def step_rollouts(self) -> list[RolloutBatch]:
-        """This rank's micro-batches of the current step, each with its ``staleness``.
-
-        Synchronous (``trainer.max_staleness=0``): written now. Otherwise the current weights are published to the
-        rollout worker and the steps up to ``step + max_staleness`` are submitted (:mod:`opd.engine.async_rollouts`);
-        then this step's batches are taken, waiting for the worker if it is behind. Batches restored from a
-        checkpoint come first either way.
-        """
-        lookahead = self.cfg.max_staleness
-        if lookahead:
-            if self.async_rollouts is None:
-                self.async_rollouts = AsyncRollouts(self._worker_spec(), lookahead, self.seed, dist.rank())
-            self.async_rollouts.publish(self.step, self.student)  # a collective under ZeRO-3
-        last = min(self.step + lookahead, self.cfg.max_steps - 1)
-        for step in range(self.step, last + 1):
-            if step not in self.queued:  # steps are submitted in order: every later one is absent too
-                self.queued[step] = self._submit(step)
-        batches = self._taken(self.queued.pop(self.step))
-        for batch in batches:
-            batch.staleness = self.step - batch.policy_version if batch.policy_version is not None else 0
-        return batches
-
-    def _submit(self, step: int) -> list[RolloutBatch | PendingRollout]:
-        """The behaviour policy's micro-batches for ``step``: batches, or placeholders for the worker's rollouts."""
-        if self.async_rollouts is None:  # synchronous: only the current step is ever submitted
-            return [self.collect(dist.shard(next(self.prompts))) for _ in range(self.cfg.grad_accum)]
-        self.rollout_ctx.step = step
-        ctx = dataclasses.replace(self.rollout_ctx, sampler=DeferredSampler(self.sampler, self.student, self.async_rollouts))
-        items = []
-        for micro in range(self.cfg.grad_accum):
-            self.async_rollouts.submitting = (step, micro)
-            items.append(self.method.policy.collect(ctx, dist.shard(next(self.prompts))))
-        self.async_rollouts.submitting = None
-        return items
-
-    def _taken(self, items: list[RolloutBatch | PendingRollout]) -> list[RolloutBatch]:
-        """``items`` with every worker placeholder replaced by its batch (waiting for the worker if need be)."""
-        return [self.async_rollouts.take(item, self.device) if isinstance(item, PendingRollout) else item
-                for item in items]
-
-    def _worker_spec(self) -> WorkerSpec:
-        """How the rollout worker builds its copy of the student and of the sampler."""
-        return WorkerSpec(student_cfg=self.student_cfg, sampler=self.sampler, device=str(self.device),
-                          num_threads=self.rollout_threads, vocab_size=self.vocab_size,
-                          suppress_tokens=list(self.student.generation_config.suppress_tokens or []),
-                          record_logprobs=self.method.staleness_handling() == "importance_ratio",
-                          teacher=self.teacher_component if self._worker_scores_teacher() else None)
-
-    def _worker_scores_teacher(self) -> bool:
-        """Whether the rollout worker asks the teacher for its scores: a teacher whose scoring needs nothing of this
-        process (``Teacher.scores_in_any_process``: a served one) on the sparse loss path, under the batch's own prompt
-        (a local teacher stays on the learner, which holds it)."""
-        teacher = self.teacher_component
-        return (teacher is not None and teacher.scores_in_any_process and self.loss_path.teacher_output == "sparse"
-                and type(self.method).teacher_prompt is Method.teacher_prompt)
+        """Completions for ``examples`` from the method's behaviour policy, written now with the current weights."""
+        return self.rollouts.collect(examples, self.step)
 
     def close(self) -> None:
-        """Stop the rollout worker, if one runs (``fit`` does this on its way out)."""
-        if self.async_rollouts is not None:
-            self.async_rollouts.close()
-            self.async_rollouts = None
+        """Stop the rollout source's worker, if one runs (``fit`` does this on its way out)."""
+        self.rollouts.close()
 
     def teacher_logits(self, batch: RolloutBatch) -> torch.Tensor | SparseTeacherLogprobs:
         """``[B, T, V]`` teacher logits on the batch's completion tokens (its own prompt or the method's), or a
@@ -487,7 +422,7 @@ class Trainer:
         """
         started = time.perf_counter()
         step = self.step
-        batches = self.step_rollouts()
+        batches = self.rollouts.next_batches(step, self.student)
         rollout_time = time.perf_counter() - started
         truncated, sampled = self._count_unfinished(batches)  # and, with trainer.overlong=mask, take them out of the loss
         num_tokens = int(dist.all_reduce_sum([sum(b.num_tokens for b in batches)])[0])  # all ranks, all micro-batches
@@ -498,8 +433,7 @@ class Trainer:
         grad_norm, updated = self.backend.step(skip=empty or not (finite and math.isfinite(loss_total)))
         if updated:
             self.skipped_in_a_row = 0
-            # a sampler with its own copy of the weights (vLLM) refreshes the student's (a teacher's is never re-synced)
-            self.sampler.sync_weights(self.student)
+            self.rollouts.after_update(self.student)
         elif empty:
             self.empty_steps += 1
         else:  # skipped: weights (and, in one process, the optimizer moments) stay as they were
@@ -528,16 +462,7 @@ class Trainer:
             metrics["rollout/truncated"] = truncated / sampled
         if self.cfg.overlong == "mask":
             metrics["train/empty_steps"] = self.empty_steps
-        if self.cfg.max_staleness or self.restored_from is not None:  # the oldest student batch of every rank (a
-            # dataset or teacher batch is never stale); a resumed run may start on rollouts the worker wrote before
-            versions = [b.policy_version for b in student_batches if b.policy_version is not None]
-            if dist.world_size() > 1:
-                versions = [v for part in dist.gather_objects(versions) for v in part]
-            if versions:
-                metrics["rollout/policy_version"] = float(min(versions))
-                metrics["rollout/staleness"] = float(step - min(versions))
-            if self.async_rollouts is not None:  # this rank's worker: seconds it sampled this step's batches
-                metrics["time/rollout_worker_s"] = self.async_rollouts.generate_seconds(step)
+        metrics.update(self.rollouts.metrics(step, student_batches))  # staleness; a worker's seconds on this step
         if self.skipped_in_a_row > self.cfg.max_skipped_steps:
             if self.logger is not None:  # the failing step's row, so metrics.jsonl shows what happened
                 self.logger.log(dict(metrics), self.step)
@@ -652,13 +577,7 @@ class Trainer:
 
     def wait_for_rollouts(self) -> None:
         """Wait until the worker has written every rollout submitted so far (they stay queued for their steps)."""
-        self.queued = {step: self._taken(items) for step, items in self.queued.items()}
-
-    def _in_flight_state(self) -> dict[int, list[dict[str, Any]]]:
-        """The rollouts already submitted for the coming steps as plain state, step -> its batches' ``state_dict()``
-        (a checkpoint's ``in_flight_rank<r>.pt``); the worker's are waited for first."""
-        self.wait_for_rollouts()
-        return {step: [batch.state_dict() for batch in items] for step, items in self.queued.items()}
+        self.rollouts.wait()
 
     def save(self) -> Path:
         """Write a checkpoint of the current step (older ones beyond ``keep_checkpoints`` are deleted).
@@ -676,7 +595,7 @@ class Trainer:
                                 f"checkpoint over the last good one in {self.run_dir / 'checkpoints'}")
         return ckpt.save_checkpoint(self.run_dir, self.step, self.student, self.tokenizer, self.trainer_state(),
                                     self.cfg.keep_checkpoints, state_dict=self.backend.full_state_dict(),
-                                    write_shards=self.backend.save_extra, in_flight=self._in_flight_state())
+                                    write_shards=self.backend.save_extra, in_flight=self.rollouts.in_flight_state())
 
     def restore(self, checkpoint: Path) -> None:
         """Continue from ``checkpoint``: weights, optimizer, schedule, every RNG, data position, method state.
@@ -709,8 +628,7 @@ class Trainer:
         self.skipped_total, self.skipped_in_a_row = state["skipped_total"], state["skipped_in_a_row"]
         self.rollouts_sampled, self.rollouts_truncated, self.empty_steps = state.get("rollouts", (0, 0, 0))
         self.initial_results = dict(state["initial_results"])
-        self.queued = {step: [RolloutBatch.from_state_dict(batch, self.device) for batch in batches]
-                       for step, batches in ckpt.load_in_flight(checkpoint).items()}
+        self.rollouts.load_in_flight(ckpt.load_in_flight(checkpoint), self.device)
 
     def attach_logger(self, logger: JsonlLogger) -> None:
         """Use ``logger`` for metrics; after :meth:`restore`, rows past the restored step are dropped from it."""

@@ -18,7 +18,7 @@ import collections
 import dataclasses
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -42,6 +42,15 @@ class RolloutContext:
     step: int = 0
     max_steps: int = 1
     task: Any = None  # the run's task (its answer checker: rejection-sampled SeqKD keeps only correct samples)
+    #: who writes the student's samples: None = ``sampler`` with the current weights, here and now; the engine's rollout
+    #: worker sets a function that queues them for the worker instead (``opd.engine.rollouts.WorkerRollouts``)
+    student_rollouts: Callable[[list[Example]], Any] | None = None
+
+    def sample_student(self, examples: list[Example]) -> RolloutBatch:
+        """The student's on-policy samples of ``examples`` (or, with a rollout worker, the placeholder it fills)."""
+        if self.student_rollouts is not None:
+            return self.student_rollouts(examples)
+        return self.sampler.generate(self.student, self.tokenizer, examples)
 
 
 class BehaviourPolicy:
@@ -58,7 +67,7 @@ class BehaviourPolicy:
         policy's student rollouts, or None if it can.
 
         The worker holds only a copy of the student and the sampler. At submission time ``collect`` runs on the
-        learner with a sampler that turns each student sampling call into a job for the worker and returns a
+        learner with a context whose :meth:`RolloutContext.sample_student` queues a job for the worker and returns a
         placeholder, so a policy qualifies only if it returns the student's batch untouched (it may also write
         other batches itself: dataset answers, teacher samples). One line, read at start-up.
         """
@@ -89,7 +98,7 @@ class StudentPolicy(BehaviourPolicy):
     """Samples from the current student with the configured sampler (on-policy)."""
 
     def collect(self, ctx: RolloutContext, examples: list[Example]) -> RolloutBatch:
-        return ctx.sampler.generate(ctx.student, ctx.tokenizer, examples)
+        return ctx.sample_student(examples)
 
     def async_blocker(self) -> str | None:
         return None
