@@ -130,7 +130,7 @@ def test_distillm_schedule_reads_only_validation_examples_in_eval_mode(compose_c
         modes.append(trainer.student.training)
         return real_encode(tokenizer, examples, *args, **kwargs)
 
-    monkeypatch.setattr("opd.engine.trainer.encode_targets", spy)
+    monkeypatch.setattr("opd.engine.evaluate.encode_targets", spy)
     loss = trainer.validation_loss()
     assert sorted(ex.prompt for ex in read) == sorted(ex.prompt for ex in validation)
     assert modes and not any(modes)  # eval mode (this student keeps dropout) ...

@@ -1,17 +1,25 @@
-"""Greedy exact-match evaluation on a held-out split."""
+"""Evaluation on a held-out split: greedy accuracy, pass@k of samples, teacher agreement, and the validation loss
+(:class:`Evaluator` runs what a run's ``trainer`` config asks for and returns the metrics to log)."""
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from opd import distributed as dist
+from opd.config import TrainerConfig
 from opd.data.base import Task
 from opd.data.metrics import pass_at_k
-from opd.data.mixture import per_source_accuracy
+from opd.data.mixture import merge_per_source, per_source_accuracy
+from opd.errors import TrainingError
+from opd.losses.chunked import chunked_token_cross_entropy, token_cross_entropy
+from opd.models.scoring import completion_hidden_states, completion_logits, trim_vocabulary
 from opd.sampling.hf import HFSampler
-from opd.types import Example
+from opd.sampling.tokenize import encode_targets
+from opd.types import Example, RolloutBatch
 
 
 @dataclasses.dataclass
@@ -123,7 +131,6 @@ def evaluate_teacher_kl(student: torch.nn.Module, teacher: torch.nn.Module, toke
         ``{"teacher_rkl": mean per-token KL (nats), "sampled_eos_rate": share of samples that ended with EOS,
         "sampled_mean_length": mean completion tokens}``.
     """
-    from opd.models.scoring import completion_logits, trim_vocabulary
     from opd.sampling.base import eos_token_ids, unfinished_rows
 
     total, tokens, finished = 0.0, 0.0, 0
@@ -140,3 +147,118 @@ def evaluate_teacher_kl(student: torch.nn.Module, teacher: torch.nn.Module, toke
         finished += int((~unfinished_rows(rollout, eos)).sum())
     n = max(len(examples), 1)
     return {"teacher_rkl": total / max(tokens, 1.0), "sampled_eos_rate": finished / n, "sampled_mean_length": tokens / n}
+
+
+def merge_eval_results(parts: list[EvalResult]) -> EvalResult:
+    """One :class:`EvalResult` from the ranks' shares (example-weighted means; samples of the first ranks)."""
+    total = sum(p.num_examples for p in parts)
+    n = max(total, 1)
+    samples = [sample for p in parts for sample in p.samples][: max(len(parts[0].samples), 1)]
+    by_source, source_counts = merge_per_source([(p.by_source, p.source_counts) for p in parts])
+    return EvalResult(accuracy=sum(p.accuracy * p.num_examples for p in parts) / n, num_examples=total,
+                      mean_length=sum(p.mean_length * p.num_examples for p in parts) / n, samples=samples,
+                      eos_rate=sum(p.eos_rate * p.num_examples for p in parts) / n,
+                      score=sum(p.score * p.num_examples for p in parts) / n, by_source=by_source,
+                      source_counts=source_counts)
+
+
+class Evaluator:
+    """A run's evaluations, over every process (each rank scores a strided share of the examples).
+
+    Args:
+        cfg: the trainer config (``eval_batch_size``, ``eval_samples`` / ``eval_pass_k``, ``eval_teacher_kl``,
+            ``progress``).
+        task: scores completions.
+        tokenizer, sampler: decode the models (the sampler's ``max_new_tokens`` is the evaluation budget too).
+        eval_examples: the reported split (or the validation split in a tuning run).
+        validation_examples: the split :meth:`validation_loss` scores ([] when the method reads none).
+        vocab_size: the vocabulary the pair shares; loss_chunk_size: positions per chunk of the hidden-state path (0:
+            full logits).
+        num_samples: completions kept for inspection per evaluation.
+    """
+
+    def __init__(self, cfg: TrainerConfig, task: Task, tokenizer, sampler, eval_examples: list[Example],
+                 validation_examples: list[Example], vocab_size: int, loss_chunk_size: int, num_samples: int,
+                 device: torch.device) -> None:
+        self.cfg, self.task, self.tokenizer, self.sampler = cfg, task, tokenizer, sampler
+        self.eval_examples, self.validation_examples = eval_examples, validation_examples
+        self.vocab_size, self.loss_chunk_size, self.num_samples, self.device = vocab_size, loss_chunk_size, num_samples, device
+        self.last_pass_at_k: dict[str, float] = {}  # the latest sampled evaluation (trainer.eval_samples > 0)
+        self.last_teacher_kl: dict[str, float] = {}  # the latest teacher agreement (trainer.eval_teacher_kl)
+
+    @property
+    def progress(self) -> bool:
+        return self.cfg.progress and dist.is_main()
+
+    def accuracy(self, model: torch.nn.Module, desc: str) -> EvalResult:
+        """Greedy accuracy on the held-out examples, merged over ranks."""
+        examples, num_scored = dist.strided_shard(self.eval_examples)
+        result = evaluate_accuracy(model, self.tokenizer, self.task, examples, batch_size=self.cfg.eval_batch_size,
+                                   max_new_tokens=self.sampler.max_new_tokens, num_samples=self.num_samples, desc=desc,
+                                   progress=self.progress, num_scored=num_scored)
+        return merge_eval_results(dist.gather_objects(result)) if dist.world_size() > 1 else result
+
+    @torch.no_grad()
+    def validation_loss(self, model: torch.nn.Module) -> float:
+        """The model's token-mean cross-entropy on the validation split's reference completions, in eval mode.
+
+        The quantity DistiLLM's official ``finetune.py`` feeds its adaptive schedule: the student's
+        language-modelling loss over the whole development split. The split is the task's own dev
+        split or one carved from train (:func:`opd.data.base.validation_split`), never ``task.eval``.
+        Over N processes each rank scores a strided share and the sums are added.
+        """
+        if not self.validation_examples:
+            raise TrainingError("validation_loss: this run has no validation split (the method reads none)")
+        examples, num_scored = dist.strided_shard(self.validation_examples)
+        was_training = model.training
+        model.eval()
+        total, count = 0.0, 0.0
+        try:
+            for start in range(0, len(examples), self.cfg.eval_batch_size):
+                batch = encode_targets(self.tokenizer, examples[start : start + self.cfg.eval_batch_size], self.device)
+                rows = torch.arange(start, start + len(batch.examples), device=self.device) < num_scored  # not padding
+                mask = batch.completion_mask * rows[:, None]
+                total += float((self.token_cross_entropy(model, batch) * mask).sum())
+                count += float(mask.sum())
+        finally:
+            model.train(was_training)
+        total, count = dist.all_reduce_sum([total, count])
+        return total / max(count, 1.0)
+
+    def token_cross_entropy(self, model: torch.nn.Module, batch: RolloutBatch) -> torch.Tensor:
+        """``[B, T]`` the model's cross-entropy at each completion token (no ``[B, T, V]`` logits on the chunked path)."""
+        if not self.loss_chunk_size:
+            return token_cross_entropy(trim_vocabulary(completion_logits(model, batch), self.vocab_size),
+                                       batch.completion_ids)
+        head = completion_hidden_states(model, batch).first_rows(self.vocab_size)
+        return chunked_token_cross_entropy(head.hidden, head.weight, head.bias, batch.completion_ids,
+                                           self.loss_chunk_size)
+
+    def metrics(self, result: EvalResult, student: torch.nn.Module, teacher: torch.nn.Module | None) -> dict[str, Any]:
+        """The metrics of one evaluation: ``result``'s, plus pass@k of samples and the teacher agreement when the
+        config asks for them."""
+        metrics = {"eval/accuracy": result.accuracy, "eval/mean_length": result.mean_length, "eval/eos_rate": result.eos_rate}
+        metrics.update({f"eval/accuracy/{source}": value for source, value in result.by_source.items()})  # data=mixture
+        if self.task.score_name != "exact_match":  # e.g. eval/rouge_l for instruction tasks
+            metrics[f"eval/{self.task.score_name}"] = result.score
+        if self.cfg.eval_samples:  # sampled evaluation: pass@k over n samples per prompt
+            examples, num_scored = dist.strided_shard(self.eval_examples)
+            pass_k = evaluate_pass_at_k(student, self.tokenizer, self.task, examples, self.sampler,
+                                        self.cfg.eval_samples, tuple(self.cfg.eval_pass_k), self.cfg.eval_batch_size,
+                                        progress=self.progress, num_scored=num_scored)
+            if dist.world_size() > 1:  # example-weighted mean over ranks
+                sums = dist.all_reduce_sum([num_scored] + [pass_k[key] * num_scored for key in sorted(pass_k)])
+                pass_k = {key: value / max(sums[0], 1) for key, value in zip(sorted(pass_k), sums[1:])}
+            metrics.update({f"eval/{key}": value for key, value in pass_k.items()})
+            self.last_pass_at_k = pass_k
+        if self.cfg.eval_teacher_kl and teacher is not None:
+            # one fixed sampling seed for every evaluation, run and seed (common random numbers: arms differ by their
+            # weights, not by the draw); training's RNG stream is untouched
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                agreement = evaluate_teacher_kl(student, teacher, self.tokenizer, self.eval_examples, self.sampler,
+                                                self.vocab_size, batch_size=max(1, self.cfg.eval_batch_size // 2),
+                                                progress=self.progress)
+            metrics.update({f"eval/{key}": value for key, value in agreement.items()})
+            self.last_teacher_kl = agreement
+        return metrics

@@ -37,21 +37,18 @@ from opd import distributed as dist
 from opd.config import DeepSpeedConfig, LoggerConfig, ModelConfig, TrainerConfig
 from opd.data.base import PromptIterator, Task, split_overlap, validation_split
 from opd.data.chat import apply_chat_template
-from opd.data.mixture import merge_per_source
 from opd.engine import checkpoint as ckpt
 from opd.engine.backends import DeepSpeedBackend, LocalBackend
-from opd.engine.evaluate import EvalResult, evaluate_accuracy, evaluate_pass_at_k, evaluate_teacher_kl
+from opd.engine.evaluate import EvalResult, Evaluator
 from opd.engine.loss_paths import LossPath, check_pair, path_loss, select_loss_path
 from opd.engine.rollouts import build_rollout_source, check_rollout_settings, worker_threads
 from opd.errors import ConfigError, DataError, TrainingError, TrainingInterrupted
-from opd.losses.chunked import chunked_token_cross_entropy, token_cross_entropy
 from opd.methods.base import AuxiliaryContext, Method
 from opd.models.dropout import disable_dropout
 from opd.models.loading import check_model_path, load_model, load_tokenizer, resolve_device
-from opd.models.scoring import completion_hidden_states, completion_logits, linear_head, trim_vocabulary
+from opd.models.scoring import completion_logits, linear_head, trim_vocabulary
 from opd.sampling.base import eos_token_ids, unfinished_rows
 from opd.sampling.behaviour import RolloutContext
-from opd.sampling.tokenize import encode_targets
 from opd.teachers import Teacher
 from opd.teachers.router import per_teacher_means
 from opd.tracking.loggers import JsonlLogger
@@ -298,6 +295,8 @@ class Trainer:
         self.eval_examples = eval_examples[: trainer_cfg.eval_examples] if trainer_cfg.eval_examples else eval_examples
         self.validation_examples = fit_to_context(validation, self.tokenizer, limit, sampler.max_new_tokens,
                                                   "validation") if validation else []
+        self.evaluator = Evaluator(trainer_cfg, task, self.tokenizer, sampler, self.eval_examples, self.validation_examples,
+                                   self.vocab_size, self.loss_chunk_size, self.num_samples, self.device)
         #: the ids that end a sampled completion (student's and teacher's): a row without one was cut by the budget
         self.eos_ids = eos_token_ids(self.tokenizer, *(m for m in (self.student, self.teacher) if m is not None))
 
@@ -309,8 +308,6 @@ class Trainer:
         self.skipped_total = 0
         self.initial_results: dict[str, float | None] = {}  # teacher and step-0 student accuracy, kept across resumes
         self.stop_signal: int | None = None
-        self.last_pass_at_k: dict[str, float] = {}  # the latest sampled evaluation (trainer.eval_samples > 0)
-        self.last_teacher_kl: dict[str, float] = {}  # the latest teacher agreement (trainer.eval_teacher_kl)
         self.restored_from: Path | None = None  # the checkpoint this run continues, if any
         self.rollouts_sampled = 0  # sampled completions trained on so far (student, teacher or mixed writer)
         self.rollouts_truncated = 0  # ... of which cut by sampler.max_new_tokens before any EOS
@@ -490,76 +487,17 @@ class Trainer:
         self.rollouts_sampled += sampled
         return truncated, sampled
 
-    # ------------------------------------------------------------------ evaluation
+    # ------------------------------------------------------------------ evaluation (opd.engine.evaluate.Evaluator)
     def evaluate(self, model: torch.nn.Module, desc: str) -> EvalResult:
         """Greedy accuracy on the held-out examples (over N processes: each rank decodes a strided share)."""
-        examples, num_scored = dist.strided_shard(self.eval_examples)
-        result = evaluate_accuracy(model, self.tokenizer, self.task, examples, batch_size=self.cfg.eval_batch_size,
-                                   max_new_tokens=self.sampler.max_new_tokens, num_samples=self.num_samples, desc=desc,
-                                   progress=self.cfg.progress and dist.is_main(), num_scored=num_scored)
-        return merge_eval_results(dist.gather_objects(result)) if dist.world_size() > 1 else result
+        return self.evaluator.accuracy(model, desc)
 
-    @torch.no_grad()
     def validation_loss(self) -> float:
-        """The student's token-mean cross-entropy on the validation split's reference completions, in eval mode.
-
-        The quantity DistiLLM's official ``finetune.py`` feeds its adaptive schedule: the student's
-        language-modelling loss over the whole development split. The split is the task's own dev
-        split or one carved from train (:func:`opd.data.base.validation_split`), never ``task.eval``.
-        Over N processes each rank scores a strided share and the sums are added.
-        """
-        if not self.validation_examples:
-            raise TrainingError("validation_loss: this run has no validation split (the method reads none)")
-        examples, num_scored = dist.strided_shard(self.validation_examples)
-        model = self.backend.train_model
-        was_training = model.training
-        model.eval()
-        total, count = 0.0, 0.0
-        try:
-            for start in range(0, len(examples), self.cfg.eval_batch_size):
-                batch = encode_targets(self.tokenizer, examples[start : start + self.cfg.eval_batch_size], self.device)
-                rows = torch.arange(start, start + len(batch.examples), device=self.device) < num_scored  # not padding
-                mask = batch.completion_mask * rows[:, None]
-                total += float((self._token_cross_entropy(model, batch) * mask).sum())
-                count += float(mask.sum())
-        finally:
-            model.train(was_training)
-        total, count = dist.all_reduce_sum([total, count])
-        return total / max(count, 1.0)
-
-    def _token_cross_entropy(self, model: torch.nn.Module, batch: RolloutBatch) -> torch.Tensor:
-        """``[B, T]`` the model's cross-entropy at each completion token (no ``[B, T, V]`` logits on the chunked path)."""
-        if not self.loss_chunk_size:
-            return token_cross_entropy(self._trim(completion_logits(model, batch)), batch.completion_ids)
-        head = completion_hidden_states(model, batch).first_rows(self.vocab_size)
-        return chunked_token_cross_entropy(head.hidden, head.weight, head.bias, batch.completion_ids,
-                                           self.loss_chunk_size)
+        """The student's token-mean cross-entropy on the validation split (DistiLLM's adaptive schedule reads it)."""
+        return self.evaluator.validation_loss(self.backend.train_model)
 
     def _log_eval(self, result: EvalResult) -> None:
-        metrics = {"eval/accuracy": result.accuracy, "eval/mean_length": result.mean_length, "eval/eos_rate": result.eos_rate}
-        metrics.update({f"eval/accuracy/{source}": value for source, value in result.by_source.items()})  # data=mixture
-        if self.task.score_name != "exact_match":  # e.g. eval/rouge_l for instruction tasks
-            metrics[f"eval/{self.task.score_name}"] = result.score
-        if self.cfg.eval_samples:  # sampled evaluation: pass@k over n samples per prompt
-            examples, num_scored = dist.strided_shard(self.eval_examples)
-            pass_k = evaluate_pass_at_k(self.student, self.tokenizer, self.task, examples, self.sampler,
-                                        self.cfg.eval_samples, tuple(self.cfg.eval_pass_k), self.cfg.eval_batch_size,
-                                        progress=self.cfg.progress and dist.is_main(), num_scored=num_scored)
-            if dist.world_size() > 1:  # example-weighted mean over ranks
-                sums = dist.all_reduce_sum([num_scored] + [pass_k[key] * num_scored for key in sorted(pass_k)])
-                pass_k = {key: value / max(sums[0], 1) for key, value in zip(sorted(pass_k), sums[1:])}
-            metrics.update({f"eval/{key}": value for key, value in pass_k.items()})
-            self.last_pass_at_k = pass_k
-        if self.cfg.eval_teacher_kl and self.teacher is not None:
-            # one fixed sampling seed for every evaluation, run and seed (common random numbers: arms differ by their
-            # weights, not by the draw); training's RNG stream is untouched
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(0)
-                agreement = evaluate_teacher_kl(self.student, self.teacher, self.tokenizer, self.eval_examples,
-                                                self.sampler, self.vocab_size, batch_size=max(1, self.cfg.eval_batch_size // 2),
-                                                progress=self.cfg.progress and dist.is_main())
-            metrics.update({f"eval/{key}": value for key, value in agreement.items()})
-            self.last_teacher_kl = agreement
+        metrics = self.evaluator.metrics(result, self.student, self.teacher)
         if self.method.needs_validation_loss:
             metrics.update(self.method.on_evaluate(self.validation_loss()))
         self.logger.log(metrics, self.step)
@@ -693,10 +631,10 @@ class Trainer:
             **self.initial_results,
             "student_accuracy_after": after.accuracy,
             **({"student_accuracy_after_by_source": after.by_source} if after.by_source else {}),
-            **{f"student_{key}_after": value for key, value in self.last_pass_at_k.items()},
+            **{f"student_{key}_after": value for key, value in self.evaluator.last_pass_at_k.items()},
             "student_eos_rate_after": after.eos_rate,  # greedy, on the evaluation split
             "student_mean_length_after": after.mean_length,
-            **{f"student_{key}_after": value for key, value in self.last_teacher_kl.items()},
+            **{f"student_{key}_after": value for key, value in self.evaluator.last_teacher_kl.items()},
             "eval_examples": after.num_examples,
             "evaluated_on": self.cfg.evaluate_on,  # "validation" in a tuning run: the accuracies are validation ones
             "steps": self.step,
@@ -732,18 +670,6 @@ class Trainer:
                 if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.cfg.max_steps:
                     self.save()
         return last
-
-
-def merge_eval_results(parts: list[EvalResult]) -> EvalResult:
-    """One :class:`EvalResult` from the ranks' shares (example-weighted means; samples of the first ranks)."""
-    total = sum(p.num_examples for p in parts)
-    n = max(total, 1)
-    samples = [sample for p in parts for sample in p.samples][: max(len(parts[0].samples), 1)]
-    by_source, source_counts = merge_per_source([(p.by_source, p.source_counts) for p in parts])
-    return EvalResult(accuracy=sum(p.accuracy * p.num_examples for p in parts) / n, num_examples=total,
-                      mean_length=sum(p.mean_length * p.num_examples for p in parts) / n, samples=samples,
-                      score=sum(p.score * p.num_examples for p in parts) / n, by_source=by_source,
-                      source_counts=source_counts)
 
 
 def _sum_over_ranks(metrics: dict[str, float]) -> dict[str, float]:
