@@ -60,16 +60,17 @@ ARMS: dict[str, list[str]] = {
     # practitioner tries after SeqKD
     "rs_seqkd": ["method=rs_seqkd"],
 }
-#: the studies this script runs: experiment -> (record directory, default arms). The fine-tuned-teacher study drops
-#: gkd_l1_mask (its teacher answers in 3-4 tokens: no rollout is cut, so masking cut ones changes nothing) and adds
-#: rs_seqkd; the letter-counting one is the first record's (its teacher is below a constant answer)
-STUDIES: dict[str, tuple[str, tuple[str, ...]]] = {
+#: the studies this script runs: experiment -> (record directory, default arms, the second student size's
+#: keep_layers or None). The fine-tuned-teacher study drops gkd_l1_mask (its teacher answers in 3-4 tokens: no rollout
+#: is cut, so masking cut ones changes nothing) and adds rs_seqkd; its second size is the 10-layer copy. The
+#: letter-counting one is the first record's (its teacher is below a constant answer)
+STUDIES: dict[str, tuple[str, tuple[str, ...], int | None]] = {
     "real_opd_finetuned_teacher": ("experiments/2026-12-03_real_opd_finetuned_teacher",
-                                   ("seqkd", "gkd_l1", "gkd_l0", "gkd_l1_b1", "tm_opd", "distillm", "rs_seqkd")),
+                                   ("seqkd", "gkd_l1", "gkd_l0", "gkd_l1_b1", "tm_opd", "distillm", "rs_seqkd"), 10),
     "real_opd_protocol": ("experiments/2026-12-03_real_opd_protocol",
-                          ("seqkd", "gkd_l1", "gkd_l0", "gkd_l1_b1", "tm_opd", "distillm", "gkd_l1_mask")),
+                          ("seqkd", "gkd_l1", "gkd_l0", "gkd_l1_b1", "tm_opd", "distillm", "gkd_l1_mask"), 20),
     "toy_opd_protocol": ("experiments/2026-12-03_real_opd_protocol/toy",
-                         ("seqkd", "gkd_l1", "gkd_l0", "gkd_l1_b1", "tm_opd", "distillm", "gkd_l1_mask")),
+                         ("seqkd", "gkd_l1", "gkd_l0", "gkd_l1_b1", "tm_opd", "distillm", "gkd_l1_mask"), None),
 }
 ON_POLICY = ("gkd_l1", "gkd_l1_b1", "tm_opd", "distillm", "gkd_l1_mask")
 #: baselines compared with SeqKD too: gkd_l0 trains on the dataset's gold outputs (oracle labels), rs_seqkd on the
@@ -91,15 +92,16 @@ DECIDING = ("seqkd", DECLARED_ON_POLICY, "gkd_l0")
 
 
 def plan(arms: list[str], seeds: list[int], second_size: bool) -> list[tuple[str, int, list[str], str]]:
-    """(arm, seed, overrides, size tag) in run order: the deciding arms seed-major, the others seed-major, then the
-    second student size."""
-    tiers = [[arm for arm in arms if arm in DECIDING], [arm for arm in arms if arm not in DECIDING]]
-    cells = [(arm, seed, ARMS[arm], "") for tier in tiers for seed in seeds for arm in tier]
+    """(arm, seed, overrides, size tag) in run order: the deciding arms seed-major, then the two deciding arms at the
+    second student size, then the other arms seed-major (what the headline verdicts need comes first)."""
+    deciding = [(arm, seed, ARMS[arm], "") for seed in seeds for arm in arms if arm in DECIDING]
+    others = [(arm, seed, ARMS[arm], "") for seed in seeds for arm in arms if arm not in DECIDING]
+    second = []
     if second_size:
         tag = f"_keep{SECOND_SIZE['keep_layers']}"
-        cells += [(arm, seed, ARMS[arm] + [f"student.keep_layers={SECOND_SIZE['keep_layers']}"], tag)
+        second = [(arm, seed, ARMS[arm] + [f"student.keep_layers={SECOND_SIZE['keep_layers']}"], tag)
                   for seed in seeds for arm in SECOND_SIZE["arms"] if arm in arms]
-    return cells
+    return deciding + second + others
 
 
 def run_cell(root: Path, arm: str, seed: int, overrides: list[str], tag: str, log) -> float | None:
@@ -338,8 +340,12 @@ def main() -> None:
     EXPERIMENT = "toy_opd_protocol" if args.toy else args.experiment
     if EXPERIMENT == "toy_opd_protocol":
         args.no_second_size = True
-    record, default_arms = STUDIES[EXPERIMENT]
+    record, default_arms, second_size = STUDIES[EXPERIMENT]
     args.arms = list(default_arms) if args.arms is None else args.arms
+    if second_size is None:
+        args.no_second_size = True
+    else:
+        SECOND_SIZE["keep_layers"] = second_size
     root = ROOT / (args.runs_dir or f"logs/{EXPERIMENT}/study")
     out = ROOT / (args.out or record)
     if not args.only_report:

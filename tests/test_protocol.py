@@ -239,6 +239,8 @@ def test_the_study_runs_the_deciding_arms_first_and_compares_at_equal_training_s
     order = [(arm, seed) for arm, seed, _, tag in study.plan(list(study.ARMS), [0, 1, 2], second_size=False)]
     deciding = [cell for cell in order if cell[0] in study.DECIDING]
     assert order[: len(deciding)] == deciding and len(deciding) == 9  # 3 arms x 3 seeds before any other arm
+    with_size = study.plan(list(study.ARMS), [0, 1, 2], second_size=True)
+    assert [tag for _, _, _, tag in with_size[9:15]] == ["_keep" + str(study.SECOND_SIZE["keep_layers"])] * 6
     # a slow arm (2 s per step) and a fast one (1 s): at the fast arm's 40 training seconds the slow arm has trained
     # 20 steps, so its accuracy there is the one at step 20, not its final one
     for seed in (0, 1):
