@@ -35,14 +35,14 @@ from tqdm.auto import tqdm
 
 from opd import distributed as dist
 from opd.config import DeepSpeedConfig, LoggerConfig, ModelConfig, TrainerConfig
-from opd.data.base import PromptIterator, Task, split_overlap, validation_split
-from opd.data.chat import apply_chat_template
+from opd.data.base import PromptIterator, Task
 from opd.engine import checkpoint as ckpt
 from opd.engine.backends import DeepSpeedBackend, LocalBackend
 from opd.engine.evaluate import EvalResult, Evaluator
 from opd.engine.loss_paths import LossPath, check_pair, path_loss, select_loss_path
 from opd.engine.rollouts import build_rollout_source, check_rollout_settings, worker_threads
-from opd.errors import ConfigError, DataError, TrainingError, TrainingInterrupted
+from opd.engine.splits import prepare_splits
+from opd.errors import ConfigError, TrainingError, TrainingInterrupted
 from opd.methods.base import AuxiliaryContext, Method
 from opd.models.dropout import disable_dropout
 from opd.models.loading import check_model_path, load_model, load_tokenizer, resolve_device
@@ -95,64 +95,6 @@ def set_cpu_threads(num_threads: int | None, device: torch.device, model: torch.
         torch.set_num_threads(1)
     elif device.type == "cpu" and worker_threads:  # the rollout worker's cores are not the learner's
         torch.set_num_threads(max(1, torch.get_num_threads() - worker_threads))
-
-
-def context_limit(models: dict[str, torch.nn.Module | None]) -> tuple[int, str] | None:
-    """The smallest ``config.max_position_embeddings`` among ``models`` and the roles that have it.
-
-    Args:
-        models: role ("student", "teacher") -> model or None; models without the attribute are ignored.
-
-    Returns:
-        (limit, "student" / "teacher" / "student and teacher"), or None when no model declares a limit.
-    """
-    limits = {}
-    for role, model in models.items():
-        value = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-        if isinstance(value, int) and value > 0:
-            limits[role] = value
-    if not limits:
-        return None
-    limit = min(limits.values())
-    return limit, " and ".join(role for role, value in limits.items() if value == limit)
-
-
-def fit_to_context(examples: list[Example], tokenizer, limit: tuple[int, str] | None, max_new_tokens: int,
-                   split: str) -> list[Example]:
-    """The examples whose tokenized prompt plus ``max_new_tokens`` fits in the models' context.
-
-    Prompts are tokenized as the samplers do (special tokens included). Those that do not fit are
-    dropped with one warning giving their count.
-
-    Args:
-        examples: a split of the task.
-        tokenizer: the student's tokenizer.
-        limit: (context length in tokens, whose it is) from :func:`context_limit`; None keeps every example.
-        max_new_tokens: the completion budget (``sampler.max_new_tokens``).
-        split: "training" or "evaluation", for messages.
-
-    Raises:
-        DataError: if the split is empty or none of its prompts fits, naming the limit and the longest prompt.
-    """
-    if not examples:
-        raise DataError(f"the task's {split} split is empty")
-    if limit is None:
-        return list(examples)
-    limit, limit_source = limit
-    lengths = [len(ids) for ids in tokenizer([ex.prompt for ex in examples])["input_ids"]]
-    budget = limit - max_new_tokens
-    kept = [ex for ex, length in zip(examples, lengths) if length <= budget]
-    longest = max(range(len(examples)), key=lengths.__getitem__)
-    arithmetic = (f"the {limit_source}'s context of {limit} tokens (max_position_embeddings) minus "
-                  f"sampler.max_new_tokens={max_new_tokens} leaves {max(budget, 0)} tokens for a prompt")
-    if not kept:
-        raise DataError(f"no {split} prompt fits: {arithmetic}, but the shortest prompt has {min(lengths)} tokens and "
-                        f"the longest {lengths[longest]} ({examples[longest].prompt[:80]!r}). "
-                        "Lower sampler.max_new_tokens or shorten the prompts.")
-    if len(kept) < len(examples):
-        warnings.warn(f"skipping {len(examples) - len(kept)} of {len(examples)} {split} prompts that do not fit: "
-                      f"{arithmetic}; the longest prompt has {lengths[longest]} tokens", UserWarning, stacklevel=3)
-    return kept
 
 
 class Trainer:
@@ -262,39 +204,18 @@ class Trainer:
         """Chat template, the splits cut to what fits every model's context, the prompt stream and the rollout and
         auxiliary-loss contexts."""
         trainer_cfg, task, sampler = self.cfg, self.task, self.sampler
-        # prompt + completion must fit the position embeddings of both models (a served teacher: the server's context)
-        limit = context_limit({"student": self.student})
-        teacher_len = self.teacher_component.context_length() if self.teacher_component is not None else None
-        if teacher_len is not None:
-            role = "teacher" if self.teacher_component.local else "teacher server"
-            if limit is None or teacher_len < limit[0]:
-                limit = (teacher_len, role)
-            elif teacher_len == limit[0]:
-                limit = (teacher_len, f"{limit[1]} and {role}")
-        if student_cfg.chat_template:  # every prompt formatted once, for sampling, scoring and evaluation alike
-            apply_chat_template(task, self.tokenizer)
-        # carved out of train before the prompt stream exists: validation examples are never trained on
-        tuning = trainer_cfg.evaluate_on == "validation"  # hyperparameter search: score on validation, never on eval
-        validation = (validation_split(task, trainer_cfg.validation_examples)
-                      if self.method.needs_validation_loss or tuning else [])
-        #: distinct prompts shared by train / eval / validation (after the chat template); all 0 for held-out splits
-        self.split_overlap = split_overlap(task, validation or None)
-        if any(self.split_overlap.values()):
-            warnings.warn(f"data: the splits share prompts {self.split_overlap}: accuracies on them are partly "
-                          "in-sample", UserWarning, stacklevel=2)
-        train_examples = fit_to_context(task.train, self.tokenizer, limit, sampler.max_new_tokens, "training")
-        eval_examples = fit_to_context(validation if tuning else task.eval, self.tokenizer, limit,
-                                       sampler.max_new_tokens, "validation" if tuning else "evaluation")
-        self.prompts = PromptIterator(train_examples, trainer_cfg.batch_size, self.seed)
+        splits = prepare_splits(task, self.tokenizer, self.student, self.teacher_component, trainer_cfg,
+                                chat_template=student_cfg.chat_template, max_new_tokens=sampler.max_new_tokens,
+                                needs_validation=self.method.needs_validation_loss)
+        self.split_overlap = splits.overlap
+        self.prompts = PromptIterator(splits.train, trainer_cfg.batch_size, self.seed)
         self.aux_ctx = AuxiliaryContext(self.tokenizer, self.device,
                                         lambda b: self._trim(completion_logits(self.backend.train_model, b)),
                                         self.teacher_logits, trainer_cfg.grad_accum,
                                         lambda count: int(dist.all_reduce_sum([count])[0]))
         self.rollout_ctx = RolloutContext(self.student, self.teacher, self.tokenizer, sampler, self.device,
                                           rng=random.Random(self.seed), max_steps=trainer_cfg.max_steps, task=task)
-        self.eval_examples = eval_examples[: trainer_cfg.eval_examples] if trainer_cfg.eval_examples else eval_examples
-        self.validation_examples = fit_to_context(validation, self.tokenizer, limit, sampler.max_new_tokens,
-                                                  "validation") if validation else []
+        self.eval_examples, self.validation_examples = splits.eval, splits.validation
         self.evaluator = Evaluator(trainer_cfg, task, self.tokenizer, sampler, self.eval_examples, self.validation_examples,
                                    self.vocab_size, self.loss_chunk_size, self.num_samples, self.device)
         #: the ids that end a sampled completion (student's and teacher's): a row without one was cut by the budget
