@@ -53,10 +53,12 @@ def test_the_declared_builtins_are_the_classes_their_modules_register():
             module, _, attr = target.partition(":")
             cls = getattr(importlib.import_module(module), attr)
             assert registry.get(name) is cls and cls.registry_name == name, (registry.kind, name)
-    # and every class a built-in package registers is declared (a new method needs its line in BUILTINS)
+    # and every class a built-in package registers is declared (a new method needs its line in BUILTINS); classes
+    # that tests register from their own modules (a stand-in teacher kind) are not built-ins
     import opd.data
     import opd.methods
     import opd.sampling
     import opd.teachers  # noqa: F401
     for registry, entries in BUILTINS.items():
-        assert set(registry) == set(entries), (registry.kind, set(registry) ^ set(entries))
+        registered = {name for name in registry if name in entries or registry.get(name).__module__.startswith("opd.")}
+        assert registered == set(entries), (registry.kind, registered ^ set(entries))

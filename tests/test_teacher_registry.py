@@ -234,5 +234,5 @@ def test_layering():
     from pathlib import Path
 
     package = Path(opd.methods.__file__).resolve().parent.parent
-    assert "from opd.train import _" not in (package / "report.py").read_text()
+    assert all("from opd.train import _" not in file.read_text() for file in (package / "report").glob("*.py"))
     assert "def launch_server" not in (package / "teachers" / "vllm_server.py").read_text()  # tests/vllm_server_harness.py
