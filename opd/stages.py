@@ -33,7 +33,7 @@ from opd.errors import ConfigError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 #: keys that name or place a run but do not change what it trains: left out of the warm start's hash
-_UNHASHED = ("name", "output_dir", "warm_start", "teacher_finetune")
+_UNHASHED = ("name", "output_dir")  # (the staging keys are not in a stage's config at all: _STAGE_KEYS)
 #: the staging keys: a stage's own config has none of them (its teacher is already the fine-tuned one)
 _STAGE_KEYS = ("warm_start", "teacher_finetune")
 _UNHASHED_TRAINER = ("progress", "resume", "eval_batch_size")

@@ -333,7 +333,8 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="where the results go")
     parser.add_argument("--arms", nargs="*", default=None, choices=list(ARMS), help="default: the study's arms")
     parser.add_argument("--seeds", nargs="*", type=int, default=list(SEEDS))
-    parser.add_argument("--no-second-size", action="store_true", help="skip the keep_layers=20 arms")
+    parser.add_argument("--no-second-size", action="store_true",
+                        help="skip the second student size (keep_layers 10; 20 for letter counting)")
     parser.add_argument("--only-report", action="store_true", help="no runs: the report from what exists")
     args = parser.parse_args()
     global EXPERIMENT
