@@ -14,7 +14,7 @@ the machine's two cores as well as it can.
 
 Timing: the trainers take turns in blocks of ``--block`` optimizer steps (the order rotates each round). A block is
 timed from its first ``train_step()`` until the worker has also written every rollout it has been asked for
-(``Trainer.wait_for_rollouts``), so no trainer's worker works during another trainer's block, and the rollouts a
+(``trainer.rollouts.wait()``), so no trainer's worker works during another trainer's block, and the rollouts a
 block leaves ready for the next one were paid for inside it. The first round is warm-up (the worker's start,
 allocator growth) and is not counted. Steps/s = timed steps / timed seconds; the spread is the lowest and highest
 block. TRL's ``GKDTrainer`` (``--trl-venv``, built as in ``bench_step.py``: same checkpoints, data and
@@ -99,7 +99,7 @@ def opd_block(trainer, steps: int, log: BlockLog, timed: bool) -> None:
     with torch.enable_grad():  # also when called from inside TRL's loop
         started = time.perf_counter()
         metrics = [trainer.train_step() for _ in range(steps)]
-        trainer.wait_for_rollouts()
+        trainer.rollouts.wait()
         seconds = time.perf_counter() - started
     if timed:
         log.blocks.append((steps, seconds, sum(int(m["train/tokens"]) for m in metrics)))

@@ -315,8 +315,14 @@ def section_keys(section: str) -> set[str]:
 
 
 def typed_sections(cfg: Any) -> tuple[Any, ModelConfig, TrainerConfig, LoggerConfig]:
-    """Instantiate the fixed sections as dataclasses, which runs their range checks (``__post_init__``); the teacher
-    as its kind's ``Config`` (:func:`teacher_config`: ``ModelConfig`` for ``kind: hf``), or None.
+    """The teacher as its kind's ``Config`` (:func:`teacher_config`: ``ModelConfig`` for ``kind: hf``), or None, and
+    the :func:`fixed_sections`. ``build_trainer`` resolves the teacher once, with the method's fixed kind, and reads
+    only the fixed sections."""
+    return (teacher_config(cfg.get("teacher")), *fixed_sections(cfg))
+
+
+def fixed_sections(cfg: Any) -> tuple[ModelConfig, TrainerConfig, LoggerConfig]:
+    """The student, trainer and logger sections as dataclasses, which runs their range checks (``__post_init__``).
 
     Unknown keys anywhere in the fixed part (a ``+foo=1`` or ``+trainer.lrr=1`` override gets past the
     schema) are refused first by :func:`check_known_keys`.
@@ -329,8 +335,7 @@ def typed_sections(cfg: Any) -> tuple[Any, ModelConfig, TrainerConfig, LoggerCon
             return None
         return schema(**OmegaConf.to_container(node, resolve=True))
 
-    return teacher_config(cfg.get("teacher")), build("student", ModelConfig), build("trainer", TrainerConfig), \
-        build("logger", LoggerConfig)
+    return build("student", ModelConfig), build("trainer", TrainerConfig), build("logger", LoggerConfig)
 
 
 def deepspeed_section(cfg: Any) -> DeepSpeedConfig:

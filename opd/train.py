@@ -23,7 +23,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from opd import distributed as dist
-from opd.config import check_cli_overrides, deepspeed_section, flatten_config, register_configs, typed_sections
+from opd.config import check_cli_overrides, deepspeed_section, fixed_sections, flatten_config, register_configs, typed_sections
 from opd.errors import ConfigError, OPDError, TrainingInterrupted
 from opd.registry import DATASETS, METHODS, SAMPLERS, TEACHERS, load_builtin_components
 from opd.teachers import build_teacher
@@ -54,7 +54,7 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path | None = None):
     from opd.engine.trainer import Trainer
     from opd.tracking.loggers import build_logger
 
-    _, student_cfg, trainer_cfg, logger_cfg = typed_sections(cfg)
+    student_cfg, trainer_cfg, logger_cfg = fixed_sections(cfg)  # the teacher is resolved once, below
     ds_cfg = deepspeed_section(cfg)
     method = METHODS.build(cfg.method, "method")
     teacher = build_teacher(cfg.get("teacher"), method.teacher_kind)  # OPSD fixes its kind: the initial student

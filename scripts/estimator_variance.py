@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from opd.losses.divergences import masked_reduce, reverse_kl  # noqa: E402
 from opd.losses.sampled import discounted_returns, sampled_log_ratio  # noqa: E402
 from opd.methods.common import policy_logprobs, teacher_token_logprobs  # noqa: E402
-from opd.models.scoring import completion_logits  # noqa: E402
+from opd.models.scoring import completion_logits, trim_vocabulary  # noqa: E402
 from opd.registry import METHODS  # noqa: E402
 
 KS = (1, 2, 4, 8, 16)
@@ -94,7 +94,7 @@ def draw_gradients(trainer, examples, k: int, seed: int, exact_method) -> Draw:
     torch.manual_seed(seed)
     batch = trainer.sampler.generate(trainer.student, trainer.tokenizer, examples, n=k)
     num_tokens = batch.num_tokens
-    student_logits = trainer._trim(completion_logits(model, batch))
+    student_logits = trim_vocabulary(completion_logits(model, batch), trainer.vocab_size)
     with torch.no_grad():
         teacher_logits = trainer.teacher_logits(batch)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -40,7 +40,7 @@ import torch
 
 import opd.methods  # noqa: F401  (registers every method)
 from opd.errors import ConfigError, ModelLoadError
-from opd.models.scoring import completion_logits
+from opd.models.scoring import completion_logits, trim_vocabulary
 from opd.registry import METHODS
 from opd.sampling.base import RolloutBatch
 from opd.sampling.tokenize import encode_targets
@@ -274,7 +274,7 @@ def ragged_batch(trainer, source: str) -> RolloutBatch:
 def scored(trainer, batch: RolloutBatch) -> tuple[torch.Tensor, object]:
     """The trainer's own student logits (a leaf that collects the loss gradient) and teacher logits for ``batch``."""
     with torch.no_grad():
-        student = trainer._trim(completion_logits(trainer.student, batch))
+        student = trim_vocabulary(completion_logits(trainer.student, batch), trainer.vocab_size)
     teacher = trainer.teacher_logits(batch) if trainer.method.needs_teacher else None
     return student.detach().requires_grad_(True), teacher
 

@@ -23,11 +23,10 @@ import collections
 import contextlib
 import math
 import random
-import signal
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -40,14 +39,16 @@ from opd.engine import checkpoint as ckpt
 from opd.engine.backends import DeepSpeedBackend, LocalBackend
 from opd.engine.evaluate import EvalResult, Evaluator
 from opd.engine.loss_paths import LossPath, check_pair, path_loss, select_loss_path
+from opd.engine.overlong import OverlongRollouts
 from opd.engine.rollouts import build_rollout_source, check_rollout_settings, worker_threads
 from opd.engine.splits import prepare_splits
+from opd.engine.stopping import StopSignals
 from opd.errors import ConfigError, TrainingError, TrainingInterrupted
 from opd.methods.base import AuxiliaryContext, Method
 from opd.models.dropout import disable_dropout
 from opd.models.loading import check_model_path, load_model, load_tokenizer, resolve_device
 from opd.models.scoring import completion_logits, linear_head, trim_vocabulary
-from opd.sampling.base import eos_token_ids, unfinished_rows
+from opd.sampling.base import eos_token_ids, suppress_padding_ids
 from opd.sampling.behaviour import RolloutContext
 from opd.teachers import Teacher
 from opd.teachers.router import per_teacher_means
@@ -95,6 +96,19 @@ def set_cpu_threads(num_threads: int | None, device: torch.device, model: torch.
         torch.set_num_threads(1)
     elif device.type == "cpu" and worker_threads:  # the rollout worker's cores are not the learner's
         torch.set_num_threads(max(1, torch.get_num_threads() - worker_threads))
+
+
+class StepUpdate(NamedTuple):
+    """What one optimizer step did (:meth:`Trainer._update`): the loss summed over micro-batches and ranks, the
+    gradient norm, the completion tokens it trained on, the rows cut before EOS out of those sampled, and the method's
+    summed loss terms."""
+
+    loss: float
+    grad_norm: float
+    num_tokens: int
+    truncated: int
+    sampled: int
+    metrics: dict[str, float]
 
 
 class Trainer:
@@ -166,7 +180,7 @@ class Trainer:
         if teacher is not None:  # loaded even for teacher-free losses (SFT): the summary reports its accuracy
             self.vocab_size = teacher.setup(self.student, self.tokenizer, self.device)
             teacher.vocab_size = self.vocab_size
-        self._hide_padded_rows()
+        suppress_padding_ids(self.sampler, self.vocab_size, {"student": self.student, "teacher": self.teacher})
         if self.cfg.eval_teacher_kl and self.teacher is None:
             raise ConfigError("trainer.eval_teacher_kl=true needs a teacher model in this process (a local teacher); "
                               "set it false for a served or missing teacher")
@@ -209,17 +223,20 @@ class Trainer:
                                 needs_validation=self.method.needs_validation_loss)
         self.split_overlap = splits.overlap
         self.prompts = PromptIterator(splits.train, trainer_cfg.batch_size, self.seed)
-        self.aux_ctx = AuxiliaryContext(self.tokenizer, self.device,
-                                        lambda b: self._trim(completion_logits(self.backend.train_model, b)),
-                                        self.teacher_logits, trainer_cfg.grad_accum,
+        def student_logits(batch: RolloutBatch) -> torch.Tensor:  # [B, T, V] on the pair's shared vocabulary
+            return trim_vocabulary(completion_logits(self.backend.train_model, batch), self.vocab_size)
+
+        self.aux_ctx = AuxiliaryContext(self.tokenizer, self.device, student_logits, self.teacher_logits,
+                                        trainer_cfg.grad_accum,
                                         lambda count: int(dist.all_reduce_sum([count])[0]))
         self.rollout_ctx = RolloutContext(self.student, self.teacher, self.tokenizer, sampler, self.device,
                                           rng=random.Random(self.seed), max_steps=trainer_cfg.max_steps, task=task)
         self.eval_examples, self.validation_examples = splits.eval, splits.validation
         self.evaluator = Evaluator(trainer_cfg, task, self.tokenizer, sampler, self.eval_examples, self.validation_examples,
-                                   self.vocab_size, self.loss_chunk_size, self.num_samples, self.device)
-        #: the ids that end a sampled completion (student's and teacher's): a row without one was cut by the budget
-        self.eos_ids = eos_token_ids(self.tokenizer, *(m for m in (self.student, self.teacher) if m is not None))
+                                   self.vocab_size, self.loss_path.chunk_size, self.num_samples, self.device)
+        #: rollouts cut before any EOS (student's or teacher's ids): counted, and masked with trainer.overlong=mask
+        self.overlong = OverlongRollouts(eos_token_ids(self.tokenizer, *(m for m in (self.student, self.teacher) if m)),
+                                         mask=trainer_cfg.overlong == "mask")
 
     def _setup_state(self) -> None:
         """Counters a checkpoint saves and restores."""
@@ -228,11 +245,8 @@ class Trainer:
         self.skipped_in_a_row = 0
         self.skipped_total = 0
         self.initial_results: dict[str, float | None] = {}  # teacher and step-0 student accuracy, kept across resumes
-        self.stop_signal: int | None = None
+        self.stop_signals = StopSignals()  # SIGTERM / SIGINT: finish the step, checkpoint, exit
         self.restored_from: Path | None = None  # the checkpoint this run continues, if any
-        self.rollouts_sampled = 0  # sampled completions trained on so far (student, teacher or mixed writer)
-        self.rollouts_truncated = 0  # ... of which cut by sampler.max_new_tokens before any EOS
-        self.empty_steps = 0  # steps with no completion token left to train on (trainer.overlong=mask, all rows cut)
 
     def _setup_rollouts(self) -> None:
         """The rollout source (:mod:`opd.engine.rollouts`): written in the step, or by a worker process."""
@@ -245,11 +259,6 @@ class Trainer:
     def teacher(self) -> torch.nn.Module | None:
         """The teacher's local model (sampling, evaluation, DeepSpeed), or None (no teacher, or a served one)."""
         return self.teacher_component.model if self.teacher_component is not None else None
-
-    @property
-    def loss_chunk_size(self) -> int:
-        """Tokens per chunk of the hidden-state loss path, or 0 (full logits or sparse)."""
-        return self.loss_path.chunk_size
 
     # ------------------------------------------------------------------ rollouts and scoring
     def collect(self, examples: list[Example]) -> RolloutBatch:
@@ -272,25 +281,6 @@ class Trainer:
         with _gathered_head(self.teacher if self.loss_path.teacher_output == "hidden" else None):
             return path_loss(self.loss_path, self.method, batch, self.backend.train_model, self.teacher_component,
                              self.tokenizer, self.vocab_size, num_tokens)
-
-    def _trim(self, logits: torch.Tensor) -> torch.Tensor:
-        """``[..., V]`` the pair's shared vocabulary (:func:`~opd.models.scoring.trim_vocabulary`)."""
-        return trim_vocabulary(logits, self.vocab_size)
-
-    def _hide_padded_rows(self) -> None:
-        """A model with more output rows than the shared vocabulary never generates the extra ids (they are padding,
-        not tokens, and the other model has no logit for them): ``generation_config.suppress_tokens``, which
-        Hugging Face ``generate`` applies as a -inf logit (sampling, greedy evaluation). Other samplers (vLLM) ignore
-        it, so they are refused for such a pair (MiniLLM's joint decoding cuts the logits itself)."""
-        for role, model in (("student", self.student), ("teacher", self.teacher)):
-            rows = model.get_output_embeddings().weight.shape[0] if model is not None else 0
-            if rows > self.vocab_size:
-                if not self.sampler.honours_suppress_tokens:
-                    raise ConfigError(f"the {type(self.sampler).__name__} sampler cannot keep the {role} from generating the "
-                                      f"{rows - self.vocab_size} padding ids past the shared vocabulary ({role} {rows} rows, "
-                                      f"shared {self.vocab_size}); use sampler=hf")
-                suppressed = set(model.generation_config.suppress_tokens or []) | set(range(self.vocab_size, rows))
-                model.generation_config.suppress_tokens = sorted(suppressed)
 
     def _zero_loss(self, batch: RolloutBatch) -> torch.Tensor:
         """A loss of exactly 0 through the student's graph: what a rank backpropagates in a skipped step under
@@ -326,7 +316,8 @@ class Trainer:
         return loss_total, finite, metrics
 
     def train_step(self) -> dict[str, float]:
-        """Rollouts for every micro-batch (:meth:`step_rollouts`), then forward/backward per micro-batch, then one update.
+        """One optimizer step: the step's rollouts (:attr:`rollouts`), then the update, then its metrics, then the
+        failure policy.
 
         A step whose loss or gradient norm is not finite changes no weight and no optimizer moment;
         it is counted in ``train/skipped_steps``.
@@ -338,75 +329,70 @@ class Trainer:
             TrainingError: when more than ``trainer.max_skipped_steps`` steps in a row were skipped;
                 that step's metrics are logged first, and no checkpoint is written.
         """
-        started = time.perf_counter()
-        step = self.step
+        started, step = time.perf_counter(), self.step
         batches = self.rollouts.next_batches(step, self.student)
         rollout_time = time.perf_counter() - started
-        truncated, sampled = self._count_unfinished(batches)  # and, with trainer.overlong=mask, take them out of the loss
+        update = self._update(batches)
+        metrics = self._step_metrics(step, batches, update, rollout_time, time.perf_counter() - started)
+        self._apply_failure_policy(update, metrics)
+        return metrics
+
+    def _update(self, batches: list[RolloutBatch]) -> StepUpdate:
+        """Forward and backward of the step's micro-batches and one optimizer update (skipped when not finite, or
+        when ``trainer.overlong=mask`` left no token); advances the step and the counters."""
+        truncated, sampled = self.overlong.count(batches)  # and, with trainer.overlong=mask, take cut rows out of the loss
         num_tokens = int(dist.all_reduce_sum([sum(b.num_tokens for b in batches)])[0])  # all ranks, all micro-batches
         empty = num_tokens == 0  # every row masked: nothing to learn, the weights stay (not a failure)
-        loss_total, finite, metrics = self.accumulate_gradients(batches, max(num_tokens, 1))
-        metrics = per_teacher_means(metrics, max(num_tokens, 1))  # several teachers: each one's loss per routed token
-
-        grad_norm, updated = self.backend.step(skip=empty or not (finite and math.isfinite(loss_total)))
+        loss, finite, metrics = self.accumulate_gradients(batches, max(num_tokens, 1))
+        grad_norm, updated = self.backend.step(skip=empty or not (finite and math.isfinite(loss)))
         if updated:
             self.skipped_in_a_row = 0
             self.rollouts.after_update(self.student)
         elif empty:
-            self.empty_steps += 1
+            self.overlong.empty_steps += 1
         else:  # skipped: weights (and, in one process, the optimizer moments) stay as they were
             self.skipped_in_a_row += 1
             self.skipped_total += 1
         self.step += 1
         self.tokens_trained += num_tokens
+        # several teachers: each one's loss per routed token
+        return StepUpdate(loss, grad_norm, num_tokens, truncated, sampled, per_teacher_means(metrics, max(num_tokens, 1)))
 
-        elapsed = time.perf_counter() - started
-        student_batches = [b for b in batches if b.source in ("student", "mixed")]
-        metrics.update({
-            "train/loss": loss_total,
+    def _step_metrics(self, step: int, batches: list[RolloutBatch], update: StepUpdate, rollout_time: float,
+                      elapsed: float) -> dict[str, float]:
+        """The metrics row of step ``step``: the loss terms, optimizer, throughput, rollout lengths and cuts, and the
+        rollout source's own (staleness; a worker's seconds)."""
+        metrics = {
+            **update.metrics,
+            "train/loss": update.loss,
             "train/lr": self.backend.lr(),
-            "train/grad_norm": grad_norm,
-            "train/tokens": num_tokens,
-            "train/tokens_per_s": num_tokens / elapsed,
+            "train/grad_norm": update.grad_norm,
+            "train/tokens": update.num_tokens,
+            "train/tokens_per_s": update.num_tokens / elapsed,
             "train/skipped_steps": self.skipped_total,
             "time/rollout_s": rollout_time,
             "time/step_s": elapsed,
-        })
+        }
+        student_batches = [b for b in batches if b.source in ("student", "mixed")]
         rollout_tokens, rollouts = dist.all_reduce_sum([sum(b.num_tokens for b in student_batches),
                                                         sum(len(b.examples) for b in student_batches)])
         if rollouts:
             metrics["rollout/mean_length"] = rollout_tokens / rollouts
-        if sampled:  # the share of sampled completions the length budget cut before EOS (DAPO's "overlong" samples)
-            metrics["rollout/truncated"] = truncated / sampled
-        if self.cfg.overlong == "mask":
-            metrics["train/empty_steps"] = self.empty_steps
-        metrics.update(self.rollouts.metrics(step, student_batches))  # staleness; a worker's seconds on this step
-        if self.skipped_in_a_row > self.cfg.max_skipped_steps:
-            if self.logger is not None:  # the failing step's row, so metrics.jsonl shows what happened
-                self.logger.log(dict(metrics), self.step)
-            raise TrainingError(f"{self.skipped_in_a_row} optimizer steps in a row had a non-finite loss or gradient "
-                                f"(last: loss={loss_total}, grad_norm={grad_norm}) at step {self.step} "
-                                f"(trainer.max_skipped_steps={self.cfg.max_skipped_steps}); stopping without writing a "
-                                "checkpoint, so the last good one is kept. Lower trainer.lr, check the data, or raise "
-                                "trainer.max_skipped_steps.")
-        return dict(metrics)
+        metrics.update(self.overlong.step_metrics(update.truncated, update.sampled))
+        metrics.update(self.rollouts.metrics(step, student_batches))
+        return metrics
 
-    def _count_unfinished(self, batches: list[RolloutBatch]) -> tuple[int, int]:
-        """(rows cut by ``sampler.max_new_tokens`` before any EOS, sampled rows) over the step's sampled micro-batches
-        (all ranks); dataset and replayed rows are not sampled now and are not counted. With ``trainer.overlong=mask``
-        the cut rows get no loss (their completion mask is zeroed, as DAPO's overlong filtering does)."""
-        truncated = sampled = 0
-        for batch in batches:
-            if batch.source not in ("student", "teacher", "mixed"):
-                continue
-            cut = unfinished_rows(batch, self.eos_ids)
-            truncated, sampled = truncated + int(cut.sum()), sampled + len(cut)
-            if self.cfg.overlong == "mask" and cut.any():
-                batch.completion_mask = batch.completion_mask * (~cut).to(batch.completion_mask.dtype)[:, None]
-        truncated, sampled = (int(v) for v in dist.all_reduce_sum([truncated, sampled]))
-        self.rollouts_truncated += truncated
-        self.rollouts_sampled += sampled
-        return truncated, sampled
+    def _apply_failure_policy(self, update: StepUpdate, metrics: dict[str, float]) -> None:
+        """Stop after more than ``trainer.max_skipped_steps`` non-finite steps in a row (the failing row logged first)."""
+        if self.skipped_in_a_row <= self.cfg.max_skipped_steps:
+            return
+        if self.logger is not None:  # the failing step's row, so metrics.jsonl shows what happened
+            self.logger.log(dict(metrics), self.step)
+        raise TrainingError(f"{self.skipped_in_a_row} optimizer steps in a row had a non-finite loss or gradient "
+                            f"(last: loss={update.loss}, grad_norm={update.grad_norm}) at step {self.step} "
+                            f"(trainer.max_skipped_steps={self.cfg.max_skipped_steps}); stopping without writing a "
+                            "checkpoint, so the last good one is kept. Lower trainer.lr, check the data, or raise "
+                            "trainer.max_skipped_steps.")
 
     # ------------------------------------------------------------------ evaluation (opd.engine.evaluate.Evaluator)
     def evaluate(self, model: torch.nn.Module, desc: str) -> EvalResult:
@@ -432,11 +418,7 @@ class Trainer:
                 "rng": ckpt.rng_state(), "policy_rng": self.rollout_ctx.rng.getstate(), "data": self.prompts.state_dict(),
                 "method": self.method.state_dict(),
                 "tokens_trained": self.tokens_trained, "skipped_total": self.skipped_total,
-                "rollouts": (self.rollouts_sampled, self.rollouts_truncated, self.empty_steps)}
-
-    def wait_for_rollouts(self) -> None:
-        """Wait until the worker has written every rollout submitted so far (they stay queued for their steps)."""
-        self.rollouts.wait()
+                "rollouts": self.overlong.state()}
 
     def save(self) -> Path:
         """Write a checkpoint of the current step (older ones beyond ``keep_checkpoints`` are deleted).
@@ -485,7 +467,7 @@ class Trainer:
         self.method.load_state_dict(state["method"])
         self.step, self.tokens_trained = state["step"], state["tokens_trained"]
         self.skipped_total, self.skipped_in_a_row = state["skipped_total"], state["skipped_in_a_row"]
-        self.rollouts_sampled, self.rollouts_truncated, self.empty_steps = state.get("rollouts", (0, 0, 0))
+        self.overlong.load_state(state.get("rollouts", (0, 0, 0)))
         self.initial_results = dict(state["initial_results"])
         self.rollouts.load_in_flight(ckpt.load_in_flight(checkpoint), self.device)
 
@@ -494,21 +476,6 @@ class Trainer:
         self.logger = logger
         if self.restored_from is not None:
             logger.truncate_after(self.step)
-
-    def _stop_requested(self) -> bool:
-        """A stop signal reached this process, or (over N processes) any rank: all ranks stop at the same step."""
-        if dist.world_size() == 1:
-            return self.stop_signal is not None
-        signals = [s for s in dist.gather_objects(self.stop_signal) if s is not None]
-        if signals and self.stop_signal is None:
-            self.stop_signal = signals[0]
-        return bool(signals)
-
-    def _handle_stop_signal(self, signum: int, frame: Any) -> None:
-        """SIGTERM / SIGINT (preemption, Ctrl-C): finish the current step, checkpoint, then exit."""
-        if self.stop_signal is not None:  # a second signal: stop now
-            raise KeyboardInterrupt
-        self.stop_signal = signum
 
     # ------------------------------------------------------------------ the run
     def fit(self) -> dict[str, Any]:
@@ -531,16 +498,14 @@ class Trainer:
                 self.logger.log({"eval/teacher_accuracy": teacher_result.accuracy}, self.step)
             self._log_eval(before)
 
-        previous_handlers = {sig: signal.signal(sig, self._handle_stop_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
-            after = self._train_loop()
-            if self._stop_requested():
-                checkpoint = self.save()  # with the rollouts in flight: a resumed run trains on each once
-                raise TrainingInterrupted(f"stopped by signal {self.stop_signal} at step {self.step}; checkpoint saved "
-                                          f"to {checkpoint}. Continue with trainer.resume={self.run_dir}", self.stop_signal)
+            with self.stop_signals.installed() as stop:
+                after = self._train_loop()
+                if stop.requested():
+                    checkpoint = self.save()  # with the rollouts in flight: a resumed run trains on each once
+                    raise TrainingInterrupted(f"stopped by signal {stop.signal} at step {self.step}; checkpoint saved "
+                                              f"to {checkpoint}. Continue with trainer.resume={self.run_dir}", stop.signal)
         finally:
-            for sig, handler in previous_handlers.items():
-                signal.signal(sig, handler)
             self.close()  # the rollout worker; the final evaluation and checkpoint need only the learner
         if after is None:  # the last step was not evaluated inside the loop
             after = self.evaluate(self.student, "eval student")
@@ -561,9 +526,7 @@ class Trainer:
             "steps": self.step,
             "tokens": self.tokens_trained,
             "skipped_steps": self.skipped_total,
-            # the share of sampled completions cut by sampler.max_new_tokens before EOS, over the whole run (None: none sampled)
-            "rollout_truncated": self.rollouts_truncated / self.rollouts_sampled if self.rollouts_sampled else None,
-            **({"empty_steps": self.empty_steps} if self.cfg.overlong == "mask" else {}),
+            **self.overlong.summary(),  # the share of sampled completions cut before EOS (None: none sampled)
             "wall_time_s": round(time.perf_counter() - started, 2),
             "checkpoint": str(checkpoint),
             "split_overlap": self.split_overlap,  # distinct prompts shared between splits (opd.data.base.split_overlap)
@@ -575,7 +538,7 @@ class Trainer:
                    unit="step", disable=not (self.cfg.progress and dist.is_main()), dynamic_ncols=True)
         accuracy, last = self.initial_results["student_accuracy_before"], None
         with bar:
-            while self.step < self.cfg.max_steps and not self._stop_requested():
+            while self.step < self.cfg.max_steps and not self.stop_signals.requested():
                 metrics = self.train_step()
                 self.logger.log(metrics, self.step)
                 bar.update(1)

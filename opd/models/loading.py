@@ -129,7 +129,7 @@ def check_same_vocabulary(teacher_tokenizer, student_tokenizer, teacher, student
     the small models, 152,064 in the 7B and larger ones, one tokenizer of 151,665 ids) are accepted: the
     shared size is the smaller row count, the largest width at which both models have a logit. The
     extra rows of the larger head are padding, never a token id, so the trainer cuts both models'
-    logits to it (``Trainer._trim``); the rows below it that are padding in both are kept, exactly as
+    logits to it (``opd.models.scoring.trim_vocabulary``); the rows below it that are padding in both are kept, exactly as
     for a pair whose padded heads have the same size, so a pair differing only by padding trains as
     if the larger head had been resized to the smaller one.
 

@@ -7,6 +7,7 @@ from typing import Any, Protocol
 
 import torch
 
+from opd.errors import ConfigError
 from opd.types import Example
 from opd.types import RolloutBatch as RolloutBatch  # its home is opd.types (below every layer); re-exported
 
@@ -79,6 +80,31 @@ def unfinished_rows(batch: RolloutBatch, eos_token_id: int | Sequence[int]) -> t
     (an empty row, all padding, counts as unfinished too)."""
     is_eos = torch.isin(batch.completion_ids, eos_id_tensor(eos_token_id, batch.completion_ids.device))
     return ~(is_eos & batch.completion_mask.bool()).any(dim=1)
+
+
+def suppress_padding_ids(sampler: Sampler, vocab_size: int, models: dict[str, torch.nn.Module | None]) -> None:
+    """Keep each model with more output rows than the shared ``vocab_size`` from generating the extra ids.
+
+    They are padding, not tokens, and the other model has no logit for them. The ids go into the model's
+    ``generation_config.suppress_tokens``, which Hugging Face ``generate`` applies as a -inf logit (sampling, greedy
+    evaluation). A sampler that ignores it (vLLM) is refused for such a pair (MiniLLM's joint decoding cuts the logits
+    itself).
+
+    Args:
+        models: role ("student", "teacher") -> model, or None when the role has no local model.
+    Raises:
+        ConfigError: the sampler does not honour ``suppress_tokens`` and a model has padding rows.
+    """
+    for role, model in models.items():
+        rows = model.get_output_embeddings().weight.shape[0] if model is not None else 0
+        if rows <= vocab_size:
+            continue
+        if not sampler.honours_suppress_tokens:
+            raise ConfigError(f"the {type(sampler).__name__} sampler cannot keep the {role} from generating the "
+                              f"{rows - vocab_size} padding ids past the shared vocabulary ({role} {rows} rows, shared "
+                              f"{vocab_size}); use sampler=hf")
+        suppressed = set(model.generation_config.suppress_tokens or []) | set(range(vocab_size, rows))
+        model.generation_config.suppress_tokens = sorted(suppressed)
 
 
 def repeat_per_example(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, examples: list[Example], n: int

@@ -224,7 +224,7 @@ def joint_decode(student: torch.nn.Module, teacher: torch.nn.Module, prompt_ids:
                         use_cache=True)
             caches[i] = out.past_key_values
             logits.append(out.logits[:, -1].float())
-        vocab = min(x.shape[-1] for x in logits)  # heads padded to different sizes: the shared rows only (Trainer._trim)
+        vocab = min(x.shape[-1] for x in logits)  # heads padded to different sizes: the shared rows only (trim_vocabulary)
         log_q, log_p = (torch.log_softmax(x[:, :vocab] / temperature, dim=-1) for x in logits)
         log_mix = torch.logsumexp(torch.stack([log_p + log_alpha, log_q + log_one_minus]), dim=0)
         next_token = torch.multinomial(log_mix.exp(), 1).squeeze(1)
