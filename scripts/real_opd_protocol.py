@@ -59,6 +59,9 @@ ARMS: dict[str, list[str]] = {
     # rejection-sampled SeqKD: CE on the teacher's correct samples (the task verifier judges them), the next baseline a
     # practitioner tries after SeqKD
     "rs_seqkd": ["method=rs_seqkd"],
+    # OPSD (Zhao et al., arXiv:2601.18734) as its official code does it, from the same warm student: its own experiment
+    # (conf/experiment/real_opsd.yaml: the study's task, stages and stage-2 budget; OPSD's sampler, clip and prompt)
+    "opsd": ["experiment=real_opsd"],
 }
 #: the studies this script runs: experiment -> (record directory, default arms, the second student size's
 #: keep_layers or None). The fine-tuned-teacher study drops gkd_l1_mask (its teacher answers in 3-4 tokens: no rollout
@@ -66,13 +69,14 @@ ARMS: dict[str, list[str]] = {
 #: letter-counting one is the first record's (its teacher is below a constant answer)
 STUDIES: dict[str, tuple[str, tuple[str, ...], int | None]] = {
     "real_opd_finetuned_teacher": ("experiments/2026-12-03_real_opd_finetuned_teacher",
-                                   ("seqkd", "gkd_l1", "gkd_l0", "gkd_l1_b1", "tm_opd", "distillm", "rs_seqkd"), 10),
+                                   ("seqkd", "gkd_l1", "gkd_l0", "gkd_l1_b1", "tm_opd", "distillm", "opsd", "rs_seqkd"),
+                                   10),
     "real_opd_protocol": ("experiments/2026-12-03_real_opd_protocol",
                           ("seqkd", "gkd_l1", "gkd_l0", "gkd_l1_b1", "tm_opd", "distillm", "gkd_l1_mask"), 20),
     "toy_opd_protocol": ("experiments/2026-12-03_real_opd_protocol/toy",
                          ("seqkd", "gkd_l1", "gkd_l0", "gkd_l1_b1", "tm_opd", "distillm", "gkd_l1_mask"), None),
 }
-ON_POLICY = ("gkd_l1", "gkd_l1_b1", "tm_opd", "distillm", "gkd_l1_mask")
+ON_POLICY = ("gkd_l1", "gkd_l1_b1", "tm_opd", "distillm", "gkd_l1_mask", "opsd")
 #: baselines compared with SeqKD too: gkd_l0 trains on the dataset's gold outputs (oracle labels), rs_seqkd on the
 #: teacher's verified-correct samples
 OTHER_BASELINES = ("rs_seqkd",)
@@ -89,13 +93,18 @@ def run_dir(root: Path, arm: str, seed: int, size: str = "") -> Path:
 #: run order: the arms the headline verdicts need first (all seeds), then the other arms, then the second size; an
 #: interrupted or time-boxed study so always holds complete seeds of the deciding comparisons
 DECIDING = ("seqkd", DECLARED_ON_POLICY, "gkd_l0")
+#: run after every seed of the other arms: the extra baseline, which the issue's arm list does not name
+LAST = ("rs_seqkd",)
 
 
 def plan(arms: list[str], seeds: list[int], second_size: bool) -> list[tuple[str, int, list[str], str]]:
     """(arm, seed, overrides, size tag) in run order: the deciding arms seed-major, then the two deciding arms at the
-    second student size, then the other arms seed-major (what the headline verdicts need comes first)."""
+    second student size, then the other arms seed-major, and the ``LAST`` ones (what the headline verdicts need comes
+    first)."""
     deciding = [(arm, seed, ARMS[arm], "") for seed in seeds for arm in arms if arm in DECIDING]
-    others = [(arm, seed, ARMS[arm], "") for seed in seeds for arm in arms if arm not in DECIDING]
+    others = [(arm, seed, ARMS[arm], "") for group in ([a for a in arms if a not in DECIDING + LAST],
+                                                       [a for a in arms if a in LAST])
+              for seed in seeds for arm in group]
     second = []
     if second_size:
         tag = f"_keep{SECOND_SIZE['keep_layers']}"
@@ -104,14 +113,21 @@ def plan(arms: list[str], seeds: list[int], second_size: bool) -> list[tuple[str
     return deciding + second + others
 
 
+def cell_command(overrides: list[str], seed: int, out: Path) -> list[str]:
+    """The ``opd-train`` command of one cell. An arm may name its own experiment (opsd: ``real_opsd``, built on the
+    study's), which replaces the study's."""
+    experiment = next((o for o in overrides if o.startswith("experiment=")), f"experiment={EXPERIMENT}")
+    return [str(ROOT / ".venv" / "bin" / "opd-train"), experiment, *(o for o in overrides if o != experiment),
+            f"seed={seed}", f"output_dir={out}", "trainer.resume=auto", "trainer.progress=false"]
+
+
 def run_cell(root: Path, arm: str, seed: int, overrides: list[str], tag: str, log) -> float | None:
     """One run (skipped when finished); returns its wall seconds, or None when it was already done."""
     out = run_dir(root, arm, seed, tag)
     if (out / "summary.json").exists():
         return None
     out.mkdir(parents=True, exist_ok=True)
-    command = [str(ROOT / ".venv" / "bin" / "opd-train"), f"experiment={EXPERIMENT}", *overrides, f"seed={seed}",
-               f"output_dir={out}", "trainer.resume=auto", "trainer.progress=false"]
+    command = cell_command(overrides, seed, out)
     started = time.time()
     print(f"[{time.strftime('%H:%M:%S')}] {arm}{tag} seed {seed}: {' '.join(command[1:])}", file=log, flush=True)
     with open(out / "stdout.log", "a") as handle:
@@ -145,9 +161,12 @@ def accuracy_within(run: dict[str, Any], budget_s: float) -> float:
     return run["evals"][steps[-1]][METRIC]
 
 
-def describe(values: list[float]) -> dict[str, Any]:
+def describe(values: list[float | None]) -> dict[str, Any]:
+    """Mean, sample std, 95 % CI and the values of the seeds that have one (None: not measured in that run, e.g. the
+    teacher agreement of an arm whose teacher is the student itself)."""
     from opd.report import mean_confidence_interval
 
+    values = [v for v in values if v is not None]
     return {"n": len(values), "mean": statistics.fmean(values) if values else None,
             "std": statistics.stdev(values) if len(values) > 1 else None,
             "ci95": mean_confidence_interval(values) if len(values) > 1 else None, "per_seed": values}
@@ -213,6 +232,17 @@ def verdicts(analysis: dict[str, Any]) -> list[dict[str, Any]]:
             [accuracy_within(r, budget) for _, r in sorted(runs["seqkd"].items())],
             "accuracy at the last evaluation within the budget (evaluation time excluded, the same for both)")
     add("GKD lambda=1 beats lambda=0 (beta 0.5)", "gkd_l1", "gkd_l0", final("gkd_l1"), final("gkd_l0"))
+    if "opsd" in runs:  # OPSD's own claim: self-distillation improves the student it starts from (paired per seed)
+        seeds_run = sorted(runs["opsd"])
+        before = [runs["opsd"][s]["summary"]["student_accuracy_before"] for s in seeds_run]
+        if len(seeds_run) < 2:
+            out.append({"claim": "OPSD improves its starting student", "arms": ["opsd", "opsd@0"],
+                        "verdict": "not run (fewer than 2 seeds)"})
+        else:
+            comparison = compare_arms(final("opsd"), before, paired=True, eval_examples=table["opsd"]["eval_examples"])
+            out.append({"claim": "OPSD improves its starting student (after - before, paired)", "arms": ["opsd", "opsd@0"],
+                        "a": final("opsd"), "b": before, "note": "the paper's claim (Zhao et al. 2026)",
+                        **comparison_fields(comparison)})
     if "gkd_l1_mask" in runs:
         add("masking cut rollouts (trainer.overlong=mask) helps gkd_l1", "gkd_l1_mask", "gkd_l1",
             final("gkd_l1_mask"), final("gkd_l1"))

@@ -251,3 +251,33 @@ def test_the_study_runs_the_deciding_arms_first_and_compares_at_equal_training_s
     assert study.accuracy_within(slow, 40.0) == 0.2
     assert study.accuracy_within(slow, 80.0) == 0.5
     assert study.accuracy_within(study.read_run(tmp_path / "fast" / "seed1"), 40.0) == 0.4
+
+
+def test_the_extra_baseline_runs_last_and_opsd_runs_its_own_experiment_on_the_study(tmp_path):
+    study = load_study()
+    order = [arm for arm, _, _, _ in study.plan(list(study.ARMS), [0, 1, 2], second_size=False)]
+    assert order[-3:] == ["rs_seqkd"] * 3 and "rs_seqkd" not in order[:-3]
+    study.EXPERIMENT = "real_opd_finetuned_teacher"
+    command = study.cell_command(study.ARMS["opsd"], 1, tmp_path)
+    assert command[1] == "experiment=real_opsd" and sum(part.startswith("experiment=") for part in command) == 1
+    assert study.cell_command(study.ARMS["seqkd"], 1, tmp_path)[1] == "experiment=real_opd_finetuned_teacher"
+
+
+def test_opsd_is_judged_on_its_own_gain_paired_over_seeds(tmp_path):
+    """OPSD's claim (it improves the student it starts from) is a paired after - before comparison per seed."""
+    study = load_study()
+    finals = {"seqkd": [0.50, 0.52, 0.51], "gkd_l1": [0.5, 0.5, 0.52], "gkd_l0": [0.5, 0.51, 0.5],
+              "opsd": [0.60, 0.62, 0.64]}
+    for arm, values in finals.items():
+        for seed, final in enumerate(values):
+            directory = tmp_path / arm / f"seed{seed}"
+            write_run(directory, {0: 0.5, 40: final}, 1.0, final)
+            summary = json.loads((directory / "summary.json").read_text())
+            (directory / "summary.json").write_text(json.dumps({**summary, "student_accuracy_before": 0.5,
+                                                                "student_eos_rate_after": 1.0,
+                                                                "student_mean_length_after": 3.0}))
+    claims = {c["claim"]: c for c in study.verdicts(study.analyse(tmp_path, [0, 1, 2]))}
+    gain = claims["OPSD improves its starting student (after - before, paired)"]
+    assert gain["difference"] == pytest.approx(0.12) and gain["verdict"] == "holds"
+    assert claims["opsd beats SeqKD at equal steps"]["verdict"] == "holds"
+    assert "| opsd | 3 |" in study.format_results(study.analyse(tmp_path, [0, 1, 2]), list(claims.values()))
