@@ -190,6 +190,7 @@ def analyse(root: Path, seeds: list[int]) -> dict[str, Any]:
             "teacher_rkl": describe([s.get("student_teacher_rkl_after") for s in finals]),
             "rollout_truncated": describe([s["rollout_truncated"] for s in finals if s.get("rollout_truncated") is not None]),
             "train_seconds": describe([max(r["train_seconds"].values()) for r in by_seed.values()]),
+            "wall_seconds": [s.get("wall_time_s") for s in finals],  # fit(): evaluations + training, no model loading
             "start_accuracy": finals[0].get("student_accuracy_before"),
             "teacher_accuracy": finals[0].get("teacher_accuracy"),
             "eval_examples": finals[0].get("eval_examples"),
@@ -282,6 +283,15 @@ def format_results(analysis: dict[str, Any], claims: list[dict[str, Any]]) -> st
                          "greedy EOS "
                          f"rate {pct(ws['student_eos_rate_after'])} %, mean length {ws['student_mean_length_after']:.1f} tokens, "
                          f"teacher RKL {ws['student_teacher_rkl_after']:.3f} nats/token, {ws['wall_time_s']:.0f} s")
+    stages = {}  # each stage run once, however many arms share it
+    for row in table.values():
+        for key in ("teacher_finetune", "warm_start"):
+            if row[key]:
+                stages[row[key]["run_dir"]] = row[key]["wall_time_s"] or 0.0
+    cells = [seconds for row in table.values() for seconds in row["wall_seconds"] if seconds is not None]
+    lines.append(f"- cost: {len(stages)} stage runs ({sum(stages.values()) / 3600:.2f} h) and {len(cells)} arm x seed runs "
+                 f"({sum(cells) / 3600:.2f} h) of training and evaluation wall time (model loading excluded), "
+                 f"{(sum(stages.values()) + sum(cells)) / 3600:.2f} h in all")
     lines += ["", "| arm | seeds | accuracy (%) mean ± std [95 % CI] | per seed | greedy EOS rate | mean length (tokens) | "
              "teacher RKL (nats/token) | rollouts cut (%) | training s |", "|" + "---|" * 9]
     for arm, row in table.items():
