@@ -233,7 +233,7 @@ class Trainer:
                                           rng=random.Random(self.seed), max_steps=trainer_cfg.max_steps, task=task)
         self.eval_examples, self.validation_examples = splits.eval, splits.validation
         self.evaluator = Evaluator(trainer_cfg, task, self.tokenizer, sampler, self.eval_examples, self.validation_examples,
-                                   self.vocab_size, self.loss_path.chunk_size, self.num_samples, self.device)
+                                   self.vocab_size, self.loss_chunk_size, self.num_samples, self.device)
         #: rollouts cut before any EOS (student's or teacher's ids): counted, and masked with trainer.overlong=mask
         self.overlong = OverlongRollouts(eos_token_ids(self.tokenizer, *(m for m in (self.student, self.teacher) if m)),
                                          mask=trainer_cfg.overlong == "mask")
@@ -259,6 +259,11 @@ class Trainer:
     def teacher(self) -> torch.nn.Module | None:
         """The teacher's local model (sampling, evaluation, DeepSpeed), or None (no teacher, or a served one)."""
         return self.teacher_component.model if self.teacher_component is not None else None
+
+    @property
+    def loss_chunk_size(self) -> int:
+        """Tokens per chunk of the hidden-state loss path, or 0 (full logits or sparse)."""
+        return self.loss_path.chunk_size
 
     # ------------------------------------------------------------------ rollouts and scoring
     def collect(self, examples: list[Example]) -> RolloutBatch:
