@@ -338,17 +338,19 @@ def evaluate_claim(claim: Claim, records: dict[str, dict[str, Any]], speed_thres
 
 def privileged_accuracy(overrides: list[str], limit: int | None = None) -> dict[str, float]:
     """The initial student's greedy accuracy on the eval prompts as the student sees them and as OPSD's teacher sees
-    them (its template: the worked solution in context). OPSD can only teach what the second view knows."""
+    them (its template: the worked solution in context). OPSD can only teach what the second view knows. In a staged
+    config the initial student is stage 2's (the warm start, trained first if it does not exist yet)."""
     import tempfile
 
     from hydra import compose, initialize_config_dir
 
     from opd.config import register_configs
-    from opd.train import build_trainer
+    from opd.train import build_trainer, with_stages
 
     register_configs()
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"), tempfile.TemporaryDirectory() as tmp:
         cfg = compose("train", overrides=[*overrides, "trainer.progress=false", f"output_dir={tmp}"])
+        cfg, _ = with_stages(cfg)
         trainer = build_trainer(cfg, tmp)
         examples = trainer.eval_examples[:limit] if limit else trainer.eval_examples
         trainer.eval_examples = examples
