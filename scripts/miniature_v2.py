@@ -353,10 +353,9 @@ def privileged_accuracy(overrides: list[str], limit: int | None = None) -> dict[
         cfg, _ = with_stages(cfg)
         trainer = build_trainer(cfg, tmp)
         examples = trainer.eval_examples[:limit] if limit else trainer.eval_examples
-        trainer.eval_examples = examples
-        plain = trainer.evaluate(trainer.student, "plain").accuracy
-        trainer.eval_examples = [dataclasses.replace(ex, prompt=trainer.method.render(ex, trainer.tokenizer)) for ex in examples]
-        privileged = trainer.evaluate(trainer.student, "privileged").accuracy
+        plain = trainer.evaluate(trainer.student, "plain", examples).accuracy
+        views = [dataclasses.replace(ex, prompt=trainer.method.render(ex, trainer.tokenizer)) for ex in examples]
+        privileged = trainer.evaluate(trainer.student, "privileged", views).accuracy
     return {"plain": plain, "privileged": privileged, "examples": len(examples)}
 
 

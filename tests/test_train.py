@@ -112,3 +112,19 @@ def test_wandb_logger_works_offline_and_groups_by_experiment(compose_cfg, tmp_pa
     assert len(run_files) == 1 and run_files[0].stat().st_size > 0
     assert summary["steps"] == 2
     assert (tmp_path / "run" / "metrics.jsonl").exists()  # the local file is written as well
+
+
+def test_evaluate_scores_the_examples_it_is_given_and_the_split_cannot_be_swapped_silently(compose_cfg):
+    """``Trainer.evaluate(model, desc, examples)`` decodes exactly ``examples`` (OPSD's precondition scores the teacher's
+    view this way); assigning ``trainer.eval_examples`` is refused, since the evaluator would not see it."""
+    import dataclasses
+
+    trainer = build_trainer(compose_cfg("trainer.eval_examples=12", tiny_models=False))  # the shipped toy pair
+    examples = trainer.eval_examples[:10]
+    right = trainer.evaluate(trainer.teacher, "teacher", examples)
+    wrong = trainer.evaluate(trainer.teacher, "teacher", [dataclasses.replace(ex, target="?", answer="?") for ex in examples])
+    assert right.num_examples == wrong.num_examples == 10
+    # the toy teacher solves some within debug=tiny's short budget; "?" is never an answer
+    assert right.accuracy > 0 and wrong.accuracy == 0.0
+    with pytest.raises(AttributeError):
+        trainer.eval_examples = examples

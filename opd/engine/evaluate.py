@@ -190,9 +190,9 @@ class Evaluator:
     def progress(self) -> bool:
         return self.cfg.progress and dist.is_main()
 
-    def accuracy(self, model: torch.nn.Module, desc: str) -> EvalResult:
-        """Greedy accuracy on the held-out examples, merged over ranks."""
-        examples, num_scored = dist.strided_shard(self.eval_examples)
+    def accuracy(self, model: torch.nn.Module, desc: str, examples: list[Example] | None = None) -> EvalResult:
+        """Greedy accuracy on the held-out examples (or on ``examples``, e.g. another view of them), merged over ranks."""
+        examples, num_scored = dist.strided_shard(self.eval_examples if examples is None else examples)
         result = evaluate_accuracy(model, self.tokenizer, self.task, examples, batch_size=self.cfg.eval_batch_size,
                                    max_new_tokens=self.sampler.max_new_tokens, num_samples=self.num_samples, desc=desc,
                                    progress=self.progress, num_scored=num_scored)

@@ -231,8 +231,7 @@ class Trainer:
                                         lambda count: int(dist.all_reduce_sum([count])[0]))
         self.rollout_ctx = RolloutContext(self.student, self.teacher, self.tokenizer, sampler, self.device,
                                           rng=random.Random(self.seed), max_steps=trainer_cfg.max_steps, task=task)
-        self.eval_examples, self.validation_examples = splits.eval, splits.validation
-        self.evaluator = Evaluator(trainer_cfg, task, self.tokenizer, sampler, self.eval_examples, self.validation_examples,
+        self.evaluator = Evaluator(trainer_cfg, task, self.tokenizer, sampler, splits.eval, splits.validation,
                                    self.vocab_size, self.loss_chunk_size, self.num_samples, self.device)
         #: rollouts cut before any EOS (student's or teacher's ids): counted, and masked with trainer.overlong=mask
         self.overlong = OverlongRollouts(eos_token_ids(self.tokenizer, *(m for m in (self.student, self.teacher) if m)),
@@ -259,6 +258,16 @@ class Trainer:
     def teacher(self) -> torch.nn.Module | None:
         """The teacher's local model (sampling, evaluation, DeepSpeed), or None (no teacher, or a served one)."""
         return self.teacher_component.model if self.teacher_component is not None else None
+
+    @property
+    def eval_examples(self) -> list[Example]:
+        """The held-out split the evaluator scores (read-only: pass other examples to :meth:`evaluate`)."""
+        return self.evaluator.eval_examples
+
+    @property
+    def validation_examples(self) -> list[Example]:
+        """The validation split (DistiLLM's adaptive schedule; a tuning run's reported split)."""
+        return self.evaluator.validation_examples
 
     @property
     def loss_chunk_size(self) -> int:
@@ -400,9 +409,10 @@ class Trainer:
                             "trainer.max_skipped_steps.")
 
     # ------------------------------------------------------------------ evaluation (opd.engine.evaluate.Evaluator)
-    def evaluate(self, model: torch.nn.Module, desc: str) -> EvalResult:
-        """Greedy accuracy on the held-out examples (over N processes: each rank decodes a strided share)."""
-        return self.evaluator.accuracy(model, desc)
+    def evaluate(self, model: torch.nn.Module, desc: str, examples: list[Example] | None = None) -> EvalResult:
+        """Greedy accuracy on the held-out examples, or on ``examples`` (over N processes: each rank decodes a strided
+        share)."""
+        return self.evaluator.accuracy(model, desc, examples)
 
     def validation_loss(self) -> float:
         """The student's token-mean cross-entropy on the validation split (DistiLLM's adaptive schedule reads it)."""
