@@ -336,7 +336,7 @@ def evaluate_claim(claim: Claim, records: dict[str, dict[str, Any]], speed_thres
 # ---------------------------------------------------------------------------------------------- OPSD precondition
 
 
-def privileged_accuracy(overrides: list[str], limit: int | None = None) -> dict[str, float]:
+def privileged_accuracy(overrides: list[str], limit: int | None = None, details: bool = False) -> dict[str, Any]:
     """The initial student's greedy accuracy on the eval prompts as the student sees them and as OPSD's teacher sees
     them (its template: the worked solution in context). OPSD can only teach what the second view knows. In a staged
     config the initial student is stage 2's (the warm start, trained first if it does not exist yet)."""
@@ -353,10 +353,15 @@ def privileged_accuracy(overrides: list[str], limit: int | None = None) -> dict[
         cfg, _ = with_stages(cfg)
         trainer = build_trainer(cfg, tmp)
         examples = trainer.eval_examples[:limit] if limit else trainer.eval_examples
-        plain = trainer.evaluate(trainer.student, "plain", examples).accuracy
+        plain = trainer.evaluate(trainer.student, "plain", examples)
         views = [dataclasses.replace(ex, prompt=trainer.method.render(ex, trainer.tokenizer)) for ex in examples]
-        privileged = trainer.evaluate(trainer.student, "privileged", views).accuracy
-    return {"plain": plain, "privileged": privileged, "examples": len(examples)}
+        privileged = trainer.evaluate(trainer.student, "privileged", views)
+    result: dict[str, Any] = {"plain": plain.accuracy, "privileged": privileged.accuracy, "examples": len(examples)}
+    if details:  # what each view writes: greedy EOS rate, mean length and the first completions
+        for name, view in (("plain", plain), ("privileged", privileged)):
+            result[f"{name}_view"] = {"eos_rate": view.eos_rate, "mean_length": view.mean_length,
+                                      "completions": [completion for _, completion, _ in view.samples]}
+    return result
 
 
 # ---------------------------------------------------------------------------------------------- writing
