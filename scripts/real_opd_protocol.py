@@ -320,7 +320,8 @@ def format_results(analysis: dict[str, Any], claims: list[dict[str, Any]]) -> st
                 continue
             accuracy, eos, rkl = (statistics.fmean(row.get(key, math.nan) for row in rows)
                                   for key in (METRIC, "eval/eos_rate", "eval/teacher_rkl"))
-            cells.append(f"{100 * accuracy:.1f} / {100 * eos:.0f} % / {rkl:.2f} / {statistics.fmean(secs):.0f} s")
+            agreement = "n/a" if math.isnan(rkl) else f"{rkl:.2f}"  # an arm that measures none (OPSD)
+            cells.append(f"{100 * accuracy:.1f} / {100 * eos:.0f} % / {agreement} / {statistics.fmean(secs):.0f} s")
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     lines += ["", "| claim | difference (points) | 95 % CI | verdict | smallest detectable difference | note |",
               "|---|---|---|---|---|---|"]
