@@ -16,7 +16,8 @@ warm and its rollouts finish? ``make study`` runs this.
 3. ``--only-report`` (or after the runs) writes ``results.md`` / ``results.json`` and the curves into ``--out``:
    accuracy, EOS rate, mean length and teacher agreement per arm (mean, sample std, 95 % CI, per seed), and the
    verdicts (``opd.report.compare_arms``): on-policy vs SeqKD at equal steps and at equal training seconds, GKD
-   lambda = 1 vs 0, and at the second size.
+   lambda = 1 vs 0, and at the second size. Each finished run's ``summary.json`` and ``metrics.jsonl`` are copied into
+   ``<out>/runs/`` as it finishes, so ``--only-report --runs-dir <out>/runs`` rebuilds the record without ``logs/``.
 
 Usage::
 
@@ -24,6 +25,7 @@ Usage::
     python scripts/real_opd_protocol.py --experiment real_opd_protocol   # the letter-counting study of the first record
     python scripts/real_opd_protocol.py --only-report        # the report from the runs that exist
     python scripts/real_opd_protocol.py --arms seqkd gkd --seeds 0   # a subset
+    python scripts/real_opd_protocol.py --only-report --runs-dir experiments/<record>/runs   # from the record alone
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -135,6 +138,29 @@ def run_cell(root: Path, arm: str, seed: int, overrides: list[str], tag: str, lo
     if code != 0:
         raise SystemExit(f"{arm}{tag} seed {seed} failed (exit {code}); see {out / 'stdout.log'}")
     return time.time() - started
+
+
+#: what a record keeps of each finished run (``<out>/runs/<arm>/seed<k>/``): enough for ``--only-report --runs-dir
+#: <out>/runs`` to rebuild every table, verdict and curve of the record. Run directories live under ``logs/``, which a
+#: machine may not keep (a session's machine is reclaimed; 1.6 GB checkpoints are pruned), and a record whose numbers
+#: can no longer be regenerated is a claim, not a record
+ARCHIVED_FILES = ("summary.json", "metrics.jsonl")
+
+
+def archive_run(run: Path, archive: Path) -> None:
+    """Copy a finished run's summary and metric rows (a few hundred KB) into the record's ``runs/`` folder."""
+    if run.resolve() == archive.resolve() or not (run / "summary.json").exists():
+        return
+    archive.mkdir(parents=True, exist_ok=True)
+    for name in ARCHIVED_FILES:
+        if (run / name).exists():
+            shutil.copyfile(run / name, archive / name)
+
+
+def archive_runs(root: Path, out: Path) -> None:
+    """Archive every finished run under ``root`` (see :data:`ARCHIVED_FILES`)."""
+    for summary in sorted(root.glob("*/seed*/summary.json")) if root.exists() else []:
+        archive_run(summary.parent, out / "runs" / summary.parent.parent.name / summary.parent.name)
 
 
 # ------------------------------------------------------------------ analysis
@@ -370,7 +396,9 @@ def main() -> None:
                              "SmolLM2 on letter counting (the first record), or the toy pair")
     parser.add_argument("--toy", action="store_true",
                         help="the same study on the shipped toy pair (= --experiment toy_opd_protocol; no second size)")
-    parser.add_argument("--runs-dir", default=None, help="run directories (fixed: resumable)")
+    parser.add_argument("--runs-dir", default=None,
+                        help="run directories (fixed: resumable); <out>/runs, the record's archive of each finished "
+                             "run's summary and metrics, rebuilds the report where the run directories are gone")
     parser.add_argument("--out", default=None, help="where the results go")
     parser.add_argument("--arms", nargs="*", default=None, choices=list(ARMS), help="default: the study's arms")
     parser.add_argument("--seeds", nargs="*", type=int, default=list(SEEDS))
@@ -397,8 +425,11 @@ def main() -> None:
         for index, (arm, seed, overrides, tag) in enumerate(cells):
             seconds = run_cell(root, arm, seed, overrides, tag, log)
             status = "done before" if seconds is None else f"{seconds:.0f} s"
+            if seconds is not None:  # kept in the record at once: a lost machine loses at most the running cell
+                archive_run(run_dir(root, arm, seed, tag), out / "runs" / f"{arm}{tag}" / f"seed{seed}")
             print(f"  [{index + 1}/{len(cells)}] {arm}{tag} seed {seed}: {status} "
                   f"(study {time.time() - started:.0f} s so far)", file=log, flush=True)
+    archive_runs(root, out)
     analysis = analyse(root, args.seeds)
     claims = verdicts(analysis)
     out.mkdir(parents=True, exist_ok=True)

@@ -281,3 +281,24 @@ def test_opsd_is_judged_on_its_own_gain_paired_over_seeds(tmp_path):
     assert gain["difference"] == pytest.approx(0.12) and gain["verdict"] == "holds"
     assert claims["opsd beats SeqKD at equal steps"]["verdict"] == "holds"
     assert "| opsd | 3 |" in study.format_results(study.analyse(tmp_path, [0, 1, 2]), list(claims.values()))
+
+
+def test_the_record_archive_rebuilds_the_report_without_the_run_directories(tmp_path):
+    """Run directories live in logs/, which a machine may lose; the record's runs/ archive must rebuild the same
+    analysis, and an unfinished run (no summary.json) must not be archived as if it were a result."""
+    study = load_study()
+    runs, record = tmp_path / "logs", tmp_path / "record"
+    for arm, finals in {"seqkd": [0.50, 0.53], "gkd_l1": [0.52, 0.55]}.items():
+        for seed, final in enumerate(finals):
+            write_run(runs / arm / f"seed{seed}", {0: 0.5, 40: final}, 1.0, final)
+    (runs / "tm_opd" / "seed0").mkdir(parents=True)  # interrupted: a checkpoint, no summary
+    (runs / "tm_opd" / "seed0" / "metrics.jsonl").write_text('{"step": 1}\n')
+    study.archive_runs(runs, record)
+    assert sorted(p.relative_to(record).as_posix() for p in record.rglob("*") if p.is_file()) == sorted(
+        f"runs/{arm}/seed{seed}/{name}" for arm in ("seqkd", "gkd_l1") for seed in (0, 1)
+        for name in study.ARCHIVED_FILES)
+    from_logs, from_record = study.analyse(runs, [0, 1]), study.analyse(record / "runs", [0, 1])
+    assert from_record["table"] == from_logs["table"]
+    assert study.verdicts(from_record) == study.verdicts(from_logs)
+    study.archive_run(record / "runs" / "seqkd" / "seed0", record / "runs" / "seqkd" / "seed0")  # onto itself: no-op
+    assert (record / "runs" / "seqkd" / "seed0" / "summary.json").exists()
