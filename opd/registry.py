@@ -187,6 +187,7 @@ BUILTINS: dict[Registry, dict[str, str]] = {
         "reopold": "opd.methods.reopold:REOPOLD", "seqkd": "opd.methods.seqkd:SeqKD",
         "rs_seqkd": "opd.methods.seqkd:RejectionSampledSeqKD", "sft": "opd.methods.sft:SFT", "tip": "opd.methods.tip:TIP",
         "tm_opd": "opd.methods.tm_opd:TMOPD", "topk_rkl_sg": "opd.methods.topk_rkl_sg:TopKRKLStopGrad",
+        "uld": "opd.methods.uld:ULD",
     },
     SAMPLERS: {"hf": "opd.sampling.hf:HFSampler", "vllm": "opd.sampling.vllm:VLLMSampler"},
     DATASETS: {

@@ -24,6 +24,7 @@ class Example:
         answer: the gold final answer, compared by exact match after extraction.
         source: the task this example came from in a mixed dataset (``data=mixture``), which routes it to its
             teacher and its scoring; "" for a single task.
+        plain_prompt: the prompt before the student's chat template, when one was applied.
     """
 
     prompt: str
@@ -31,6 +32,9 @@ class Example:
     answer: str
     #: keyword-only, so that subclasses' positional fields (InstructExample's references) keep their place
     source: str = dataclasses.field(default="", kw_only=True)
+    #: the task's prompt before a chat template rewrote ``prompt`` ("" = ``prompt`` is the plain one): a teacher with
+    #: another tokenizer renders it its own way (cross-tokenizer methods)
+    plain_prompt: str = dataclasses.field(default="", kw_only=True)
 
 
 @dataclasses.dataclass
@@ -214,3 +218,41 @@ def padding_like(completion_ids: torch.Tensor, k: int) -> SparseTeacherLogprobs:
     lps = torch.full((b, t, k), -math.log(k) if k else 0.0, dtype=torch.float32, device=completion_ids.device)
     return SparseTeacherLogprobs(ids, lps, torch.zeros((b, t), dtype=torch.float32, device=completion_ids.device))
 
+
+
+@dataclasses.dataclass
+class RetokenizedTeacher:
+    """The teacher on a batch's completion *texts*, each re-tokenized with its own tokenizer (cross-tokenizer methods).
+
+    Row ``i`` of the student's batch has ``n_i`` counted completion tokens; the teacher read the same text as
+    ``m_i`` tokens of its own vocabulary (``V_t`` entries). ``groups[i]`` pairs consecutive student and teacher
+    positions that cover the same bytes (:func:`opd.crosstok.alignment.align_texts`), every position of both in one
+    group. ``student_shared`` / ``teacher_shared`` pair the vocabulary entries with the same bytes (GOLD's hybrid).
+
+    Attributes:
+        logprobs: per row, ``[m_i, V_t]``: position ``k`` is the teacher's log-softmax over its token ``k``.
+        token_ids: per row, ``[m_i]`` the teacher's tokens of the text (its EOS after it when the student's row ended).
+        groups: per row, ``(student positions, teacher positions)`` ranges.
+        student_shared, teacher_shared: ``[M]`` ids of the shared entries, pairwise.
+    """
+
+    logprobs: list[torch.Tensor]
+    token_ids: list[torch.Tensor]
+    groups: list[list[tuple[range, range]]]
+    student_shared: torch.Tensor
+    teacher_shared: torch.Tensor
+
+    @classmethod
+    def from_logits(cls, batch: RolloutBatch, logits: torch.Tensor) -> RetokenizedTeacher:
+        """The same-tokenizer case from ``[B, T, V]`` teacher logits on the batch's own tokens: every group is one
+        token on each side, and every vocabulary entry is shared."""
+        counts = batch.completion_mask.sum(dim=1).tolist()
+        logprobs = [torch.log_softmax(logits[row, :n] if logits.dtype == torch.float64 else logits[row, :n].float(), -1)
+                    for row, n in enumerate(counts)]
+        groups = [[(range(k, k + 1), range(k, k + 1)) for k in range(n)] for n in counts]
+        shared = torch.arange(logits.shape[-1], device=logits.device)
+        return cls(logprobs, [batch.completion_ids[row, :n] for row, n in enumerate(counts)], groups, shared, shared)
+
+    def map_logprobs(self, function) -> RetokenizedTeacher:
+        """The same texts and groups with ``function`` applied to every row's ``[m_i, V_t]`` log-probabilities."""
+        return dataclasses.replace(self, logprobs=[function(row) for row in self.logprobs])

@@ -336,3 +336,73 @@ def test_add_bos_token_is_applied_and_checked(byte_level, sentencepiece):
     assert sentencepiece("ab")["input_ids"][0] != sentencepiece.bos_token_id
     with pytest.raises(ModelLoadError, match="teacher.add_bos_token=true, but the tokenizer has no BOS token"):
         set_bos_rule(byte_level, True, "teacher")
+
+
+# ------------------------------------------------------------------------------------------------------ training
+def test_on_one_tokenizer_the_hybrid_method_is_gkd(compose_cfg):
+    """The toy pair shares a tokenizer: every group is one token, every entry is shared, the adaptive weight is 1, and
+    method=uld hybrid=true gives GKD's JSD(0.5) loss and gradient on the same batch (float64 models)."""
+    from opd.train import build_trainer
+
+    common = ("trainer.batch_size=4", "trainer.grad_accum=1", "sampler.max_new_tokens=6", "data.num_train=16",
+              "data.num_eval=8", "trainer.num_threads=1")
+    uld = build_trainer(compose_cfg("method=uld", "method.hybrid=true", *common))
+    gkd = build_trainer(compose_cfg("method=gkd", "method.beta=0.5", *common))
+    for trainer in (uld, gkd):
+        trainer.student.double()
+        trainer.teacher.double()
+    assert uld.loss_path.teacher_output == "retokenized" and not uld.other_tokenizer
+    torch.manual_seed(0)
+    batch = uld.collect(next(uld.prompts))
+    losses, grads = [], []
+    for trainer in (uld, gkd):
+        trainer.student.zero_grad(set_to_none=True)
+        out = trainer.micro_batch_loss(batch, batch.num_tokens)
+        out.loss.backward()
+        losses.append(out.loss.item())
+        grads.append(torch.cat([p.grad.flatten() for p in trainer.student.parameters() if p.grad is not None]))
+    # both divergences are taken in float32 (opd.losses.divergences), over differently ordered sums: 1e-5 relative
+    # is float32 rounding (measured 4e-7), far below any real difference between the two losses
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    assert (grads[0] - grads[1]).abs().max() <= 1e-5 * grads[1].abs().max()  # relative to the largest, as the pitfalls
+
+
+@pytest.fixture
+def byte_level_teacher(tmp_path, byte_level):
+    """A tiny random Llama that reads the byte-level BPE (another tokenizer than the toy student's characters)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(3)
+    config = LlamaConfig(vocab_size=len(byte_level), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                         pad_token_id=byte_level.pad_token_id, eos_token_id=byte_level.eos_token_id, bos_token_id=None)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "teacher", safe_serialization=True)
+    byte_level.save_pretrained(tmp_path / "teacher")
+    return tmp_path / "teacher"
+
+
+def test_a_teacher_with_another_tokenizer_trains_the_student_by_text(compose_cfg, byte_level_teacher, tmp_path):
+    from opd.errors import ConfigError
+    from opd.train import build_trainer
+
+    common = ("trainer.batch_size=4", "trainer.grad_accum=1", "sampler.max_new_tokens=8", "data.num_train=16",
+              "data.num_eval=8", "trainer.max_steps=2", "trainer.eval_every=0", f"teacher.name_or_path={byte_level_teacher}")
+    for hybrid in ("false", "true"):
+        trainer = build_trainer(compose_cfg("method=uld", f"method.hybrid={hybrid}", *common,
+                                            f"output_dir={tmp_path / hybrid}"))
+        assert trainer.other_tokenizer and trainer.teacher_component.provides == {"retokenized"}
+        torch.manual_seed(0)
+        batch = trainer.collect(next(trainer.prompts))
+        scores = trainer.teacher_component.score(batch, "retokenized")
+        for row, groups in enumerate(scores.groups):  # the teacher read the student's text, not its ids
+            count = int(batch.completion_mask[row].sum())
+            assert [i for s, _ in groups for i in s] == list(range(count))
+            assert [j for _, t in groups for j in t] == list(range(len(scores.token_ids[row])))
+            text = trainer.tokenizer.decode(batch.completion_ids[row, :count], skip_special_tokens=True)
+            assert trainer.teacher_component.tokenizer.decode(scores.token_ids[row], skip_special_tokens=True) == text
+        before = [p.detach().clone() for p in trainer.student.parameters()]
+        summary = trainer.fit()
+        assert summary["teacher_accuracy"] is None  # the teacher cannot read the student's prompt ids
+        assert any(not torch.equal(a, b) for a, b in zip(before, trainer.student.parameters()))
+    with pytest.raises(ConfigError, match="tokenizer differs from the student's.*cross-tokenizer method: uld"):
+        build_trainer(compose_cfg("method=gkd", *common))

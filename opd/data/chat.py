@@ -43,7 +43,7 @@ def apply_chat_template(task: Task, tokenizer) -> None:
     def formatted(example: Example) -> Example:
         if example.prompt not in cache:
             cache[example.prompt] = chat_prompt(tokenizer, example.prompt)
-        return dataclasses.replace(example, prompt=cache[example.prompt])
+        return dataclasses.replace(example, prompt=cache[example.prompt], plain_prompt=example.plain_prompt or example.prompt)
 
     task.train = [formatted(ex) for ex in task.train]
     task.eval = [formatted(ex) for ex in task.eval]

@@ -5,7 +5,9 @@ Paths (``LossPath.teacher_output``):
   * ``"hidden"``: final hidden states and output heads, ``chunk_size`` positions of logits at a time
     (:func:`opd.losses.chunked.chunked_divergence_loss` of the method's :meth:`~opd.methods.base.Method.token_divergence`,
     then ``method.divergence_loss``): methods whose loss is a per-token divergence, local teachers with a linear head;
-  * ``"sparse"``: the teacher's top-k log-probs (``teacher.kind: vllm_server``) -> ``method.loss``.
+  * ``"sparse"``: the teacher's top-k log-probs (``teacher.kind: vllm_server``) -> ``method.loss``;
+  * ``"retokenized"``: the teacher on the completion texts in its own tokenization, aligned by bytes
+    (:class:`opd.types.RetokenizedTeacher`) -> ``method.loss``: the cross-tokenizer methods.
 
 :func:`check_pair` refuses a method and teacher that cannot work together, in one line, before any model loads;
 :func:`select_loss_path` then picks the path once the models are loaded (the chunked path needs their heads).
@@ -62,7 +64,7 @@ def check_pair(method: Method, teacher: Teacher | None) -> None:
                           f"teacher kind {teacher.kind!r} cannot do; use a local teacher (teacher.kind=hf)")
     if not method.needs_teacher:
         return
-    usable = [output for output in ("logits", "sparse") if output in teacher.provides]
+    usable = [output for output in ("logits", "sparse", "retokenized") if output in teacher.provides]
     reasons = {output: method.teacher_input_blocker(output) for output in usable}
     if all(reasons.values()):
         raise ConfigError(f"method {name!r} cannot learn from teacher kind {teacher.kind!r}: "
@@ -82,6 +84,11 @@ def select_loss_path(method: Method, teacher: Teacher | None, student: torch.nn.
     0 = off, N) asks for chunks (then "hidden"). An explicit chunk size that cannot be used is ignored with a warning.
     """
     check_pair(method, teacher)
+    if method.needs_teacher and method.teacher_inputs == "retokenized":  # its own tokenization: no chunked path
+        if chunk_setting:
+            warnings.warn(f"trainer.loss_chunk_size={chunk_setting} ignored: method {_name(method)!r} reads the teacher "
+                          "in its own tokenization; using full logits", UserWarning, stacklevel=stacklevel)
+        return LossPath("retokenized")
     if not method.needs_teacher:
         output = None
     elif "logits" in teacher.provides:

@@ -154,7 +154,8 @@ class Trainer:
         paths, before any model loads."""
         check_pair(self.method, teacher)
         check_rollout_settings(self.cfg, self.method)
-        if teacher is not None and teacher.chat_template is not None and teacher.chat_template != student_cfg.chat_template:
+        if teacher is not None and teacher.chat_template is not None and teacher.chat_template != student_cfg.chat_template \
+                and self.method.teacher_inputs != "retokenized":  # a cross-tokenizer teacher renders its own prompt
             raise ConfigError(f"teacher.chat_template={teacher.chat_template} but student.chat_template="
                               f"{student_cfg.chat_template}: both models must see the same prompt tokens")
         check_model_path(student_cfg, "student")
@@ -180,7 +181,16 @@ class Trainer:
         if teacher is not None:  # loaded even for teacher-free losses (SFT): the summary reports its accuracy
             self.vocab_size = teacher.setup(self.student, self.tokenizer, self.device)
             teacher.vocab_size = self.vocab_size
-        suppress_padding_ids(self.sampler, self.vocab_size, {"student": self.student, "teacher": self.teacher})
+        #: the teacher reads another tokenizer: it never samples or is evaluated on the student's ids
+        self.other_tokenizer = teacher is not None and teacher.other_tokenizer
+        if self.other_tokenizer and self.method.policy.uses_teacher:
+            raise ConfigError(f"method {self.method.registry_name!r} samples completions from the teacher, whose tokenizer "
+                              "differs from the student's; use an on-policy or dataset behaviour policy")
+        if self.other_tokenizer and self.cfg.eval_teacher_kl:
+            raise ConfigError("trainer.eval_teacher_kl=true needs one vocabulary, but the teacher's tokenizer differs "
+                              "from the student's; set it false")
+        suppress_padding_ids(self.sampler, self.vocab_size,
+                             {"student": self.student, "teacher": None if self.other_tokenizer else self.teacher})
         if self.cfg.eval_teacher_kl and self.teacher is None:
             raise ConfigError("trainer.eval_teacher_kl=true needs a teacher model in this process (a local teacher); "
                               "set it false for a served or missing teacher")
@@ -234,7 +244,8 @@ class Trainer:
         self.evaluator = Evaluator(trainer_cfg, task, self.tokenizer, sampler, splits.eval, splits.validation,
                                    self.vocab_size, self.loss_chunk_size, self.num_samples, self.device)
         #: rollouts cut before any EOS (student's or teacher's ids): counted, and masked with trainer.overlong=mask
-        self.overlong = OverlongRollouts(eos_token_ids(self.tokenizer, *(m for m in (self.student, self.teacher) if m)),
+        writers = (self.student,) if self.other_tokenizer else (self.student, self.teacher)  # models writing these ids
+        self.overlong = OverlongRollouts(eos_token_ids(self.tokenizer, *(m for m in writers if m)),
                                          mask=trainer_cfg.overlong == "mask")
 
     def _setup_state(self) -> None:
@@ -501,7 +512,9 @@ class Trainer:
         """
         started = time.perf_counter()
         if not self.initial_results:  # a fresh run (a resumed one restored these)
-            teacher_result = self.evaluate(self.teacher, "eval teacher") if self.teacher is not None else None
+            # a teacher with another tokenizer cannot decode the student's prompt ids: its accuracy is not measured here
+            evaluated = self.teacher is not None and not self.other_tokenizer
+            teacher_result = self.evaluate(self.teacher, "eval teacher") if evaluated else None
             before = self.evaluate(self.student, "eval student")
             self.initial_results = {"teacher_accuracy": teacher_result.accuracy if teacher_result else None,
                                     "student_accuracy_before": before.accuracy}

@@ -69,8 +69,9 @@ class Method:
     teacher_kind: ClassVar[str | None] = None
     #: the trainer computes a validation loss at each evaluation and passes it to ``on_evaluate``.
     needs_validation_loss: ClassVar[bool] = False
-    #: what :meth:`loss` can take as the teacher: "logits" (``[B, T, V]`` only) or "sparse" (also a
-    #: :class:`SparseTeacherLogprobs`, top-k and sampled-token log-probs from a ``vllm_server`` teacher).
+    #: what :meth:`loss` can take as the teacher: "logits" (``[B, T, V]`` only), "sparse" (also a
+    #: :class:`SparseTeacherLogprobs`, top-k and sampled-token log-probs from a ``vllm_server`` teacher), or
+    #: "retokenized" (only a :class:`RetokenizedTeacher`: the cross-tokenizer methods, any pair of tokenizers).
     teacher_inputs: ClassVar[str] = "logits"
     #: config keys whose default makes the loss depend on how a step's batch is split into micro-batches or
     #: ranks (a statistic over the micro-batch), each mapped to the value that makes it split-invariant.
@@ -187,6 +188,14 @@ class Method:
         """
         if output == "hidden" and not self.has_token_divergence:
             return "its loss is not a per-token divergence of the two distributions (no chunked hidden-state path)"
+        if self.teacher_inputs == "retokenized":
+            if output != "retokenized":
+                return "it reads the teacher in the teacher's own tokenization, which only a local teacher (hf) gives"
+            return None
+        if output == "retokenized":
+            return (f"the teacher's tokenizer differs from the student's and method {self.registry_name!r} needs one "
+                    f"shared vocabulary; distil across tokenizers with a cross-tokenizer method: "
+                    f"{', '.join(cross_tokenizer_methods())}")
         if output == "sparse" and self.teacher_inputs != "sparse":
             return (f"it needs the teacher's full logits; a sparse teacher works with methods: "
                     f"{', '.join(sparse_teacher_methods())}")
@@ -245,3 +254,10 @@ def sparse_teacher_methods() -> list[str]:
     from opd.registry import METHODS  # every built-in is declared there and imported on first use
 
     return [name for name in METHODS if getattr(METHODS.get(name), "teacher_inputs", "logits") == "sparse"]
+
+
+def cross_tokenizer_methods() -> list[str]:
+    """The registered methods that learn from a teacher with another tokenizer (``teacher_inputs == "retokenized"``)."""
+    from opd.registry import METHODS
+
+    return [name for name in METHODS if getattr(METHODS.get(name), "teacher_inputs", "logits") == "retokenized"]

@@ -33,6 +33,7 @@ class Teacher:
         chat_template: whether the teacher reads prompts through the chat template (must match the student's), or
             None when the teacher takes the student's token ids as they are (a server, the student's own copy).
         dtype: the model's ``dtype`` setting (DeepSpeed's teacher engine), or None.
+        other_tokenizer: whether the teacher's tokenizer differs from the student's (known after :meth:`setup`).
     """
 
     Config: ClassVar[type] = None  # type: ignore[assignment]  (set by every kind: its dataclass schema)
@@ -46,6 +47,9 @@ class Teacher:
     top_k: int = 0
     chat_template: bool | None = None
     dtype: str | None = None
+    #: the teacher's tokenizer is not the student's (set by :meth:`setup`): it then scores only the completion texts in
+    #: its own tokenization (``provides == {"retokenized"}``), for the cross-tokenizer methods
+    other_tokenizer: bool = False
 
     def __init__(self, cfg: Any = None) -> None:
         self.cfg = self.Config() if cfg is None else cfg
