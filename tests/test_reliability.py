@@ -217,8 +217,9 @@ BAD_INPUTS = [
      "student: could not load '$bad/no_tokenizer'"),
     ("pickle weights with use_safetensors", ["student.name_or_path=$bad/pickle_weights", "student.use_safetensors=true"],
      ModelLoadError, "student: could not load '$bad/pickle_weights': Error no file named model.safetensors"),
-    ("teacher and student vocabularies differ", ["teacher.name_or_path=$bad/other_vocab"], ModelLoadError,
-     "tokenizers differ"),
+    ("teacher and student vocabularies differ", ["teacher.name_or_path=$bad/other_vocab"], ConfigError,
+     "tokenizer differs from the student's and method 'gkd' needs one shared vocabulary; distil across tokenizers "
+     "with a cross-tokenizer method: uld"),
     ("method needs a teacher but none is set", ["~teacher", "student.name_or_path=$student"], TrainingError,
      "needs a teacher model, but teacher is null"),
     # run directories and resuming
