@@ -79,6 +79,15 @@ def token_bytes(tokenizer, ids: list[int]) -> list[bytes]:
     return [table[i] if 0 <= i < len(table) else b"" for i in ids]
 
 
+def _spans(pieces: list[bytes]) -> list[tuple[int, int]]:
+    """Consecutive ``(start, end)`` byte spans of ``pieces`` laid end to end from 0."""
+    spans, position = [], 0
+    for piece in pieces:
+        spans.append((position, position + len(piece)))
+        position += len(piece)
+    return spans
+
+
 def token_byte_spans(tokenizer, ids: list[int], text: str | None = None) -> list[tuple[int, int]]:
     """Each token's ``(start, end)`` byte span in the UTF-8 text the ids decode to.
 
@@ -90,10 +99,7 @@ def token_byte_spans(tokenizer, ids: list[int], text: str | None = None) -> list
             a leading space, cannot be aligned by bytes).
     """
     pieces = token_bytes(tokenizer, ids)
-    spans, position = [], 0
-    for piece in pieces:
-        spans.append((position, position + len(piece)))
-        position += len(piece)
+    spans = _spans(pieces)
     if text is not None and b"".join(pieces) != text.encode():
         raise ValueError(f"{type(tokenizer).__name__}: the tokens' bytes spell {b''.join(pieces)[:60]!r}, not the text "
                          f"{text.encode()[:60]!r}; its decoder rewrites text, so byte alignment cannot use it")
@@ -144,10 +150,8 @@ def align_spans(student: list[tuple[int, int]], teacher: list[tuple[int, int]]) 
 
 def align_texts(student_tokenizer, student_ids: list[int], teacher_tokenizer, teacher_ids: list[int]) -> list[AlignedGroup]:
     """:func:`align_spans` of two id lists that decode to one text (checked)."""
-    student_spans = token_byte_spans(student_tokenizer, student_ids)
-    teacher_spans = token_byte_spans(teacher_tokenizer, teacher_ids)
-    student_text = b"".join(token_bytes(student_tokenizer, student_ids))
-    teacher_text = b"".join(token_bytes(teacher_tokenizer, teacher_ids))
+    student_pieces, teacher_pieces = token_bytes(student_tokenizer, student_ids), token_bytes(teacher_tokenizer, teacher_ids)
+    student_text, teacher_text = b"".join(student_pieces), b"".join(teacher_pieces)
     if student_text != teacher_text:
         raise ValueError(f"the student's tokens spell {student_text[:60]!r} and the teacher's {teacher_text[:60]!r}")
-    return align_spans(student_spans, teacher_spans)
+    return align_spans(_spans(student_pieces), _spans(teacher_pieces))

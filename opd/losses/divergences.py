@@ -60,16 +60,8 @@ def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     As in TRL, the endpoints are the plain KLs: β = 0 returns forward KL(T‖S) exactly and β = 1
     reverse KL(S‖T) (the unscaled JSD itself tends to 0 at both ends).
     """
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta must be in [0, 1], got {beta}")
-    if beta == 0.0:
-        return forward_kl(student_logits, teacher_logits, temperature)
-    if beta == 1.0:
-        return reverse_kl(student_logits, teacher_logits, temperature)
-    log_s = _log_probs(student_logits, temperature)
-    log_t = _log_probs(teacher_logits, temperature)
-    log_m = _log_mixture(log_t, log_s, beta)
-    return beta * _kl_from_log_probs(log_t, log_m) + (1.0 - beta) * _kl_from_log_probs(log_s, log_m)
+    return generalized_jsd_of_logprobs(_log_probs(student_logits, temperature), _log_probs(teacher_logits, temperature),
+                                       beta)
 
 
 def generalized_jsd_of_logprobs(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor,

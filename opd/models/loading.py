@@ -86,7 +86,7 @@ def set_bos_rule(tokenizer, add_bos: bool, role: str) -> None:
     """Make ``tokenizer(text)`` start with its BOS token (``add_bos=True``) or not, and check that it now does.
 
     Some tokenizers converted from GGUF drop the model's BOS rule: Gemma-3's adds no ``<bos>``, and the model then
-    degenerates (``tests/test_gemma.py`` measures it by the loss on a fixed sentence).
+    degenerates (``tests/test_cross_tokenizer.py`` measures it by the loss on a fixed sentence).
     """
     if add_bos and tokenizer.bos_token_id is None:
         raise ModelLoadError(f"{role}.add_bos_token=true, but the tokenizer has no BOS token")
