@@ -52,6 +52,36 @@ def keep_layer_indices(num_layers: int, keep: Any, key: str = "keep_layers") -> 
 
 
 @dataclasses.dataclass
+class LoraConfig:
+    """LoRA adapters on the student (``student.lora``; opd/models/lora.py, through ``peft``): off while ``r`` is null.
+
+    Defaults follow "LoRA Without Regret" (Schulman et al., Thinking Machines 2025): every linear layer adapted
+    (``all-linear``), alpha fixed at 32 whatever the rank, and a learning rate about 10x full fine-tuning's.
+    """
+
+    r: Optional[int] = None  # adapter rank; null = full fine-tuning (no adapters) | e.g. 8, 16, 32
+    alpha: float = 32.0  # scale alpha / r of the adapter's output (LoRA Without Regret keeps 32 for every rank)
+    dropout: float = 0.0  # dropout on the adapter's input; needs trainer.disable_dropout=false to take effect
+    target_modules: Any = "all-linear"  # all-linear (every linear layer but the head) | [q_proj, v_proj, ...] | a regex
+
+    def __post_init__(self) -> None:
+        if self.r is not None and (isinstance(self.r, bool) or self.r < 1):
+            raise ConfigError(f"student.lora.r must be a positive int or null (full fine-tuning), got {self.r!r}")
+        if self.alpha <= 0:
+            raise ConfigError(f"student.lora.alpha must be > 0, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"student.lora.dropout must be in [0, 1), got {self.dropout}")
+        if not isinstance(self.target_modules, str) and (
+                not list(self.target_modules) or not all(isinstance(t, str) for t in self.target_modules)):
+            raise ConfigError("student.lora.target_modules must be all-linear, a regex, or a non-empty list of module "
+                              f"names, got {self.target_modules!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.r is not None
+
+
+@dataclasses.dataclass
 class ModelConfig:
     """A causal LM: a local directory or a hub id, loaded with ``AutoModelForCausalLM.from_pretrained``.
 
@@ -68,7 +98,15 @@ class ModelConfig:
     keep_layers: Any = None  # null = all layers | N = N evenly spaced decoder layers | [i, j, ...] (opd/models/pruning.py)
     chat_template: bool = False  # prompts as one user turn of the tokenizer's chat template; teacher and student must agree
     add_bos_token: Optional[bool] = None  # true: prompts start with BOS (Gemma's GGUF tokenizer omits it) | false | null: as is
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)  # student only: LoRA adapters (r: null = full fine-tuning)
     def __post_init__(self) -> None:
+        if isinstance(self.lora, dict):  # from a plain mapping (fixed_sections, a teacher node): typed and checked here
+            unknown = sorted(set(self.lora) - {f.name for f in dataclasses.fields(LoraConfig)})
+            if unknown:
+                raise ConfigError(f"lora: unknown keys {unknown}; valid: {[f.name for f in dataclasses.fields(LoraConfig)]}")
+            self.lora = LoraConfig(**self.lora)
+        elif self.lora is None:
+            self.lora = LoraConfig()
         if self.dtype not in ("float32", "bfloat16", "float16", "auto"):
             raise ConfigError(f"model dtype must be float32, bfloat16, float16 or auto, got {self.dtype!r}")
         if self.keep_layers is not None:

@@ -4,7 +4,10 @@ Usage:
     opd-export logs/<name>/runs/<time>/checkpoints/step_000400 distilled-student/
     opd-export <checkpoint> <out> --from-zero    # rebuild the weights from the DeepSpeed ZeRO partitions
 
-Every checkpoint already holds the whole student as HF files (``config.json``, ``model.safetensors``,
+A LoRA student's checkpoint holds its adapter (PEFT's format) instead: the export loads the base the run loaded
+(``opd_base_model.json``), merges the adapter in and saves a plain directory that loads without peft.
+
+Every other checkpoint already holds the whole student as HF files (``config.json``, ``model.safetensors``,
 tokenizer); under ZeRO-3 they are consolidated at save time. ``--from-zero`` (the default when the
 HF weights are missing, e.g. deleted to save space) rebuilds them in float32 from the per-rank
 partitions in ``<checkpoint>/deepspeed/`` with DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint``,
@@ -18,7 +21,9 @@ import shutil
 import sys
 from pathlib import Path
 
+from opd.config import ModelConfig
 from opd.errors import OPDError
+from opd.models.lora import is_adapter_directory
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "tokenizer.model", "added_tokens.json", "chat_template.jinja", "generation_config.json")
@@ -37,6 +42,11 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, from_zero: bo
         OPDError: a missing or unreadable checkpoint, or a non-empty ``out_dir``.
     """
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    if is_adapter_directory(checkpoint) and not (checkpoint / "config.json").is_file() and not from_zero:
+        if out_dir.exists() and any(out_dir.iterdir()):
+            raise OPDError(f"{str(out_dir)!r} exists and is not empty; choose a new directory")
+        _export_merged_adapter(checkpoint, out_dir)
+        return out_dir
     if not (checkpoint / "config.json").is_file():
         raise OPDError(f"{str(checkpoint)!r} is not a checkpoint directory (no config.json); pass "
                        ".../checkpoints/step_<N> of a run")
@@ -60,6 +70,25 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, from_zero: bo
         if (checkpoint / name).is_file() and not (out_dir / name).exists():
             shutil.copy2(checkpoint / name, out_dir / name)
     return out_dir
+
+
+def _export_merged_adapter(checkpoint: Path, out_dir: Path) -> None:
+    """A LoRA student's checkpoint: its base, loaded as the run loaded it (``opd_base_model.json``), with the adapter
+    merged in (``W0 + (alpha/r) B A``; peft's ``merge_and_unload``), saved as a plain HF directory with the tokenizer."""
+    import torch
+
+    from opd.errors import ModelLoadError
+    from opd.models.loading import load_model
+
+    try:
+        model = load_model(ModelConfig(name_or_path=str(checkpoint)), "checkpoint", torch.device("cpu"))
+    except ModelLoadError as err:
+        raise OPDError(str(err)) from None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        if (checkpoint / name).is_file():
+            shutil.copy2(checkpoint / name, out_dir / name)
 
 
 def _export_from_zero(checkpoint: Path, zero_dir: Path, out_dir: Path) -> None:

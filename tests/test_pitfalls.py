@@ -159,16 +159,22 @@ def split_gaps(trainer, batch: RolloutBatch) -> list[tuple[int, float, float]]:
 
 
 # ---------------------------------------------------------------------------------------------- 1. batch splits
+#: every check below that takes ``student`` runs with a full student and with a LoRA student (issue 24: adapters only
+#: train; the loss paths, masks and teachers must not care)
+STUDENTS = pytest.mark.parametrize("student", [(), ("student.lora.r=4",)], ids=["full", "lora"])
+
+
+@STUDENTS
 @pytest.mark.parametrize("name", METHOD_NAMES)
-def test_batch_split_invariance(compose_cfg, name):
+def test_batch_split_invariance(compose_cfg, name, student):
     """1×8 == 2×4 == 8×1 micro-batches in loss and gradient; declared batch-dependent defaults do differ."""
     values = declared(name)
-    if values:  # the declaration must be needed: the default differs across splits
+    if values and not student:  # the declaration must be needed: the default differs across splits
         trainer = make_trainer(compose_cfg, name)
         gaps = split_gaps(trainer, fixed_batch(trainer))
         assert any(loss > 1e-4 or grad > 1e-4 for _, loss, grad in gaps), (
             f"{name} declares batch_dependent={values} but its default is split-invariant ({gaps}); drop the declaration")
-    trainer = make_trainer(compose_cfg, name, *as_overrides(values))
+    trainer = make_trainer(compose_cfg, name, *as_overrides(values), *student)
     for parts, loss, grad in split_gaps(trainer, fixed_batch(trainer)):
         assert loss <= SPLIT_RTOL and grad <= SPLIT_RTOL, (
             f"{name}{' with ' + str(values) if values else ''}: {parts} micro-batches change the loss by {loss:.2e} "
@@ -180,7 +186,9 @@ def test_batch_split_invariance(compose_cfg, name):
 #: teacher is the student) is a sum of differences of O(1) log-probs, whose rounding is absolute
 DS_RTOL = 1e-5
 #: every method with its defaults (and declared split-invariant values), plus settings that add a rank-dependent term
-DS_RUNS = {**{name: (name,) for name in METHOD_NAMES}, "minillm lm_coef=1": ("minillm", "method.lm_coef=1.0")}
+DS_RUNS = {**{name: (name,) for name in METHOD_NAMES}, "minillm lm_coef=1": ("minillm", "method.lm_coef=1.0"),
+           # a LoRA student (issue 24): ZeRO-2 partitions the adapter's gradients and optimizer state only
+           "gkd lora": ("gkd", "student.lora.r=4"), "opsd lora": ("opsd", "student.lora.r=4")}
 
 
 def two_rank_values(run: str, output_dir: str | Path, *overrides: str) -> dict[str, object]:
@@ -200,7 +208,8 @@ def two_rank_values(run: str, output_dir: str | Path, *overrides: str) -> dict[s
     if trainer.backend.is_deepspeed:
         from deepspeed.utils import safe_get_full_grad
 
-        grads = {n: safe_get_full_grad(p).detach().clone() for n, p in trainer.student.named_parameters()}
+        grads = {n: safe_get_full_grad(p).detach().clone() for n, p in trainer.student.named_parameters()
+                 if p.requires_grad}
     else:
         grads = {n: p.grad.detach().clone() for n, p in trainer.student.named_parameters() if p.grad is not None}
     grad_norm, _ = trainer.backend.step(skip=not finite)
@@ -317,10 +326,11 @@ def test_ragged_rows_equal_the_rows_scored_alone(compose_cfg, name):
 
 
 # ---------------------------------------------------------------------------------------------- 3. no silent no-op
+@STUDENTS
 @pytest.mark.parametrize("name", [n for n in METHOD_NAMES if METHODS.get(n).needs_teacher])
-def test_teacher_logits_reach_the_gradient(compose_cfg, name, monkeypatch):
+def test_teacher_logits_reach_the_gradient(compose_cfg, name, student, monkeypatch):
     """Through the real step: other teacher logits give another gradient (a loss that ignores the teacher fails)."""
-    trainer = make_trainer(compose_cfg, name)
+    trainer = make_trainer(compose_cfg, name, *student)
     batch = fixed_batch(trainer)
     _, grads = step_gradients(trainer, [batch])
     real = trainer.teacher_component.score
@@ -515,9 +525,9 @@ def scaled_losses(monkeypatch, factor: float) -> None:
     monkeypatch.setattr(trainer_module, "path_loss", scaled)
 
 
-def pinned_run(name: str, output_dir: str | Path) -> tuple[float, float]:
+def pinned_run(name: str, output_dir: str | Path, *overrides: str) -> tuple[float, float]:
     """``train_step()`` once for method ``name`` on the toy teacher and student; (train/loss, train/grad_norm)."""
-    cfg = compose_run(f"method={name}", "teacher=toy", "student=toy", "seed=0", *COMMON, output_dir=output_dir)
+    cfg = compose_run(f"method={name}", "teacher=toy", "student=toy", "seed=0", *COMMON, *overrides, output_dir=output_dir)
     trainer = build_trainer(cfg)
     stand_in_judge(trainer)
     metrics = trainer.train_step()

@@ -47,13 +47,15 @@ SKIP_CFG = ("method=sft", "data.num_train=16", "data.num_eval=8", "trainer.batch
             "trainer.lr_schedule=constant", "trainer.max_skipped_steps=2")
 
 
-def test_nan_losses_skip_the_update_then_stop_the_run_and_keep_the_last_checkpoint(compose_cfg, tmp_path, monkeypatch):
-    run(compose_cfg(*SKIP_CFG, "trainer.max_steps=2"))  # the earlier, good part of the run: checkpoint at step 2
+@pytest.mark.parametrize("student", [(), ("student.lora.r=4",)], ids=["full", "lora"])
+def test_nan_losses_skip_the_update_then_stop_the_run_and_keep_the_last_checkpoint(compose_cfg, tmp_path, monkeypatch,
+                                                                                    student):
+    run(compose_cfg(*SKIP_CFG, *student, "trainer.max_steps=2"))  # the earlier, good part of the run: checkpoint at step 2
     run_dir = tmp_path / "run"
     good = {name: data for name, data in tree(run_dir).items()
             if name.startswith("checkpoints") or name == "summary.json"}
 
-    trainer = build_trainer(compose_cfg(*SKIP_CFG, "trainer.max_steps=10", "trainer.resume=auto"))
+    trainer = build_trainer(compose_cfg(*SKIP_CFG, *student, "trainer.max_steps=10", "trainer.resume=auto"))
     assert trainer.step == 2
     nan_steps = {3, 5, 6, 7}  # 3 alone, then 5, 6, 7 in a row: the third in a row exceeds max_skipped_steps=2
     real_loss = trainer.method.loss

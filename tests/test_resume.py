@@ -42,20 +42,19 @@ def in_flight_steps(checkpoint: Path) -> list[int]:
     return sorted(torch.load(path, weights_only=True)) if path.exists() else []
 
 
-#: synchronous, and with rollouts sampled 2 steps ahead by the worker (issue 15: they are checkpointed, so a
-#: resumed run trains on each once, none sampled again or skipped)
-STALENESS = pytest.mark.parametrize("staleness", [0, 2], ids=["sync", "async"])
 
 
 # async is slow-marked (~40 s, three launches with rollout workers): make test keeps exact resume (sync) and the
-# in-flight rollouts in the checkpoint (test_sigterm_saves_a_checkpoint_before_exiting[async])
-@pytest.mark.parametrize("staleness", [0, pytest.param(2, marks=pytest.mark.slow)], ids=["sync", "async"])
-def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_model_dirs, tmp_path, staleness):
-    setting = f"trainer.max_staleness={staleness}"
-    full = launch(tiny_model_dirs, tmp_path / "full", setting)
+# in-flight rollouts in the checkpoint (test_sigterm_saves_a_checkpoint_before_exiting[async]). lora: a LoRA student
+# (issue 24) resumes its adapter and the adapter's optimizer state exactly
+@pytest.mark.parametrize("staleness, student", [(0, ()), (0, ("student.lora.r=4",)),
+                                                pytest.param(2, (), marks=pytest.mark.slow)], ids=["sync", "lora", "async"])
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_model_dirs, tmp_path, staleness, student):
+    settings = (f"trainer.max_staleness={staleness}", *student)
+    full = launch(tiny_model_dirs, tmp_path / "full", *settings)
     assert full.wait(timeout=300) == 0, full.stderr.read()
 
-    killed = launch(tiny_model_dirs, tmp_path / "killed", setting)
+    killed = launch(tiny_model_dirs, tmp_path / "killed", *settings)
     wait_for_checkpoint(tmp_path / "killed", 4, killed)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
@@ -64,7 +63,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_model_dirs, tmp_p
     step = int(checkpoint.name.split("_")[1])
     assert in_flight_steps(checkpoint) == list(range(step, min(step + staleness, 10)))
 
-    resumed = launch(tiny_model_dirs, tmp_path / "killed", setting, "trainer.resume=auto")
+    resumed = launch(tiny_model_dirs, tmp_path / "killed", *settings, "trainer.resume=auto")
     out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
     assert "resumed from" in out
@@ -88,10 +87,10 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_model_dirs, tmp_p
         assert [x[k] for k in keys] == [y[k] for k in keys], x["step"]
 
 
-@STALENESS
-def test_sigterm_saves_a_checkpoint_before_exiting(tiny_model_dirs, tmp_path, staleness):
+@pytest.mark.parametrize("staleness, student", [(0, ()), (0, ("student.lora.r=4",)), (2, ())], ids=["sync", "lora", "async"])
+def test_sigterm_saves_a_checkpoint_before_exiting(tiny_model_dirs, tmp_path, staleness, student):
     proc = launch(tiny_model_dirs, tmp_path / "run", "trainer.max_steps=1000", "trainer.save_every=0",
-                  f"trainer.max_staleness={staleness}")
+                  f"trainer.max_staleness={staleness}", *student)
     deadline = time.time() + 120
     metrics = tmp_path / "run" / "metrics.jsonl"
     while not (metrics.exists() and "train/loss" in metrics.read_text()):

@@ -48,7 +48,7 @@ import torch
 
 from opd.config import ModelConfig
 from opd.errors import TrainingError
-from opd.models.weights import named_full_tensors
+from opd.models.weights import named_sync_tensors
 from opd.types import Example, RolloutBatch
 
 #: seconds between checks that the other process is still alive while waiting on a queue
@@ -132,8 +132,9 @@ class WeightRing:
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, slots: int) -> WeightRing:
-        """A ring laid out like ``model``'s whole weights (:func:`~opd.models.weights.named_full_tensors`)."""
-        layout = [(name, tensor.dtype, tuple(tensor.shape)) for name, tensor in named_full_tensors(model)]
+        """A ring laid out like what the worker needs of ``model`` (:func:`~opd.models.weights.named_sync_tensors`:
+        the whole weights, or a LoRA student's adapter only)."""
+        layout = [(name, tensor.dtype, tuple(tensor.shape)) for name, tensor in named_sync_tensors(model)]
         return cls(layout, slots)
 
     def views(self, slot: int) -> list[torch.Tensor]:
@@ -148,7 +149,7 @@ class WeightRing:
     def write(self, slot: int, model: torch.nn.Module) -> None:
         """Copy ``model``'s current weights into ``slot`` (under ZeRO-3 a collective: every rank calls it)."""
         names = [name for name, _, _ in self.layout]
-        for (name, tensor), view, expected in zip(named_full_tensors(model), self.views(slot), names):
+        for (name, tensor), view, expected in zip(named_sync_tensors(model), self.views(slot), names):
             if name != expected:
                 raise RuntimeError(f"the student's tensors changed order ({name!r} where {expected!r} was)")
             view.copy_(tensor)
@@ -324,6 +325,7 @@ class _RolloutWorker:
     def __init__(self, spec: WorkerSpec, ring: WeightRing) -> None:
         from opd.models.dropout import disable_dropout
         from opd.models.loading import load_model, load_tokenizer
+        from opd.models.lora import apply_lora
 
         torch.set_num_threads(spec.num_threads)
         self.spec, self.ring = spec, ring
@@ -331,6 +333,8 @@ class _RolloutWorker:
             warnings.simplefilter("ignore")
             self.tokenizer = load_tokenizer(spec.student_cfg, "student")
             self.model = load_model(spec.student_cfg, "student", torch.device(spec.device))
+        if spec.student_cfg.lora.enabled:  # the same adapters as the learner's; their weights come from the ring
+            apply_lora(self.model, spec.student_cfg.lora, seed=0)
         disable_dropout(self.model)
         self.model.eval()
         if spec.suppress_tokens:

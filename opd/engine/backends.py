@@ -33,6 +33,7 @@ from opd import distributed as dist
 from opd.config import DeepSpeedConfig, TrainerConfig
 from opd.engine.checkpoint import load_model_weights
 from opd.errors import ConfigError
+from opd.models.lora import trainable_parameters
 
 
 class LocalBackend:
@@ -40,9 +41,10 @@ class LocalBackend:
 
     is_deepspeed = False
 
-    def __init__(self, student: torch.nn.Module, cfg: TrainerConfig, lr_lambda) -> None:
-        self.student, self.cfg = student, cfg
-        self.optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+    def __init__(self, student: torch.nn.Module, cfg: TrainerConfig, lr_lambda, lora=None) -> None:
+        self.student, self.cfg, self.lora = student, cfg, lora
+        # only what trains gets optimizer state: every parameter of a full student, a LoRA student's adapters
+        self.optimizer = torch.optim.AdamW(trainable_parameters(student), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                            betas=(cfg.adam_beta1, cfg.adam_beta2))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda)
 
@@ -79,8 +81,11 @@ class LocalBackend:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any], checkpoint: Path) -> None:
-        """The student's weights from ``checkpoint``'s safetensors, then optimizer and schedule from ``state``."""
-        load_model_weights(self.student, checkpoint)
+        """The student's weights (a LoRA student's adapter) from ``checkpoint``, then optimizer and schedule."""
+        if self.lora is not None:
+            self.lora.load_adapter(checkpoint)
+        else:
+            load_model_weights(self.student, checkpoint)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 

@@ -3,6 +3,8 @@
 Layout of ``<run_dir>/checkpoints/step_000100/``::
 
     config.json, model.safetensors, tokenizer files   # usable anywhere with from_pretrained
+    (LoRA students: adapter_config.json, adapter_model.safetensors, opd_base_model.json instead of the weights:
+     PeftModel.from_pretrained(base, dir) loads them; opd-export merges them into a plain HF directory)
     trainer_state.pt                                  # optimizer, scheduler, RNG, data position, step
     deepspeed/zero/, rng_rank<r>.pt                   # DeepSpeed runs only: ZeRO partitions of every rank, RNGs
     COMPLETE                                          # written last: marks the checkpoint as whole
@@ -75,7 +77,7 @@ def load_model_weights(model: torch.nn.Module, checkpoint: Path) -> None:
 
 def save_checkpoint(run_dir: Path, step: int, model, tokenizer, trainer_state: dict[str, Any], keep: int,
                     state_dict: dict[str, torch.Tensor] | None = None, write_shards=None,
-                    in_flight: dict[int, list[dict[str, Any]]] | None = None) -> Path:
+                    in_flight: dict[int, list[dict[str, Any]]] | None = None, write_model=None) -> Path:
     """Write ``checkpoints/step_<step>`` atomically and delete all but the newest ``keep`` complete ones.
 
     Over N processes every rank must call this (it synchronises): ``write_shards(tmp_dir)`` lets each
@@ -84,7 +86,9 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, trainer_state: d
     weights; the module's own when None), the tokenizer and ``trainer_state.pt``, then renames. ``in_flight``:
     this rank's rollouts already written for the coming steps (``trainer.max_staleness``), in
     ``in_flight_rank<r>.pt``; a resumed run trains on them instead of sampling those steps again.
-    Multi-node runs need ``run_dir`` on a filesystem every node sees.
+    ``write_model(tmp_dir)``: rank 0 writes the student its own way instead of ``save_pretrained`` (a LoRA
+    student's adapter, :meth:`opd.models.lora.LoraStudent.save_adapter`). Multi-node runs need ``run_dir`` on a
+    filesystem every node sees.
     """
     from opd import distributed as dist
 
@@ -102,7 +106,11 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, trainer_state: d
     if in_flight:
         torch.save(in_flight, tmp / f"in_flight_rank{dist.rank()}.pt")
     if dist.is_main():
-        model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {}))
+        if write_model is not None:
+            write_model(tmp)
+        else:
+            model.save_pretrained(tmp, safe_serialization=True,
+                                  **({"state_dict": state_dict} if state_dict is not None else {}))
         tokenizer.save_pretrained(tmp)
         torch.save(trainer_state, tmp / "trainer_state.pt")
     dist.barrier()  # every rank's files are in before the checkpoint is marked complete

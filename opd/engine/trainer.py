@@ -46,7 +46,8 @@ from opd.engine.stopping import StopSignals
 from opd.errors import ConfigError, TrainingError, TrainingInterrupted
 from opd.methods.base import AuxiliaryContext, Method
 from opd.models.dropout import disable_dropout
-from opd.models.loading import check_model_path, load_model, load_tokenizer, resolve_device
+from opd.models.loading import check_model_path, load_model, load_tokenizer, resolve_device, save_base_spec
+from opd.models.lora import AdaptersOff, LoraStudent, apply_lora
 from opd.models.scoring import completion_logits, linear_head, trim_vocabulary
 from opd.sampling.base import eos_token_ids, suppress_padding_ids
 from opd.sampling.behaviour import RolloutContext
@@ -168,6 +169,13 @@ class Trainer:
         self.student_cfg = student_cfg  # the rollout worker loads its own copy from it
         self.tokenizer = load_tokenizer(student_cfg, "student")
         self.student = load_model(student_cfg, "student", self.device)
+        #: the PEFT wrapper of a LoRA student (adapters injected into self.student in place), or None
+        self.lora: LoraStudent | None = None
+        if student_cfg.lora.enabled:
+            if student_cfg.lora.dropout and self.cfg.disable_dropout:
+                raise ConfigError(f"student.lora.dropout={student_cfg.lora.dropout} has no effect while "
+                                  "trainer.disable_dropout=true (every dropout of the student is off); set one of them")
+            self.lora = apply_lora(self.student, student_cfg.lora, self.seed)
         if self.cfg.disable_dropout:  # scoring passes in train mode must equal eval-mode ones (opd/models/dropout.py)
             disable_dropout(self.student)
         self.student.train()
@@ -209,14 +217,16 @@ class Trainer:
         trainer_cfg = self.cfg
         if deepspeed_cfg is not None and deepspeed_cfg.enabled:
             teacher_dtype = (self.teacher_component.dtype if self.teacher_component else None) or student_cfg.dtype
-            self.backend = DeepSpeedBackend(self.student, self.teacher, deepspeed_cfg, trainer_cfg, lr_lambda(trainer_cfg),
+            # a LoRA student's own base as teacher (AdaptersOff) is the student's modules: no engine of its own
+            teacher = None if isinstance(self.teacher, AdaptersOff) else self.teacher
+            self.backend = DeepSpeedBackend(self.student, teacher, deepspeed_cfg, trainer_cfg, lr_lambda(trainer_cfg),
                                             student_cfg.dtype, teacher_dtype)
             if self.loss_path.chunk_size and deepspeed_cfg.stage == 3:
                 warnings.warn("the chunked hidden-state loss is not used under ZeRO-3 (the student's output head is "
                               "partitioned); using full logits", UserWarning, stacklevel=3)
                 self.loss_path = LossPath("logits")
         else:
-            self.backend = LocalBackend(self.student, trainer_cfg, lr_lambda(trainer_cfg))
+            self.backend = LocalBackend(self.student, trainer_cfg, lr_lambda(trainer_cfg), lora=self.lora)
         if trainer_cfg.compile:  # after DeepSpeed has wrapped/sharded the modules; one compile serves every shape
             for model in (self.student, self.teacher):
                 if model is not None:
@@ -460,9 +470,17 @@ class Trainer:
         if bad is not None:
             raise TrainingError(f"student weight {bad!r} is not finite at step {self.step}; refusing to write a "
                                 f"checkpoint over the last good one in {self.run_dir / 'checkpoints'}")
+        if self.lora is not None:  # the adapter in PEFT's format, and how to load the frozen base it adapts
+            def write_model(directory: Path) -> None:
+                self.lora.save_adapter(directory, self.student_cfg.name_or_path)
+                save_base_spec(self.student_cfg, directory)
+        else:
+            write_model = None
         return ckpt.save_checkpoint(self.run_dir, self.step, self.student, self.tokenizer, self.trainer_state(),
-                                    self.cfg.keep_checkpoints, state_dict=self.backend.full_state_dict(),
-                                    write_shards=self.backend.save_extra, in_flight=self.rollouts.in_flight_state())
+                                    self.cfg.keep_checkpoints,
+                                    state_dict=None if self.lora else self.backend.full_state_dict(),
+                                    write_shards=self.backend.save_extra, in_flight=self.rollouts.in_flight_state(),
+                                    write_model=write_model)
 
     def restore(self, checkpoint: Path) -> None:
         """Continue from ``checkpoint``: weights, optimizer, schedule, every RNG, data position, method state.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import warnings
@@ -12,6 +13,7 @@ import torch
 from opd.config import ModelConfig
 from opd.errors import ModelLoadError
 from opd.models.gguf import dequantized_checkpoint, is_gguf_source, resolve_gguf_file
+from opd.models.lora import ADAPTER_CONFIG, is_adapter_directory, load_merged
 from opd.models.pruning import prune_layers
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -48,6 +50,9 @@ def check_model_path(spec: ModelConfig, role: str) -> None:
         return
     if not Path(path).is_dir():
         raise ModelLoadError(f"{role}.name_or_path: no model directory at {path!r}")
+    if is_adapter_directory(path) and not (Path(path) / "config.json").is_file():  # a LoRA student's checkpoint
+        base_spec(path, role)
+        return
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
         raise ModelLoadError(f"{role}.name_or_path: {path!r} has no config.json (not a saved model directory)")
@@ -109,6 +114,10 @@ def load_model(spec: ModelConfig, role: str, device: torch.device):
 
     check_model_path(spec, role)
     path = os.path.expanduser(spec.name_or_path)
+    if is_adapter_directory(path) and not (Path(path) / "config.json").is_file():
+        # a LoRA checkpoint: its base as that run loaded it, with the adapter merged in (a plain model again)
+        base = load_model(dataclasses.replace(base_spec(path, role), dtype=spec.dtype), role, device)
+        return load_merged(path, base).to(device)
     if is_gguf_source(path):  # dequantized once into a cached HF checkpoint (opd/models/gguf.py)
         path = str(dequantized_checkpoint(path, f"{role}.name_or_path"))
     kwargs = {"dtype": _DTYPES.get(spec.dtype, spec.dtype)}
@@ -128,6 +137,32 @@ def load_model(spec: ModelConfig, role: str, device: torch.device):
         except ValueError as err:
             raise ModelLoadError(str(err)) from None
     return model.to(device)
+
+
+#: written next to a LoRA checkpoint's adapter: the student config its base was loaded with (minus ``lora``)
+BASE_SPEC_FILE = "opd_base_model.json"
+
+
+def save_base_spec(spec: ModelConfig, directory: Path) -> None:
+    """Record in ``directory`` how the frozen base of a LoRA student was loaded (path, layers kept, BOS rule)."""
+    fields = {k: v for k, v in dataclasses.asdict(spec).items() if k != "lora"}
+    (Path(directory) / BASE_SPEC_FILE).write_text(json.dumps(fields, indent=2, sort_keys=True))
+
+
+def base_spec(directory: str | Path, role: str) -> ModelConfig:
+    """The base model's config of a LoRA checkpoint (:func:`save_base_spec`), else PEFT's ``base_model_name_or_path``.
+
+    Raises:
+        ModelLoadError: neither names a base model.
+    """
+    recorded = Path(directory) / BASE_SPEC_FILE
+    if recorded.is_file():
+        return ModelConfig(**json.loads(recorded.read_text()))
+    base = json.loads((Path(directory) / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ModelLoadError(f"{role}.name_or_path: {str(directory)!r} holds a LoRA adapter but names no base model "
+                             f"({ADAPTER_CONFIG} has no base_model_name_or_path)")
+    return ModelConfig(name_or_path=base)
 
 
 def _load_message(role: str, source: str, err: Exception) -> str:

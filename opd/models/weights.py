@@ -12,6 +12,7 @@ from collections.abc import Iterable
 import torch
 
 from opd import distributed as dist
+from opd.models.lora import adapter_tensors, has_adapters, merged_named_tensors
 
 
 def named_full_tensors(model: torch.nn.Module) -> Iterable[tuple[str, torch.Tensor]]:
@@ -22,10 +23,44 @@ def named_full_tensors(model: torch.nn.Module) -> Iterable[tuple[str, torch.Tens
     time (``deepspeed.zero.GatheredParameters``) and yields it while whole, so the caller must copy it
     before asking for the next one; the peak extra memory is one parameter, not the model. Every rank
     must then iterate it to the end (each gather is a collective).
+
+    A LoRA student gives its merged weights under the base model's names (:func:`opd.models.lora.merged_named_tensors`),
+    the function it computes; under ZeRO-3 each adapted layer is gathered whole to merge it.
     """
     if not dist.is_zero3(model):
+        if has_adapters(model):
+            return merged_named_tensors(model)
         return [(name, tensor.detach()) for name, tensor in model.state_dict().items()]
+    if has_adapters(model):
+        return _gathered_merged_tensors(model)
     return _gathered_named_tensors(model)
+
+
+def named_sync_tensors(model: torch.nn.Module) -> Iterable[tuple[str, torch.Tensor]]:
+    """What a rollout worker needs of the learner's student after each update: a LoRA student's adapter weights only
+    (its frozen base the worker loads itself), else every tensor (:func:`named_full_tensors`)."""
+    if has_adapters(model):
+        if dist.is_zero3(model):
+            return _gathered(adapter_tensors(model))
+        return adapter_tensors(model)
+    return named_full_tensors(model)
+
+
+def _gathered(pairs: list[tuple[str, torch.Tensor]]):
+    import deepspeed
+
+    for name, param in pairs:
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+            yield name, param.detach()
+
+
+def _gathered_merged_tensors(model: torch.nn.Module):
+    """Under ZeRO-3: the whole model gathered at once (a LoRA student is small enough to hold whole: it is the base
+    that ZeRO-3 would shard), merged, then released."""
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+        yield from merged_named_tensors(model)
 
 
 def _gathered_named_tensors(model: torch.nn.Module):

@@ -21,6 +21,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -28,6 +29,7 @@ from typing import Any
 import torch
 
 from opd.errors import ConfigError
+from opd.models.lora import base_named_tensors, has_adapters, lora_rank, write_adapter
 from opd.models.weights import cpu_state_dict, named_full_tensors
 from opd.sampling.base import check_sampling_params, eos_token_ids, repeat_per_example, truncate_after_eos
 from opd.sampling.tokenize import encode_prompts
@@ -45,6 +47,8 @@ class _Engine:
     model_dir: str
     model: weakref.ref
     asleep: bool = False
+    #: a LoRA student's engine with ``lora_sync="adapter"``: the adapter version its requests name (0: no adapter)
+    lora_version: int = 0
 
 
 class VLLMSampler:
@@ -118,6 +122,10 @@ class VLLMSampler:
         max_model_len: engine context length; None = the student config's ``max_position_embeddings``.
         logprobs_mode: "processed_logprobs" (sampling distribution) or "raw_logprobs" (model's, T=1).
         weight_sync: "iterator" (in place from the student's tensors) or "disk" (via a saved directory).
+        lora_sync: a LoRA student (``student.lora.r``): "adapter" = the engine holds the frozen base with vLLM's LoRA
+            support (``enable_lora``) and each sync writes the adapter only (PEFT's format, a new adapter version
+            named by every later request); "merged" = the engine holds plain weights and each sync pushes the merged
+            ``W0 + (alpha/r) B A`` as ``weight_sync`` says. Measured in benchmarks/RESULTS.md ("LoRA students").
     """
 
     #: vLLM samples from its own engine and ignores ``generation_config.suppress_tokens``: a model pair whose heads are
@@ -128,7 +136,7 @@ class VLLMSampler:
                  n: int = 1, dtype: str = "float32", enforce_eager: bool = True, gpu_memory_utilization: float = 0.3,
                  enable_sleep_mode: bool = False, seed: int = 0, cpu_kvcache_space_gib: int = 1,
                  cpu_omp_threads_bind: str = "nobind", max_model_len: int | None = None,
-                 logprobs_mode: str = "processed_logprobs", weight_sync: str = "iterator") -> None:
+                 logprobs_mode: str = "processed_logprobs", weight_sync: str = "iterator", lora_sync: str = "adapter") -> None:
         check_sampling_params(temperature, top_p, top_k, max_new_tokens, n)
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
@@ -142,6 +150,11 @@ class VLLMSampler:
             raise ValueError(f"logprobs_mode must be one of {_LOGPROBS_MODES}, got {logprobs_mode!r}")
         if weight_sync not in ("iterator", "disk"):
             raise ValueError(f"weight_sync must be 'iterator' or 'disk', got {weight_sync!r}")
+        if lora_sync not in ("adapter", "merged"):
+            raise ValueError(f"lora_sync must be 'adapter' or 'merged', got {lora_sync!r}")
+        self.lora_sync = lora_sync
+        self.sync_bytes = 0  # bytes pushed into engines by sync_weights so far (weights, or adapter files)
+        self.sync_seconds = 0.0  # seconds spent in sync_weights so far
         self.temperature, self.top_p, self.top_k, self.max_new_tokens, self.n = temperature, top_p, top_k, max_new_tokens, n
         self.dtype, self.enforce_eager, self.gpu_memory_utilization = dtype, enforce_eager, gpu_memory_utilization
         self.enable_sleep_mode, self.seed = enable_sleep_mode, seed
@@ -215,12 +228,16 @@ class VLLMSampler:
             _check_cpu_head_dim(model.config)
         self._check_memory(model)
         model_dir = tempfile.mkdtemp(prefix="opd_vllm_")
-        model.save_pretrained(model_dir, safe_serialization=True, state_dict=cpu_state_dict(model))
+        adapter_mode = has_adapters(model) and self.lora_sync == "adapter"
+        state = dict(base_named_tensors(model)) if adapter_mode else cpu_state_dict(model)  # merged for "merged"
+        model.save_pretrained(model_dir, safe_serialization=True, state_dict={k: v.cpu().clone() for k, v in state.items()})
         tokenizer.save_pretrained(model_dir)
         max_len = self.max_model_len or getattr(model.config, "max_position_embeddings", None)
         kwargs: dict[str, Any] = dict(
             model=model_dir, skip_tokenizer_init=True, dtype=self.dtype, enforce_eager=self.enforce_eager,
             seed=self.seed, logprobs_mode=self.logprobs_mode, max_model_len=max_len)
+        if adapter_mode:  # vLLM's LoRA: one adapter slot, its rank rounded up to one vLLM compiles kernels for
+            kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=vllm_lora_rank(lora_rank(model)))
         if torch.cuda.is_available():
             kwargs.update(gpu_memory_utilization=self.gpu_memory_utilization, enable_sleep_mode=self.enable_sleep_mode)
         set_num_threads, num_threads = torch.set_num_threads, torch.get_num_threads()
@@ -234,7 +251,31 @@ class VLLMSampler:
             # its thread binding); with the in-process engine that would silently pin the trainer's threads.
             torch.set_num_threads = set_num_threads
             torch.set_num_threads(num_threads)
-        return _Engine(llm, model_dir, weakref.ref(model))
+        engine = _Engine(llm, model_dir, weakref.ref(model))
+        if adapter_mode:
+            self._write_adapter(engine, model)
+        return engine
+
+    def _write_adapter(self, engine: _Engine, model: torch.nn.Module) -> int:
+        """The student's adapter as the engine's next version (``<model_dir>/adapter_v<k>``, PEFT's format); the
+        previous version's files are removed (vLLM has loaded them). Returns the bytes written."""
+        version = engine.lora_version + 1
+        written = write_adapter(model, os.path.join(engine.model_dir, f"adapter_v{version}"))
+        if engine.lora_version:
+            with contextlib.suppress(Exception):  # an adapter never requested was never loaded
+                engine.llm.llm_engine.remove_lora(engine.lora_version)
+            shutil.rmtree(os.path.join(engine.model_dir, f"adapter_v{engine.lora_version}"), ignore_errors=True)
+        engine.lora_version = version
+        return written
+
+    def _lora_request(self, engine: _Engine):
+        """The request naming the engine's current adapter version, or None (no adapter)."""
+        if not engine.lora_version:
+            return None
+        from vllm.lora.request import LoRARequest
+
+        version = engine.lora_version
+        return LoRARequest(f"student-v{version}", version, os.path.join(engine.model_dir, f"adapter_v{version}"))
 
     def _close_engine(self, key: int) -> None:
         engine = self._engines.pop(key)
@@ -265,7 +306,8 @@ class VLLMSampler:
         self._wake(engine)
         prompts = [TokensPrompt(prompt_token_ids=row[mask.bool()].tolist()) for row, mask in zip(prompt_ids, prompt_mask)]
         n = 1 if greedy else (self.n if n is None else n)
-        outputs = engine.llm.generate(prompts, self._sampling_params(eos, greedy, n), use_tqdm=False)
+        outputs = engine.llm.generate(prompts, self._sampling_params(eos, greedy, n), use_tqdm=False,
+                                      lora_request=self._lora_request(engine))
         self._sleep(engine)
         rows, lps = [], []
         for out in outputs:
@@ -295,16 +337,22 @@ class VLLMSampler:
         engine = self._engine(model)
         if engine is None:
             return
+        started = time.perf_counter()
         self._wake(engine)
-        if self.weight_sync == "iterator":
-            engine.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named_full_tensors(model),
-                                                                "is_checkpoint_format": True})
+        if engine.lora_version:  # a LoRA student's engine: the adapter only, as a new version
+            self.sync_bytes += self._write_adapter(engine, model)
+        elif self.weight_sync == "iterator":
+            tensors = named_full_tensors(model)
+            if isinstance(tensors, list):
+                self.sync_bytes += sum(t.numel() * t.element_size() for _, t in tensors)
+            engine.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": tensors, "is_checkpoint_format": True})
         else:
-            _save_full_state(model, engine.model_dir)
+            self.sync_bytes += _save_full_state(model, engine.model_dir)
             engine.llm.collective_rpc("reload_weights", kwargs={"weights_path": engine.model_dir})
         engine.llm.reset_prefix_cache()
         self._sleep(engine)
         self.syncs += 1
+        self.sync_seconds += time.perf_counter() - started
 
     def close(self) -> None:
         """Drop every engine and its temporary checkpoint."""
@@ -383,7 +431,7 @@ def _check_cpu_head_dim(config: Any) -> None:
                          f"Llama opd.sampling.vllm.pad_attention_heads (same function, zero-padded heads)")
 
 
-def _save_full_state(model: torch.nn.Module, directory: str) -> None:
+def _save_full_state(model: torch.nn.Module, directory: str) -> int:
     """Overwrite the engine's ``model.safetensors`` with every tensor, tied ones included.
 
     ``save_pretrained`` drops ``lm_head.weight`` when it is tied to the embedding; vLLM's in-place
@@ -396,8 +444,26 @@ def _save_full_state(model: torch.nn.Module, directory: str) -> None:
 
     for stale in glob.glob(os.path.join(directory, "*.safetensors")) + glob.glob(os.path.join(directory, "*.index.json")):
         os.remove(stale)  # sharded save_pretrained output of a large student: replaced by one file
-    save_file({name: t.contiguous() for name, t in cpu_state_dict(model).items()},
-              os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    path = os.path.join(directory, "model.safetensors")
+    save_file({name: t.contiguous() for name, t in cpu_state_dict(model).items()}, path, metadata={"format": "pt"})
+    return os.path.getsize(path)
+
+
+#: the adapter ranks vLLM builds LoRA kernels for (``vllm.config.lora.MaxLoRARanks``)
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def vllm_lora_rank(rank: int) -> int:
+    """The smallest rank vLLM accepts as ``max_lora_rank`` that holds an adapter of rank ``rank``.
+
+    Raises:
+        ConfigError: past vLLM's largest.
+    """
+    for allowed in VLLM_LORA_RANKS:
+        if allowed >= rank:
+            return allowed
+    raise ConfigError(f"student.lora.r={rank}: vLLM serves adapters up to rank {VLLM_LORA_RANKS[-1]}; "
+                      "use sampler.lora_sync=merged or a smaller rank")
 
 
 def _sampled_logprob(step: Any, token: int) -> float:

@@ -11,7 +11,7 @@ from opd.config import ModelConfig
 from opd.crosstok.alignment import align_texts
 from opd.crosstok.vocabulary import shared_vocabulary
 from opd.data.chat import chat_prompt
-from opd.errors import ModelLoadError
+from opd.errors import ConfigError, ModelLoadError
 from opd.models.loading import check_model_path, check_same_vocabulary, load_model, load_tokenizer
 from opd.registry import TEACHERS
 from opd.teachers.base import Teacher
@@ -43,6 +43,9 @@ class HFTeacher(Teacher):
         self.other_tokenizer = False
 
     def check(self) -> None:
+        if self.cfg.lora.enabled:
+            raise ConfigError("teacher.lora.r is set, but a teacher is frozen: LoRA adapters train the student "
+                              "(student.lora.r); leave teacher.lora.r null")
         check_model_path(self.cfg, "teacher")
 
     def setup(self, student: torch.nn.Module, tokenizer, device: torch.device) -> int:

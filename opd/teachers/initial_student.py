@@ -7,6 +7,7 @@ import dataclasses
 
 import torch
 
+from opd.models.lora import AdaptersOff, has_adapters
 from opd.registry import TEACHERS
 from opd.teachers.base import Teacher
 
@@ -24,6 +25,8 @@ class InitialStudentTeacher(Teacher):
     provides = frozenset({"logits", "hidden"})
 
     def setup(self, student: torch.nn.Module, tokenizer, device: torch.device) -> int:
-        self.model = copy.deepcopy(student).eval().requires_grad_(False)
+        """A frozen deep copy of the student; for a LoRA student, the student itself with its adapters off (its base
+        weights are frozen and are the step-0 function: no second copy in memory)."""
+        self.model = AdaptersOff(student) if has_adapters(student) else copy.deepcopy(student).eval().requires_grad_(False)
         self.vocab_size = student.get_output_embeddings().weight.shape[0]
         return self.vocab_size

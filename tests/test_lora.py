@@ -1,0 +1,184 @@
+"""LoRA students (issue 24): ``student.lora.r`` trains PEFT adapters only, on every method, and everything around a
+run (checkpoints, resume, export, the base model as teacher, the rollout worker) handles the adapter.
+
+The pitfall suite's checks run with a LoRA student too (tests/test_pitfalls.py: batch splits, teacher perturbation,
+two DeepSpeed processes); the vLLM engine's adapter sync is in tests/test_lora_vllm.py.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from test_pitfalls import METHOD_NAMES, PIN_RTOL, PINNED, make_trainer, pinned_run
+
+from opd.config import ModelConfig
+from opd.errors import ConfigError
+from opd.export import export_checkpoint
+from opd.models.loading import load_model
+from opd.models.lora import AdaptersOff, adapter_tensors, has_adapters
+from opd.models.scoring import completion_logits
+from opd.sampling.tokenize import encode_targets
+from opd.train import build_trainer, run
+
+LORA = "student.lora.r=4"
+
+
+@pytest.mark.parametrize("name", METHOD_NAMES)
+def test_a_zero_initialised_adapter_gives_the_full_students_pinned_first_step_loss(name, tmp_path):
+    """B = 0 at start (PEFT's default), so a LoRA student computes the base function: the same rollouts (the adapter's
+    A draws from its own generator, the run's RNG is untouched) and the full student's pinned first-step loss, within
+    the pins' tolerance (``PIN_RTOL``: float32 on another CPU; on the pinning machine the two agree to the last bit).
+    The gradient norm differs by design: only the adapter gets gradients, and with B = 0 only B's are non-zero."""
+    loss, grad_norm = pinned_run(name, tmp_path / "run", "student.lora.r=8")
+    assert abs(loss - PINNED[name][0]) <= PIN_RTOL * abs(PINNED[name][0]), (name, loss, PINNED[name][0])
+    assert math.isfinite(grad_norm) and grad_norm > 0, f"{name}: no gradient reached the adapter"
+
+
+def test_only_adapter_parameters_get_gradients_optimizer_state_and_updates(compose_cfg):
+    trainer = make_trainer(compose_cfg, "gkd", LORA, "trainer.max_grad_norm=1.0", float64=False)
+    assert has_adapters(trainer.student)
+    adapter = {name for name, _ in adapter_tensors(trainer.student)}
+    before = {name: p.detach().clone() for name, p in trainer.student.named_parameters()}
+    batch = trainer.collect(next(trainer.prompts))
+    trainer.accumulate_gradients([batch], batch.num_tokens)
+    with_grad = {name for name, p in trainer.student.named_parameters() if p.grad is not None}
+    assert with_grad and with_grad <= adapter, sorted(with_grad - adapter)[:3]
+    assert any(name.endswith("lora_B.default.weight") for name in with_grad)
+    trainer.backend.step(skip=False)
+    after = dict(trainer.student.named_parameters())
+    changed = {name for name in before if not torch.equal(before[name], after[name].detach())}
+    assert changed and changed <= adapter, sorted(changed - adapter)[:3]
+    state = trainer.backend.optimizer.state
+    assert len(state) == len(adapter) and all(p.requires_grad for p in state)
+    frozen = sum(p.numel() for p in trainer.student.parameters() if not p.requires_grad)
+    assert frozen > 2 * sum(p.numel() for p in state), "a rank-4 adapter should be far smaller than the base"
+
+
+def test_a_target_that_matches_no_module_is_refused_with_the_models_linear_names(compose_cfg):
+    with pytest.raises(ConfigError) as info:
+        build_trainer(compose_cfg("student.lora.r=4", "student.lora.target_modules=[q_proj,qkv]"))
+    message = str(info.value)
+    assert "\n" not in message and "['qkv']" in message
+    for linear in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+        assert linear in message
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("student.lora.r=0", "student.lora.r must be a positive int"),
+    ("student.lora.r=4 student.lora.dropout=0.1", "trainer.disable_dropout=true"),
+    ("+student.lora.rank=8", "rank"),
+    ("+teacher.lora.r=8", "a teacher is frozen"),
+])
+def test_bad_lora_settings_fail_early_in_one_line(compose_cfg, override, needle):
+    with pytest.raises(ConfigError) as info:
+        build_trainer(compose_cfg(*override.split()))
+    assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+def test_checkpoint_holds_the_adapter_in_peft_format_and_export_merges_it(compose_cfg, tmp_path, tiny_model_dirs):
+    """The checkpoint is an adapter (loadable with ``PeftModel.from_pretrained``), megabytes below the model; opd-export
+    writes a plain HF directory (no peft needed) that computes what the LoRA student computes."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    summary = run(compose_cfg(LORA, "trainer.max_steps=3", "trainer.lr=0.05"))
+    checkpoint = Path(summary["checkpoint"])
+    assert (checkpoint / "adapter_config.json").is_file() and (checkpoint / "adapter_model.safetensors").is_file()
+    assert not (checkpoint / "model.safetensors").exists() and not (checkpoint / "config.json").exists()
+    base_bytes = sum(f.stat().st_size for f in Path(tiny_model_dirs["student"]).glob("*.safetensors"))
+    assert (checkpoint / "adapter_model.safetensors").stat().st_size < base_bytes / 2
+
+    trainer = build_trainer(compose_cfg(LORA, "trainer.max_steps=3", "trainer.resume=auto"))  # the trained adapter
+    assert trainer.step == 3
+    assert any(float(t.abs().max()) > 0 for name, t in adapter_tensors(trainer.student) if "lora_B" in name)
+    batch = encode_targets(trainer.tokenizer, trainer.task.train[:4], trainer.device, source="student")
+    with torch.no_grad():
+        trained = completion_logits(trainer.student, batch)
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dirs["student"], dtype=torch.float32)
+        untouched = completion_logits(base, batch)
+        peft = completion_logits(PeftModel.from_pretrained(base, str(checkpoint)).eval(), batch)
+    assert (trained - untouched).abs().max() > 1e-4, "training did not move the adapter's function"
+    torch.testing.assert_close(peft, trained, rtol=0, atol=1e-6)  # the same modules, the same arithmetic
+
+    out = export_checkpoint(checkpoint, tmp_path / "exported")
+    assert not (out / "adapter_config.json").exists()
+    plain = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert not has_adapters(plain)
+    with torch.no_grad():
+        merged = completion_logits(plain, batch)
+    # merged W0 + s·BA vs W0 x + s·B(A x): another summation order in float32 (logits O(1), eps 6e-8 per op)
+    torch.testing.assert_close(merged, trained, rtol=1e-4, atol=1e-4)
+    # a LoRA checkpoint is also a model path: loaded as its base with the adapter merged (warm starts chain on it)
+    loaded = load_model(ModelConfig(name_or_path=str(checkpoint)), "student", torch.device("cpu"))
+    with torch.no_grad():
+        torch.testing.assert_close(completion_logits(loaded, batch), merged, rtol=1e-6, atol=1e-6)
+
+
+def test_the_initial_student_teacher_is_the_base_with_adapters_off_and_no_copy(compose_cfg, tiny_model_dirs):
+    """OPSD's teacher with a LoRA student: the student's own modules with the adapters switched off (no second copy:
+    the teacher owns no parameter); it equals the base model after the adapter trained, while the student moved."""
+    from transformers import AutoModelForCausalLM
+
+    trainer = build_trainer(compose_cfg("method=opsd", LORA, "trainer.lr=0.05", "trainer.max_steps=3"))
+    teacher = trainer.teacher
+    assert isinstance(teacher, AdaptersOff)
+    student_storage = {p.data_ptr() for p in trainer.student.parameters()}
+    assert {p.data_ptr() for p in teacher.parameters()} <= student_storage  # every tensor is the student's
+    assert not list(teacher._parameters) and not list(teacher._modules)  # owns nothing
+    for _ in range(3):
+        trainer.train_step()
+    batch = encode_targets(trainer.tokenizer, trainer.task.train[:4], trainer.device, source="student")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dirs["student"], dtype=torch.float32)
+    with torch.no_grad():
+        want = completion_logits(base, batch)
+        got = trainer.teacher_component.score(batch, "logits")
+        student = completion_logits(trainer.student, batch)
+        hidden = trainer.teacher_component.score(batch, "hidden")
+    assert (student - want).abs().max() > 1e-4, "the adapter did not move; the check proves nothing"
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(hidden.hidden @ hidden.weight.T, want, rtol=1e-5, atol=1e-5)
+    # and switching them off was temporary: the student still computes its own function
+    with torch.no_grad():
+        torch.testing.assert_close(completion_logits(trainer.student, batch), student, rtol=0, atol=0)
+
+
+def test_the_rollout_worker_receives_the_adapter_only(compose_cfg):
+    """``trainer.max_staleness``: the worker loads the frozen base itself; the shared ring holds the adapter only, and
+    the run trains."""
+    trainer = build_trainer(compose_cfg(LORA, "trainer.max_staleness=1", "trainer.max_steps=3", "trainer.lr=0.05"))
+    try:
+        for _ in range(3):
+            metrics = trainer.train_step()
+        ring = trainer.rollouts.pipeline.ring
+        names = [name for name, _, _ in ring.layout]
+        assert names and all("lora_" in name for name in names)
+        ring_bytes = sum(buf.numel() * buf.element_size() for buf in ring.buffers[0].values())
+        model_bytes = sum(p.numel() * p.element_size() for p in trainer.student.parameters())
+        assert ring_bytes == sum(t.numel() * t.element_size() for _, t in adapter_tensors(trainer.student))
+        assert ring_bytes < model_bytes / 4
+        assert metrics["rollout/staleness"] == 1 and math.isfinite(metrics["train/loss"])
+    finally:
+        trainer.close()
+
+
+def test_a_lora_student_learns_from_the_toy_teacher(compose_cfg):
+    """On the shipped toy pair, 30 KD steps into a rank-16 adapter cut the distillation loss (forward KL to the teacher)
+    on a fixed batch of held-out reference completions by more than 8 % (measured: 11.5 %; full fine-tuning at lr 1e-3
+    gets 11.9 % in the same steps; LoRA at 1e-2 overshoots on this tiny model and ends above where it started)."""
+    trainer = build_trainer(compose_cfg("method=kd", LORA.replace("4", "16"), "trainer.lr=3e-3", "trainer.max_steps=30",
+                                        "trainer.batch_size=8", tiny_models=False))
+    batch = encode_targets(trainer.tokenizer, trainer.eval_examples[:16], trainer.device, source="student")
+
+    def held_out_loss() -> float:
+        with torch.no_grad():
+            return float(trainer.micro_batch_loss(batch, batch.num_tokens).loss)
+
+    before = held_out_loss()
+    for _ in range(30):
+        trainer.train_step()
+    after = held_out_loss()
+    assert after < 0.92 * before, (before, after)
+    assert not any(p.grad is not None for p in trainer.student.parameters() if not p.requires_grad)
