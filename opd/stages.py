@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from opd.config import ModelConfig, TeacherFinetuneConfig, WarmStartConfig, teacher_config
 from opd.errors import ConfigError
+from opd.models.lora import is_adapter_directory
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 #: keys that name or place a run but do not change what it trains: left out of the warm start's hash
@@ -64,6 +65,10 @@ def _stage_config(cfg: DictConfig, section: WarmStartConfig, key: str) -> dict[s
     stage = OmegaConf.to_container(cfg, resolve=True)
     for stage_key in _STAGE_KEYS:
         stage.pop(stage_key, None)
+    # a stage trains the whole model: student.lora belongs to the run's own stage, so LoRA arms and full arms of a
+    # sweep share one warm start (and, the key being absent, stage directories keep the hashes they had before LoRA)
+    if isinstance(stage.get("student"), dict):
+        stage["student"].pop("lora", None)
     stage["method"] = {**OmegaConf.to_container(OmegaConf.load(method_file)), **section.method_overrides}
     unknown = set(section.trainer) - set(stage["trainer"])
     if unknown:
@@ -97,7 +102,7 @@ def stage_zero_config(cfg: DictConfig) -> DictConfig:
                           f"{'no teacher' if teacher is None else f'kind {kind!r}'}")
     stage = _stage_config(cfg, teacher_finetune_section(cfg), "teacher_finetune")
     model = teacher_config(cfg.teacher)  # the teacher node as its ModelConfig, with the schema's defaults filled in
-    model_keys = {field.name for field in dataclasses.fields(ModelConfig)}
+    model_keys = {field.name for field in dataclasses.fields(ModelConfig)} - {"lora"}  # the teacher trains in full
     stage["student"] = {**{k: v for k, v in dataclasses.asdict(model).items() if k in model_keys}, "keep_layers": None}
     return OmegaConf.create(stage)
 
@@ -108,6 +113,9 @@ def _stage_dir(cfg: DictConfig, stage: DictConfig, section: WarmStartConfig, fol
         return Path(section.dir).expanduser()
     content = {k: v for k, v in OmegaConf.to_container(stage, resolve=True).items() if k not in _UNHASHED}
     content["trainer"] = {k: v for k, v in content["trainer"].items() if k not in _UNHASHED_TRAINER}
+    teacher = content.get("teacher")
+    if isinstance(teacher, dict) and not (teacher.get("lora") or {}).get("r"):  # no adapters: as before LoRA existed
+        teacher.pop("lora", None)
     digest = hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:12]
     return Path("logs") / str(cfg.name) / folder / f"{section.method}-{digest}"
 
@@ -156,7 +164,7 @@ def _train_once(stage: DictConfig, run_dir: Path, key: str, what: str, run: RunF
             stage.output_dir = str(run_dir)
             run(stage, run_dir)
         summary = json.loads(summary_file.read_text())
-    if not (Path(summary["checkpoint"]) / "config.json").is_file():
+    if not (Path(summary["checkpoint"]) / "config.json").is_file() and not is_adapter_directory(summary["checkpoint"]):
         raise ConfigError(f"{key}: {str(run_dir)!r} finished but its final checkpoint {summary['checkpoint']!r} "
                           f"is gone; delete that directory to train {what} again")
     return summary

@@ -86,8 +86,8 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, trainer_state: d
     weights; the module's own when None), the tokenizer and ``trainer_state.pt``, then renames. ``in_flight``:
     this rank's rollouts already written for the coming steps (``trainer.max_staleness``), in
     ``in_flight_rank<r>.pt``; a resumed run trains on them instead of sampling those steps again.
-    ``write_model(tmp_dir)``: rank 0 writes the student its own way instead of ``save_pretrained`` (a LoRA
-    student's adapter, :meth:`opd.models.lora.LoraStudent.save_adapter`). Multi-node runs need ``run_dir`` on a
+    ``write_model(tmp_dir)``: every rank calls it (it may gather), and it writes the student its own way instead of
+    ``save_pretrained`` (a LoRA student's adapter, :meth:`opd.models.lora.LoraStudent.save_adapter`). Multi-node runs need ``run_dir`` on a
     filesystem every node sees.
     """
     from opd import distributed as dist
@@ -101,14 +101,14 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, trainer_state: d
     dist.barrier()
     if write_shards is not None:
         write_shards(tmp)
+    if write_model is not None:
+        write_model(tmp)
     if dist.world_size() > 1:
         torch.save(rng_state(), tmp / f"rng_rank{dist.rank()}.pt")
     if in_flight:
         torch.save(in_flight, tmp / f"in_flight_rank{dist.rank()}.pt")
     if dist.is_main():
-        if write_model is not None:
-            write_model(tmp)
-        else:
+        if write_model is None:
             model.save_pretrained(tmp, safe_serialization=True,
                                   **({"state_dict": state_dict} if state_dict is not None else {}))
         tokenizer.save_pretrained(tmp)

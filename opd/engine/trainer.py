@@ -471,9 +471,10 @@ class Trainer:
             raise TrainingError(f"student weight {bad!r} is not finite at step {self.step}; refusing to write a "
                                 f"checkpoint over the last good one in {self.run_dir / 'checkpoints'}")
         if self.lora is not None:  # the adapter in PEFT's format, and how to load the frozen base it adapts
-            def write_model(directory: Path) -> None:
+            def write_model(directory: Path) -> None:  # every rank (a ZeRO-3 adapter is gathered); rank 0 writes
                 self.lora.save_adapter(directory, self.student_cfg.name_or_path)
-                save_base_spec(self.student_cfg, directory)
+                if dist.is_main():
+                    save_base_spec(self.student_cfg, directory)
         else:
             write_model = None
         return ckpt.save_checkpoint(self.run_dir, self.step, self.student, self.tokenizer, self.trainer_state(),

@@ -106,8 +106,15 @@ class LoraStudent:
         self.model = peft_model.get_base_model()  # the HF model, adapters injected (the same object the trainer holds)
 
     def save_adapter(self, directory: Path, base_name_or_path: str | None = None) -> None:
-        """``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT's format; the adapter only)."""
-        self.peft_model.save_pretrained(str(directory), safe_serialization=True)
+        """``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT's format; the adapter only), written by rank 0.
+        Under ZeRO-3 the adapter's partitions are gathered first (a collective: every rank calls this)."""
+        from opd import distributed as dist
+
+        with gathered_adapter(self.model):
+            if dist.is_main():
+                self.peft_model.save_pretrained(str(directory), safe_serialization=True)
+        if not dist.is_main():
+            return
         if base_name_or_path is not None:  # where the frozen base comes from (opd-export and PeftModel read it)
             config_file = Path(directory) / ADAPTER_CONFIG
             config = json.loads(config_file.read_text())
@@ -152,6 +159,19 @@ def apply_lora(model: torch.nn.Module, cfg: LoraConfig, seed: int) -> LoraStuden
         except ValueError as err:  # PEFT's own checks (a layer type it cannot adapt, ...)
             raise ConfigError(f"student.lora: peft refused the adapters: {str(err).splitlines()[0]}") from None
     return LoraStudent(peft_model)
+
+
+@contextlib.contextmanager
+def gathered_adapter(model: torch.nn.Module) -> Iterator[None]:
+    """Inside: a ZeRO-3 student's adapter parameters whole on every rank (read-only); a no-op otherwise."""
+    params = [p for name, p in model.named_parameters() if "lora_" in name and hasattr(p, "ds_tensor")]
+    if not params:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        yield
 
 
 def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
