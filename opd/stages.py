@@ -38,6 +38,10 @@ _UNHASHED = ("name", "output_dir")  # (the staging keys are not in a stage's con
 #: the staging keys: a stage's own config has none of them (its teacher is already the fine-tuned one)
 _STAGE_KEYS = ("warm_start", "teacher_finetune")
 _UNHASHED_TRAINER = ("progress", "resume", "eval_batch_size")
+#: model keys (``student``/``teacher``) added after stage directories existed -> whether a value means "off": a key that
+#: is off is left out of the hash, so directories computed before it existed are found again (not trained twice)
+_OFF_WHEN_ABSENT = {"add_bos_token": lambda value: value is None,
+                    "lora": lambda value: not (value or {}).get("r")}
 
 
 def warm_start_section(cfg: DictConfig) -> WarmStartConfig | None:
@@ -113,9 +117,12 @@ def _stage_dir(cfg: DictConfig, stage: DictConfig, section: WarmStartConfig, fol
         return Path(section.dir).expanduser()
     content = {k: v for k, v in OmegaConf.to_container(stage, resolve=True).items() if k not in _UNHASHED}
     content["trainer"] = {k: v for k, v in content["trainer"].items() if k not in _UNHASHED_TRAINER}
-    teacher = content.get("teacher")
-    if isinstance(teacher, dict) and not (teacher.get("lora") or {}).get("r"):  # no adapters: as before LoRA existed
-        teacher.pop("lora", None)
+    for role in ("student", "teacher"):  # model keys added later, at their "off" value: the hash they had before
+        node = content.get(role)
+        if isinstance(node, dict):
+            for key, is_off in _OFF_WHEN_ABSENT.items():
+                if key in node and is_off(node[key]):
+                    del node[key]
     digest = hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:12]
     return Path("logs") / str(cfg.name) / folder / f"{section.method}-{digest}"
 

@@ -182,3 +182,33 @@ def test_a_lora_student_learns_from_the_toy_teacher(compose_cfg):
     after = held_out_loss()
     assert after < 0.92 * before, (before, after)
     assert not any(p.grad is not None for p in trainer.student.parameters() if not p.requires_grad)
+
+
+def test_lora_and_full_arms_share_one_warm_start(compose_cfg):
+    """A stage trains the whole model: ``student.lora`` belongs to the run's own stage, so a sweep's LoRA and full arms
+    build the same stage-1 config and share one warm start; a model key at its "off" value (no adapters, no BOS rule)
+    leaves the stage hash as it was before the key existed (stage directories computed then are found again)."""
+    import hashlib
+
+    from omegaconf import OmegaConf
+
+    from opd import stages
+
+    def warm_start_dir(*overrides: str) -> Path:
+        cfg = compose_cfg("+warm_start.method=sft", *overrides)
+        return stages.stage_one_dir(cfg, stages.stage_one_config(cfg))
+
+    full = warm_start_dir()
+    assert warm_start_dir("student.lora.r=8", "student.lora.alpha=16") == full
+    assert "lora" not in stages.stage_one_config(compose_cfg("+warm_start.method=sft", "student.lora.r=8")).student
+    # the hash of the stage config written without the keys added later (lora, add_bos_token)
+    cfg = compose_cfg("+warm_start.method=sft")
+    content = OmegaConf.to_container(stages.stage_one_config(cfg), resolve=True)
+    content = {k: v for k, v in content.items() if k not in stages._UNHASHED}
+    content["trainer"] = {k: v for k, v in content["trainer"].items() if k not in stages._UNHASHED_TRAINER}
+    for role in ("student", "teacher"):
+        for key in ("lora", "add_bos_token"):
+            content[role].pop(key, None)
+    digest = hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    assert full.name == f"sft-{digest}"
+    assert warm_start_dir("student.add_bos_token=false") != full  # a key that is on changes the hash

@@ -86,9 +86,9 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, trainer_state: d
     weights; the module's own when None), the tokenizer and ``trainer_state.pt``, then renames. ``in_flight``:
     this rank's rollouts already written for the coming steps (``trainer.max_staleness``), in
     ``in_flight_rank<r>.pt``; a resumed run trains on them instead of sampling those steps again.
-    ``write_model(tmp_dir)``: every rank calls it (it may gather), and it writes the student its own way instead of
-    ``save_pretrained`` (a LoRA student's adapter, :meth:`opd.models.lora.LoraStudent.save_adapter`). Multi-node runs need ``run_dir`` on a
-    filesystem every node sees.
+    ``write_model(tmp_dir)``: every rank calls it (it may gather); it writes the student its own way instead of
+    ``save_pretrained`` (a LoRA student's adapter, :meth:`opd.models.lora.LoraStudent.save_adapter`).
+    Multi-node runs need ``run_dir`` on a filesystem every node sees.
     """
     from opd import distributed as dist
 
