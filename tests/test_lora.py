@@ -7,6 +7,7 @@ two DeepSpeed processes); the vLLM engine's adapter sync is in tests/test_lora_v
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
