@@ -64,7 +64,18 @@ def test_bench_async_quick(capsys):
     assert results["opd max_staleness=2"]["staleness"] == 2 and "max_staleness=1:" in out
 
 
-@pytest.mark.parametrize("name", ["bench_loss", "bench_rollout", "bench_step", "bench_async"])
+def test_bench_lora_quick(capsys):
+    """Full vs LoRA on the toy pair: a LoRA student's optimizer state and checkpoint are far smaller, and OPSD's
+    teacher with the adapters off trains like the deep-copied one."""
+    results = load("bench_lora").main(["--quick", "--opsd"])
+    assert not any("error" in r for r in results.values()), results
+    full, lora = results["full"], results["lora r=8"]
+    assert lora["trainable"] < full["trainable"] / 4 and lora["optimizer_mib"] < full["optimizer_mib"] / 4
+    assert lora["checkpoint_mib"] < full["checkpoint_mib"] / 2
+    assert "| opsd lora r=8, teacher = adapters off |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["bench_loss", "bench_rollout", "bench_step", "bench_async", "bench_lora"])
 def test_benchmark_help(name, capsys):
     with pytest.raises(SystemExit) as exit_info:
         load(name).main(["--help"])

@@ -87,15 +87,18 @@ def test_the_engine_follows_adapter_updates(lora_sync):
         sampler.close()
 
 
-def test_short_lora_training_run_with_sampler_vllm(compose_cfg, tmp_path):
-    """opd-train with a LoRA student and sampler=vllm: rollouts from the engine's adapter, a sync per step."""
+@pytest.mark.parametrize("staleness", [0, 1], ids=["sync", "async"])
+def test_short_lora_training_run_with_sampler_vllm(compose_cfg, tmp_path, staleness):
+    """opd-train with a LoRA student and sampler=vllm: rollouts from the engine's adapter, a sync per step; with
+    ``trainer.max_staleness=1`` the rollout worker's own engine gets the adapter from the shared ring."""
     from opd.train import run
 
     student_dir = tmp_path / "wide_student"
     pad_attention_heads(AutoModelForCausalLM.from_pretrained(STUDENT, dtype=torch.float32)).save_pretrained(student_dir)
     AutoTokenizer.from_pretrained(STUDENT).save_pretrained(student_dir)
     summary = run(compose_cfg("sampler=vllm", "student.lora.r=8", "trainer.max_steps=3", "sampler.max_new_tokens=24",
-                              f"student.name_or_path={student_dir}", tiny_models=False))
+                              f"student.name_or_path={student_dir}", f"trainer.max_staleness={staleness}",
+                              tiny_models=False))
     assert summary["steps"] == 3 and summary["tokens"] > 0
     rows_ = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert sum("train/loss" in r for r in rows_) == 3
