@@ -198,6 +198,12 @@ def describe(values: list[float | None]) -> dict[str, Any]:
             "ci95": mean_confidence_interval(values) if len(values) > 1 else None, "per_seed": values}
 
 
+#: what the report keeps of the warm start's summary (its teacher's accuracy is the fine-tuned teacher's, which an arm
+#: whose teacher is the student itself, OPSD, does not report)
+WARM_START_KEYS = ("method", "steps", "teacher_accuracy", "student_accuracy_after", "student_eos_rate_after",
+                   "student_mean_length_after", "student_teacher_rkl_after", "wall_time_s", "run_dir")
+
+
 def analyse(root: Path, seeds: list[int]) -> dict[str, Any]:
     runs: dict[str, dict[int, dict[str, Any]]] = {}
     for arm_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.exists() else []:
@@ -220,9 +226,8 @@ def analyse(root: Path, seeds: list[int]) -> dict[str, Any]:
             "start_accuracy": finals[0].get("student_accuracy_before"),
             "teacher_accuracy": finals[0].get("teacher_accuracy"),
             "eval_examples": finals[0].get("eval_examples"),
-            "warm_start": {k: finals[0]["warm_start"].get(k) for k in ("method", "steps", "student_accuracy_after",
-                           "student_eos_rate_after", "student_mean_length_after", "student_teacher_rkl_after",
-                           "wall_time_s", "run_dir")} if finals[0].get("warm_start") else None,
+            "warm_start": {k: finals[0]["warm_start"].get(k) for k in WARM_START_KEYS}
+            if finals[0].get("warm_start") else None,
             "teacher_finetune": {k: finals[0]["teacher_finetune"].get(k) for k in ("method", "steps",
                                  "student_accuracy_before", "student_accuracy_after", "wall_time_s", "run_dir")}
             if finals[0].get("teacher_finetune") else None,
@@ -304,8 +309,9 @@ def format_results(analysis: dict[str, Any], claims: list[dict[str, Any]]) -> st
         if ws and not any(line.startswith(f"- warm start {ws['run_dir']}") for line in lines):
             sharing = [name for name, other in table.items() if (other["warm_start"] or {}).get("run_dir") == ws["run_dir"]]
             lines.append(f"- warm start {ws['run_dir']} (arms {', '.join(sharing)}): "
-                         f"{ws['method']} for {ws['steps']} steps; teacher {pct(row['teacher_accuracy'])} %, student after "
-                         f"the warm start {pct(ws['student_accuracy_after'])} % on {row['eval_examples']} held-out problems, "
+                         f"{ws['method']} for {ws['steps']} steps; its teacher {pct(ws.get('teacher_accuracy'))} %, "
+                         f"student after the warm start {pct(ws['student_accuracy_after'])} % on {row['eval_examples']} "
+                         "held-out problems, "
                          "greedy EOS "
                          f"rate {pct(ws['student_eos_rate_after'])} %, mean length {ws['student_mean_length_after']:.1f} tokens, "
                          f"teacher RKL {ws['student_teacher_rkl_after']:.3f} nats/token, {ws['wall_time_s']:.0f} s")

@@ -273,14 +273,21 @@ def test_opsd_is_judged_on_its_own_gain_paired_over_seeds(tmp_path):
             directory = tmp_path / arm / f"seed{seed}"
             write_run(directory, {0: 0.5, 40: final}, 1.0, final)
             summary = json.loads((directory / "summary.json").read_text())
-            (directory / "summary.json").write_text(json.dumps({**summary, "student_accuracy_before": 0.5,
-                                                                "student_eos_rate_after": 1.0,
-                                                                "student_mean_length_after": 3.0}))
+            # every arm starts from one warm start, whose teacher (the fine-tuned one) scored 70 %; OPSD's own teacher
+            # is its starting student (50 %): the warm-start line must report the former, whichever arm comes first
+            warm = {"method": "seqkd", "steps": 100, "teacher_accuracy": 0.7, "student_accuracy_after": 0.5,
+                    "student_eos_rate_after": 1.0, "student_mean_length_after": 3.0, "student_teacher_rkl_after": 0.3,
+                    "wall_time_s": 10.0, "run_dir": "logs/warm"}
+            (directory / "summary.json").write_text(json.dumps({
+                **summary, "student_accuracy_before": 0.5, "student_eos_rate_after": 1.0,
+                "student_mean_length_after": 3.0, "warm_start": warm,
+                "teacher_accuracy": 0.5 if arm == "opsd" else 0.69}))  # (the arms: not what the line reads)
     claims = {c["claim"]: c for c in study.verdicts(study.analyse(tmp_path, [0, 1, 2]))}
     gain = claims["OPSD improves its starting student (after - before, paired)"]
     assert gain["difference"] == pytest.approx(0.12) and gain["verdict"] == "holds"
     assert claims["opsd beats SeqKD at equal steps"]["verdict"] == "holds"
-    assert "| opsd | 3 |" in study.format_results(study.analyse(tmp_path, [0, 1, 2]), list(claims.values()))
+    text = study.format_results(study.analyse(tmp_path, [0, 1, 2]), list(claims.values()))
+    assert "| opsd | 3 |" in text and "its teacher 70.0 %" in text
 
 
 def test_the_record_archive_rebuilds_the_report_without_the_run_directories(tmp_path):
