@@ -134,3 +134,15 @@ def test_distillm_replay_buffer_and_threshold_survive_a_restore(compose_cfg, tmp
     assert list(second.method.policy.buffer) == list(first.method.policy.buffer)
     assert second.method.policy.threshold == first.method.policy.threshold
     assert second.step == 3 and second.prompts.state_dict() == first.prompts.state_dict()
+
+
+def test_a_run_interrupted_before_its_first_checkpoint_restarts_with_one_row_per_step(compose_cfg, tmp_path):
+    """trainer.resume=auto with no checkpoint starts afresh: the rows the interrupted attempt logged (its steps are
+    trained again) are dropped, not left beside the new ones (a study's curves would count those steps twice)."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "train/loss": 9.0}) + "\n" for s in range(1, 4)))
+    run(compose_cfg("trainer.max_steps=3", "trainer.resume=auto"))
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [row["step"] for row in rows if "train/loss" in row]
+    assert steps == [1, 2, 3] and all(row["train/loss"] != 9.0 for row in rows if "train/loss" in row)

@@ -517,10 +517,14 @@ class Trainer:
         self.rollouts.load_in_flight(ckpt.load_in_flight(checkpoint), self.device)
 
     def attach_logger(self, logger: JsonlLogger) -> None:
-        """Use ``logger`` for metrics; after :meth:`restore`, rows past the restored step are dropped from it."""
+        """Use ``logger`` for metrics; after :meth:`restore`, rows past the restored step are dropped from it, and on a
+        fresh start every row an earlier attempt left (one interrupted before its first checkpoint: its steps are
+        trained again, so its rows would appear twice)."""
         self.logger = logger
         if self.restored_from is not None:
             logger.truncate_after(self.step)
+        else:
+            logger.truncate_after(-1)
 
     # ------------------------------------------------------------------ the run
     def fit(self) -> dict[str, Any]:
