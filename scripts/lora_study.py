@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from real_opd_protocol import archive_run, comparison_fields, describe, pct  # noqa: E402
+from real_opd_protocol import archive_run, comparison_fields, describe, pct, run_cell  # noqa: E402
 
 from opd.report import compare_arms  # noqa: E402
 
@@ -41,24 +39,6 @@ ARMS: dict[str, list[str]] = {
     "lora8": [*GKD_ON_POLICY, "student.lora.r=8", f"trainer.lr={LORA_LR}"],
     "lora32": [*GKD_ON_POLICY, "student.lora.r=32", f"trainer.lr={LORA_LR}"],
 }
-
-
-def run_cell(root: Path, arm: str, seed: int, log) -> None:
-    """One run into ``root/<arm>/seed<k>`` (skipped when finished)."""
-    out = root / arm / f"seed{seed}"
-    if (out / "summary.json").exists():
-        print(f"  {arm} seed {seed}: done before", file=log, flush=True)
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    command = [str(ROOT / ".venv" / "bin" / "opd-train"), f"experiment={EXPERIMENT}", *ARMS[arm], f"seed={seed}",
-               f"output_dir={out}", "trainer.resume=auto", "trainer.progress=false"]
-    started = time.time()
-    print(f"[{time.strftime('%H:%M:%S')}] {arm} seed {seed}: {' '.join(command[1:])}", file=log, flush=True)
-    with open(out / "stdout.log", "a") as handle:
-        code = subprocess.call(command, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT)
-    if code != 0:
-        raise SystemExit(f"{arm} seed {seed} failed (exit {code}); see {out / 'stdout.log'}")
-    print(f"  {arm} seed {seed}: {time.time() - started:.0f} s", file=log, flush=True)
 
 
 def read(root: Path) -> dict[str, dict[int, dict[str, Any]]]:
@@ -91,9 +71,9 @@ def report(runs: dict[str, dict[int, dict[str, Any]]]) -> tuple[dict[str, Any], 
             continue
         a, b = table[arm]["accuracy_after"]["per_seed"], table["full"]["accuracy_after"]["per_seed"]
         if len(a) < 2 or len(b) < 2:
-            claims.append({"claim": f"{arm} differs from full fine-tuning", "verdict": "not run (fewer than 2 seeds)"})
+            claims.append({"claim": f"{arm} beats full fine-tuning", "verdict": "not run (fewer than 2 seeds)"})
             continue
-        claims.append({"claim": f"{arm} differs from full fine-tuning at equal steps", "arms": [arm, "full"], "a": a,
+        claims.append({"claim": f"{arm} beats full fine-tuning at equal steps", "arms": [arm, "full"], "a": a,
                        "b": b, **comparison_fields(compare_arms(a, b, eval_examples=table[arm]["eval_examples"]))})
     lines = ["| arm | lr | seeds | accuracy before | accuracy after (mean ± std) | per seed | step s (median) |",
              "|---|---|---|---|---|---|---|"]
@@ -121,7 +101,7 @@ def main() -> None:
     if not args.only_report:
         for seed in args.seeds:  # seed-major: an early stop leaves every arm with the same seeds
             for arm in args.arms:
-                run_cell(args.runs_dir, arm, seed, sys.stdout)
+                run_cell(args.runs_dir, arm, seed, [f"experiment={EXPERIMENT}", *ARMS[arm]], "", sys.stdout)
                 archive_run(args.runs_dir / arm / f"seed{seed}", args.out / "runs" / arm / f"seed{seed}")
     runs = read(args.runs_dir if args.runs_dir.exists() else args.out / "runs")
     analysis, text = report(runs)

@@ -213,3 +213,31 @@ def test_lora_and_full_arms_share_one_warm_start(compose_cfg):
     digest = hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:12]
     assert full.name == f"sft-{digest}"
     assert warm_start_dir("student.add_bos_token=false") != full  # a key that is on changes the hash
+
+
+def test_the_lora_study_reports_each_arm_and_judges_lora_against_full(tmp_path):
+    """scripts/lora_study.py's report: accuracy per arm over seeds, step seconds, and a verdict per rank against full
+    fine-tuning ("reversed": LoRA significantly lower; an interval that covers 0 is "not shown")."""
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "lora_study.py"
+    spec = importlib.util.spec_from_file_location("lora_study", path)
+    study = importlib.util.module_from_spec(spec)
+    sys.modules["lora_study"] = study
+    spec.loader.exec_module(study)
+    finals = {"full": [0.50, 0.52, 0.51], "lora8": [0.40, 0.41, 0.42], "lora32": [0.50, 0.53, 0.50]}
+    for arm, values in finals.items():
+        for seed, final in enumerate(values):
+            directory = tmp_path / arm / f"seed{seed}"
+            directory.mkdir(parents=True)
+            rows = [{"step": s, "time/step_s": 2.0 if arm == "full" else 1.5} for s in range(1, 5)]
+            (directory / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            (directory / "summary.json").write_text(json.dumps({"student_accuracy_after": final, "eval_examples": 256,
+                                                                "student_accuracy_before": 0.55}))
+    analysis, text = study.report(study.read(tmp_path))
+    assert "| lora8 | 0.0005 | 3 | 55.0 | 41.0 ± 1.0 |" in text and "| full | 5e-05 | 3 |" in text
+    verdicts = {c["claim"]: c["verdict"] for c in analysis["claims"]}
+    assert verdicts["lora8 beats full fine-tuning at equal steps"] == "reversed"
+    assert verdicts["lora32 beats full fine-tuning at equal steps"] == "not shown"
+    assert analysis["table"]["full"]["step_s"]["mean"] == 2.0
