@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from real_opd_protocol import archive_run, comparison_fields, describe, pct, run_cell  # noqa: E402
+from real_opd_protocol import archive_run, claims_table, comparison_fields, describe, pct, run_cell  # noqa: E402
 
 from opd.report import compare_arms  # noqa: E402
 
@@ -83,10 +83,7 @@ def report(runs: dict[str, dict[int, dict[str, Any]]]) -> tuple[dict[str, Any], 
         lines.append(f"| {arm} | {lr} | {len(row['seeds'])} | {pct(before['mean'])} | {pct(after['mean'])} ± "
                      f"{pct(after['std']) if after['std'] is not None else '–'} | "
                      f"{', '.join(pct(v) for v in after['per_seed'])} | {row['step_s']['mean']:.2f} |")
-    lines.append("")
-    for claim in claims:
-        lines.append(f"- {claim['claim']}: " + (claim.get("verdict") or json.dumps(
-            {k: v for k, v in claim.items() if k not in ("claim", "arms")}, default=str)))
+    lines += ["", *claims_table(claims)]
     return {"table": table, "claims": claims}, "\n".join(lines) + "\n"
 
 

@@ -355,8 +355,14 @@ def format_results(analysis: dict[str, Any], claims: list[dict[str, Any]]) -> st
             agreement = "n/a" if math.isnan(rkl) else f"{rkl:.2f}"  # an arm that measures none (OPSD)
             cells.append(f"{100 * accuracy:.1f} / {100 * eos:.0f} % / {agreement} / {statistics.fmean(secs):.0f} s")
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
-    lines += ["", "| claim | difference (points) | 95 % CI | verdict | smallest detectable difference | note |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", *claims_table(claims)]
+    return "\n".join(lines) + "\n"
+
+
+def claims_table(claims: list[dict[str, Any]]) -> list[str]:
+    """The verdicts as markdown rows: difference, 95 % CI and smallest detectable difference in points."""
+    lines = ["| claim | difference (points) | 95 % CI | verdict | smallest detectable difference | note |",
+             "|---|---|---|---|---|---|"]
     for claim in claims:
         if "difference" not in claim:
             lines.append(f"| {claim['claim']} | | | {claim['verdict']} | | |")
@@ -365,7 +371,7 @@ def format_results(analysis: dict[str, Any], claims: list[dict[str, Any]]) -> st
                      f"{100 * claim['ci_high']:+.1f}] | **{claim['verdict']}** | "
                      f"{100 * claim['min_detectable_difference']:.1f} | {claim.get('note') or ''} "
                      f"{claim.get('comparison_note') or ''} |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def plot_curves(analysis: dict[str, Any], out: Path) -> list[Path]:
