@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     parser.add_argument("--vllm", action="store_true", help="also sampler=vllm: weight-sync bytes and seconds")
     parser.add_argument("--opsd", action="store_true", help="also OPSD: the base as teacher, shared vs copied")
     parser.add_argument("--quick", action="store_true", help="the toy pair, 2 steps (a smoke test)")
+    parser.add_argument("--only", nargs="+", help="run only the variants with these names (default: every one selected)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -118,6 +119,11 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         variants.update(VLLM_VARIANTS)
     if args.opsd:
         variants.update(OPSD_VARIANTS)
+    if args.only:
+        unknown = sorted(set(args.only) - set(variants))
+        if unknown:
+            parser.error(f"--only: unknown variants {unknown}; known: {sorted(variants)}")
+        variants = {name: overrides for name, overrides in variants.items() if name in args.only}
     rows, results = [], {}
     for name, overrides in variants.items():
         result = run_worker(Path(__file__), {"overrides": [*base, *overrides], "steps": steps, "threads": args.threads},
