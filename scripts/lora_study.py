@@ -94,11 +94,14 @@ def main() -> None:
     parser.add_argument("--runs-dir", type=Path, default=ROOT / "logs" / "lora_study")
     parser.add_argument("--out", type=Path, required=True, help="the record directory (results.md, results.json, runs/)")
     parser.add_argument("--only-report", action="store_true")
+    parser.add_argument("--threads", type=int, help="trainer.num_threads of every run (default: the experiment's 2); "
+                                                     "1 lets two jobs share a 2-core machine without oversubscribing it")
     args = parser.parse_args()
     if not args.only_report:
         for seed in args.seeds:  # seed-major: an early stop leaves every arm with the same seeds
             for arm in args.arms:
-                run_cell(args.runs_dir, arm, seed, [f"experiment={EXPERIMENT}", *ARMS[arm]], "", sys.stdout)
+                threads = [f"trainer.num_threads={args.threads}"] if args.threads else []
+                run_cell(args.runs_dir, arm, seed, [f"experiment={EXPERIMENT}", *ARMS[arm], *threads], "", sys.stdout)
                 archive_run(args.runs_dir / arm / f"seed{seed}", args.out / "runs" / arm / f"seed{seed}")
     runs = read(args.runs_dir if args.runs_dir.exists() else args.out / "runs")
     analysis, text = report(runs)
