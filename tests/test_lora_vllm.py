@@ -87,7 +87,9 @@ def test_the_engine_follows_adapter_updates(lora_sync):
         sampler.close()
 
 
-@pytest.mark.parametrize("staleness", [0, 1], ids=["sync", "async"])
+# async is slow-marked (a second engine in the rollout worker, ~1 min): make test keeps the adapter-only ring
+# (tests/test_lora.py) and the engine's adapter sync (above)
+@pytest.mark.parametrize("staleness", [0, pytest.param(1, marks=pytest.mark.slow)], ids=["sync", "async"])
 def test_short_lora_training_run_with_sampler_vllm(compose_cfg, tmp_path, staleness):
     """opd-train with a LoRA student and sampler=vllm: rollouts from the engine's adapter, a sync per step; with
     ``trainer.max_staleness=1`` the rollout worker's own engine gets the adapter from the shared ring."""
