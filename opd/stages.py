@@ -38,6 +38,9 @@ _UNHASHED = ("name", "output_dir")  # (the staging keys are not in a stage's con
 #: the staging keys: a stage's own config has none of them (its teacher is already the fine-tuned one)
 _STAGE_KEYS = ("warm_start", "teacher_finetune")
 _UNHASHED_TRAINER = ("progress", "resume", "eval_batch_size")
+#: trainer keys that say how a stage runs, not what it learns: in its hash (as they always were), but a finished stage
+#: that differs from the one asked for only in these is found and reused (:func:`_stage_dir`)
+_EXECUTION_TRAINER = ("num_threads", "rollout_num_threads")
 #: model keys (``student``/``teacher``) added after stage directories existed -> whether a value means "off": a key that
 #: is off is left out of the hash, so directories computed before it existed are found again (not trained twice)
 _OFF_WHEN_ABSENT = {"add_bos_token": lambda value: value is None,
@@ -111,10 +114,9 @@ def stage_zero_config(cfg: DictConfig) -> DictConfig:
     return OmegaConf.create(stage)
 
 
-def _stage_dir(cfg: DictConfig, stage: DictConfig, section: WarmStartConfig, folder: str) -> Path:
-    """``section.dir``, else ``logs/<name>/<folder>/<method>-<12 hex digits of the stage config's hash>``."""
-    if section.dir:
-        return Path(section.dir).expanduser()
+def _stage_content(stage: DictConfig) -> dict[str, Any]:
+    """What names a stage: its config without run names, paths and display keys, and without model keys that are off
+    (:data:`_OFF_WHEN_ABSENT`)."""
     content = {k: v for k, v in OmegaConf.to_container(stage, resolve=True).items() if k not in _UNHASHED}
     content["trainer"] = {k: v for k, v in content["trainer"].items() if k not in _UNHASHED_TRAINER}
     for role in ("student", "teacher"):  # model keys added later, at their "off" value: the hash they had before
@@ -123,8 +125,34 @@ def _stage_dir(cfg: DictConfig, stage: DictConfig, section: WarmStartConfig, fol
             for key, is_off in _OFF_WHEN_ABSENT.items():
                 if key in node and is_off(node[key]):
                     del node[key]
+    return content
+
+
+def _what_it_learns(content: dict[str, Any]) -> dict[str, Any]:
+    """``content`` without the trainer keys that say how a stage runs, not what it learns (:data:`_EXECUTION_TRAINER`)."""
+    return {**content, "trainer": {k: v for k, v in content["trainer"].items() if k not in _EXECUTION_TRAINER}}
+
+
+def _stage_dir(cfg: DictConfig, stage: DictConfig, section: WarmStartConfig, folder: str) -> Path:
+    """``section.dir``, else ``logs/<name>/<folder>/<method>-<12 hex digits of the stage config's hash>``; when that
+    directory does not exist, a finished stage in ``folder`` whose recorded config differs only in how it ran (CPU
+    threads) is reused instead of training the same stage again."""
+    if section.dir:
+        return Path(section.dir).expanduser()
+    content = _stage_content(stage)
     digest = hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    return Path("logs") / str(cfg.name) / folder / f"{section.method}-{digest}"
+    root = Path("logs") / str(cfg.name) / folder
+    path = root / f"{section.method}-{digest}"
+    if not path.exists() and root.is_dir():
+        want = _what_it_learns(content)
+        for candidate in sorted(root.glob(f"{section.method}-*")):
+            recorded = candidate / "resolved_config.yaml"
+            if (candidate / "summary.json").is_file() and recorded.is_file() \
+                    and _what_it_learns(_stage_content(OmegaConf.load(recorded))) == want:
+                print(f"opd-train: {folder}: {candidate} is this stage (run with other CPU threads); reusing it",
+                      flush=True)
+                return candidate
+    return path
 
 
 def stage_one_dir(cfg: DictConfig, stage: DictConfig) -> Path:

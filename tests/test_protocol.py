@@ -309,3 +309,26 @@ def test_the_record_archive_rebuilds_the_report_without_the_run_directories(tmp_
     assert study.verdicts(from_record) == study.verdicts(from_logs)
     study.archive_run(record / "runs" / "seqkd" / "seed0", record / "runs" / "seqkd" / "seed0")  # onto itself: no-op
     assert (record / "runs" / "seqkd" / "seed0" / "summary.json").exists()
+
+
+def test_a_finished_stage_run_with_other_cpu_threads_is_reused(compose_cfg, tmp_path, monkeypatch):
+    """trainer.num_threads says how a stage runs, not what it learns: a finished warm start recorded with 1 thread
+    serves a run asking for 2 (its hash differs), while a stage that learns something else is not taken for it."""
+    from omegaconf import OmegaConf
+
+    from opd import stages
+
+    monkeypatch.chdir(tmp_path)
+    warm = "+warm_start={method: sft, trainer: {max_steps: 3}}"
+    cfg = compose_cfg(warm)  # trainer.num_threads=1
+    stage = stages.stage_one_config(cfg)
+    finished = stages.stage_one_dir(cfg, stage)
+    finished.mkdir(parents=True)
+    (finished / "resolved_config.yaml").write_text(OmegaConf.to_yaml(stage, resolve=True))
+    (finished / "summary.json").write_text("{}")
+    other_threads = compose_cfg(warm, "trainer.num_threads=2")
+    assert stages.stage_one_dir(other_threads, stages.stage_one_config(other_threads)) == finished
+    other_lr = compose_cfg(warm, "trainer.lr=0.5")  # the stage inherits the run's lr: it learns something else
+    assert stages.stage_one_dir(other_lr, stages.stage_one_config(other_lr)) != finished
+    (finished / "summary.json").unlink()  # an unfinished run is not reused either
+    assert stages.stage_one_dir(other_threads, stages.stage_one_config(other_threads)) != finished
