@@ -281,6 +281,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         ("student accuracy after", pct(summary["student_accuracy_after"])),
         ("eval examples", summary["eval_examples"]),
         ("steps", summary["steps"]),
+        *([("parameters trained", f"{summary['trainable_parameters']:,} of {summary['parameters']:,} (LoRA)")]
+          if summary.get("trainable_parameters") not in (None, summary.get("parameters")) else []),
         ("completion tokens trained", summary["tokens"]),
         ("wall time", f"{summary['wall_time_s']:.1f} s"),
         ("run directory", summary["run_dir"]),

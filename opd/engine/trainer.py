@@ -49,6 +49,7 @@ from opd.models.dropout import disable_dropout
 from opd.models.loading import check_model_path, load_model, load_tokenizer, resolve_device, save_base_spec
 from opd.models.lora import AdaptersOff, LoraStudent, apply_lora
 from opd.models.scoring import completion_logits, linear_head, trim_vocabulary
+from opd.models.weights import parameter_counts
 from opd.sampling.base import eos_token_ids, suppress_padding_ids
 from opd.sampling.behaviour import RolloutContext
 from opd.teachers import Teacher
@@ -576,6 +577,7 @@ class Trainer:
             "evaluated_on": self.cfg.evaluate_on,  # "validation" in a tuning run: the accuracies are validation ones
             "steps": self.step,
             "tokens": self.tokens_trained,
+            **dict(zip(("parameters", "trainable_parameters"), parameter_counts(self.student))),
             "skipped_steps": self.skipped_total,
             **self.overlong.summary(),  # the share of sampled completions cut before EOS (None: none sampled)
             "wall_time_s": round(time.perf_counter() - started, 2),

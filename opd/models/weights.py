@@ -78,3 +78,10 @@ def _gathered_named_tensors(model: torch.nn.Module):
 def cpu_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every tensor of ``model`` as a CPU copy (:func:`named_full_tensors`, so tied names and ZeRO-3 included)."""
     return {name: tensor.detach().cpu().clone() for name, tensor in named_full_tensors(model)}
+
+
+def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
+    """(all parameters, those the optimizer trains) of ``model``, whole also under ZeRO-3 (``ds_numel``: a partitioned
+    parameter's full size, its local tensor being empty). A LoRA student's adapters count in both."""
+    sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in model.parameters()]
+    return sum(n for n, _ in sizes), sum(n for n, trained in sizes if trained)
