@@ -67,7 +67,10 @@ def test_bench_async_quick(capsys):
 def test_bench_lora_quick(capsys):
     """Full vs LoRA on the toy pair: a LoRA student's optimizer state and checkpoint are far smaller, and OPSD's
     teacher with the adapters off trains like the deep-copied one."""
-    results = load("bench_lora").main(["--quick", "--opsd"])
+    # three fresh processes (~10 s each to import torch, transformers and peft): the full student, rank 8, and OPSD's
+    # teacher with the adapters off
+    results = load("bench_lora").main(["--quick", "--opsd", "--only", "full", "lora r=8",
+                                       "opsd lora r=8, teacher = adapters off"])
     assert not any("error" in r for r in results.values()), results
     full, lora = results["full"], results["lora r=8"]
     assert lora["trainable"] < full["trainable"] / 4 and lora["optimizer_mib"] < full["optimizer_mib"] / 4
