@@ -64,6 +64,7 @@ def report(runs: dict[str, dict[int, dict[str, Any]]]) -> tuple[dict[str, Any], 
                       "accuracy_after": describe([r["summary"]["student_accuracy_after"] for r in seeds.values()]),
                       "accuracy_before": describe([r["summary"]["student_accuracy_before"] for r in seeds.values()]),
                       "step_s": describe([r["step_s"] for r in seeds.values()]),
+                      "teacher_rkl_after": describe([r["summary"].get("student_teacher_rkl_after") for r in seeds.values()]),
                       "eval_examples": next(iter(seeds.values()))["summary"]["eval_examples"]}
     claims = []
     for arm in ("lora8", "lora32"):
@@ -75,14 +76,15 @@ def report(runs: dict[str, dict[int, dict[str, Any]]]) -> tuple[dict[str, Any], 
             continue
         claims.append({"claim": f"{arm} beats full fine-tuning at equal steps", "arms": [arm, "full"], "a": a,
                        "b": b, **comparison_fields(compare_arms(a, b, eval_examples=table[arm]["eval_examples"]))})
-    lines = ["| arm | lr | seeds | accuracy before | accuracy after (mean ± std) | per seed | step s (median) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| arm | lr | seeds | accuracy before | accuracy after (mean ± std) | per seed | teacher RKL after "
+             "(nats/token) | step s (median; load-dependent) |", "|---|---|---|---|---|---|---|---|"]
     for arm, row in table.items():
         after, before = row["accuracy_after"], row["accuracy_before"]
         lr = next(o.split("=")[1] for o in ARMS[arm] if o.startswith("trainer.lr="))
         lines.append(f"| {arm} | {lr} | {len(row['seeds'])} | {pct(before['mean'])} | {pct(after['mean'])} ± "
                      f"{pct(after['std']) if after['std'] is not None else '–'} | "
-                     f"{', '.join(pct(v) for v in after['per_seed'])} | {row['step_s']['mean']:.2f} |")
+                     f"{', '.join(pct(v) for v in after['per_seed'])} | "
+                     f"{row['teacher_rkl_after']['mean']:.3f} | {row['step_s']['mean']:.2f} |")
     lines += ["", *claims_table(claims)]
     return {"table": table, "claims": claims}, "\n".join(lines) + "\n"
 

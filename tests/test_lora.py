@@ -234,9 +234,10 @@ def test_the_lora_study_reports_each_arm_and_judges_lora_against_full(tmp_path):
             rows = [{"step": s, "time/step_s": 2.0 if arm == "full" else 1.5} for s in range(1, 5)]
             (directory / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
             (directory / "summary.json").write_text(json.dumps({"student_accuracy_after": final, "eval_examples": 256,
-                                                                "student_accuracy_before": 0.55}))
+                                                                "student_accuracy_before": 0.55,
+                                                                "student_teacher_rkl_after": 0.3}))
     analysis, text = study.report(study.read(tmp_path))
-    assert "| lora8 | 0.0005 | 3 | 55.0 | 41.0 ± 1.0 |" in text and "| full | 5e-05 | 3 |" in text
+    assert "| lora8 | 0.0005 | 3 | 55.0 | 41.0 ± 1.0 | 40.0, 41.0, 42.0 | 0.300 |" in text and "| full | 5e-05 | 3 |" in text
     verdicts = {c["claim"]: c["verdict"] for c in analysis["claims"]}
     assert verdicts["lora8 beats full fine-tuning at equal steps"] == "reversed"
     assert verdicts["lora32 beats full fine-tuning at equal steps"] == "not shown"
