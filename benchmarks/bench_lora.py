@@ -37,20 +37,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import compose_train_config, markdown_table, peak_rss_bytes, print_machine, run_worker  # noqa: E402
 
 MIB = 1 << 20
-REAL = ["experiment=real_opd_finetuned_teacher", "teacher_finetune=null", "warm_start=null", "method=gkd",
-        "method.lmbda=1", "method.beta=0.5", "trainer.eval_teacher_kl=false"]
+REAL = ["experiment=real_opd_finetuned_teacher", "teacher_finetune=null", "warm_start=null",
+        "trainer.eval_teacher_kl=false"]
 QUICK = ["debug=tiny", "teacher=toy", "student=toy", "trainer.batch_size=8"]
+GKD = ["method=gkd", "method.lmbda=1", "method.beta=0.5"]  # the study's on-policy arm
 #: variant -> overrides (and flags for the worker)
 VARIANTS = {
-    "full": [],
-    "lora r=8": ["student.lora.r=8"],
-    "lora r=32": ["student.lora.r=32"],
+    "full": [*GKD],
+    "lora r=8": [*GKD, "student.lora.r=8"],
+    "lora r=32": [*GKD, "student.lora.r=32"],
 }
 VLLM_VARIANTS = {
-    "full, vllm": ["sampler=vllm"],
-    "lora r=8, vllm adapter": ["sampler=vllm", "student.lora.r=8", "sampler.lora_sync=adapter"],
-    "lora r=8, vllm merged": ["sampler=vllm", "student.lora.r=8", "sampler.lora_sync=merged"],
-    "lora r=32, vllm adapter": ["sampler=vllm", "student.lora.r=32", "sampler.lora_sync=adapter"],
+    "full, vllm": [*GKD, "sampler=vllm"],
+    "lora r=8, vllm adapter": [*GKD, "sampler=vllm", "student.lora.r=8", "sampler.lora_sync=adapter"],
+    "lora r=8, vllm merged": [*GKD, "sampler=vllm", "student.lora.r=8", "sampler.lora_sync=merged"],
+    "lora r=32, vllm adapter": [*GKD, "sampler=vllm", "student.lora.r=32", "sampler.lora_sync=adapter"],
 }
 OPSD_VARIANTS = {
     "opsd lora r=8, teacher = adapters off": ["method=opsd", "student.lora.r=8"],

@@ -104,3 +104,15 @@ def test_short_lora_training_run_with_sampler_vllm(compose_cfg, tmp_path, stalen
     assert summary["steps"] == 3 and summary["tokens"] > 0
     rows_ = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert sum("train/loss" in r for r in rows_) == 3
+
+
+def test_auto_sync_is_merged_on_cpu_and_the_adapter_on_gpu(monkeypatch):
+    """``lora_sync=auto`` follows the measurement (benchmarks/RESULTS.md, "LoRA students"): merged on CPU, where vLLM's
+    LoRA kernels run uncompiled and the whole step was faster merged; the adapter on GPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert VLLMSampler(lora_sync="auto").resolved_lora_sync() == "merged"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert VLLMSampler(lora_sync="auto").resolved_lora_sync() == "adapter"
+    assert VLLMSampler(lora_sync="adapter").resolved_lora_sync() == "adapter"
+    with pytest.raises(ValueError, match="lora_sync"):
+        VLLMSampler(lora_sync="both")
