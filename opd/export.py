@@ -42,7 +42,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, from_zero: bo
         OPDError: a missing or unreadable checkpoint, or a non-empty ``out_dir``.
     """
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
-    if is_adapter_directory(checkpoint) and not (checkpoint / "config.json").is_file() and not from_zero:
+    if is_adapter_directory(checkpoint) and not from_zero:
         if out_dir.exists() and any(out_dir.iterdir()):
             raise OPDError(f"{str(out_dir)!r} exists and is not empty; choose a new directory")
         _export_merged_adapter(checkpoint, out_dir)

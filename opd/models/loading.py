@@ -50,7 +50,7 @@ def check_model_path(spec: ModelConfig, role: str) -> None:
         return
     if not Path(path).is_dir():
         raise ModelLoadError(f"{role}.name_or_path: no model directory at {path!r}")
-    if is_adapter_directory(path) and not (Path(path) / "config.json").is_file():  # a LoRA student's checkpoint
+    if is_adapter_directory(path):  # a LoRA student's checkpoint
         base_spec(path, role)
         return
     config_file = Path(path) / "config.json"
@@ -114,7 +114,7 @@ def load_model(spec: ModelConfig, role: str, device: torch.device):
 
     check_model_path(spec, role)
     path = os.path.expanduser(spec.name_or_path)
-    if is_adapter_directory(path) and not (Path(path) / "config.json").is_file():
+    if is_adapter_directory(path):
         # a LoRA checkpoint: its base as that run loaded it, with the adapter merged in (a plain model again)
         base = load_model(dataclasses.replace(base_spec(path, role), dtype=spec.dtype), role, device)
         return load_merged(path, base).to(device)

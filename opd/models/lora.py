@@ -48,19 +48,22 @@ def has_adapters(model: torch.nn.Module | None) -> bool:
     if model is None:
         return False
     try:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-    except ImportError:
+        return bool(_tuner_layers(model))
+    except ImportError:  # no peft installed: no adapters either
         return False
-    return any(isinstance(module, BaseTunerLayer) for module in model.modules())
+
+
+def _linear_module_paths(model: torch.nn.Module) -> list[str]:
+    """The full names of ``model``'s linear layers (``nn.Linear`` and GPT-2's ``Conv1D``)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return [name for name, module in model.named_modules() if isinstance(module, (torch.nn.Linear, Conv1D)) and name]
 
 
 def linear_module_names(model: torch.nn.Module) -> list[str]:
-    """The distinct last names of ``model``'s linear layers (``nn.Linear`` and GPT-2's ``Conv1D``): what
-    ``student.lora.target_modules`` can name, e.g. ``['down_proj', 'gate_proj', 'k_proj', 'lm_head', ...]``."""
-    from transformers.pytorch_utils import Conv1D
-
-    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                   if isinstance(module, (torch.nn.Linear, Conv1D)) and name})
+    """The distinct last names of ``model``'s linear layers: what ``student.lora.target_modules`` can name, e.g.
+    ``['down_proj', 'gate_proj', 'k_proj', 'lm_head', ...]``."""
+    return sorted({name.rsplit(".", 1)[-1] for name in _linear_module_paths(model)})
 
 
 def check_target_modules(model: torch.nn.Module, targets: Any) -> None:
@@ -73,9 +76,7 @@ def check_target_modules(model: torch.nn.Module, targets: Any) -> None:
     """
     if targets == "all-linear":
         return
-    from transformers.pytorch_utils import Conv1D
-
-    names = [name for name, module in model.named_modules() if isinstance(module, (torch.nn.Linear, Conv1D)) and name]
+    names = _linear_module_paths(model)
     if isinstance(targets, str):
         missing = [] if any(re.fullmatch(targets, name) for name in names) else [targets]
     else:
@@ -190,21 +191,13 @@ def merged_named_tensors(model: torch.nn.Module) -> list[tuple[str, torch.Tensor
     """Every weight of a LoRA student under the base model's own names, adapters merged in (``W0 + (alpha/r) B A``),
     tied names included: a checkpoint of the function the student computes, for loaders that know no adapters
     (a vLLM engine, ``save_pretrained``)."""
-    deltas = {}
+    deltas = {}  # base model name of an adapted weight -> its (alpha/r) B A
     for name, module in model.named_modules():
         if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer"):
-            delta = sum((module.get_delta_weight(a) for a in module.active_adapters if a in module.lora_A),
-                        torch.zeros_like(module.base_layer.weight))
-            deltas[f"{name}.base_layer.weight"] = delta
-    out = []
-    for name, tensor in model.state_dict().items():
-        if "lora_" in name:
-            continue
-        value = tensor.detach()
-        if name in deltas:
-            value = value + deltas[name].to(value.dtype)
-        out.append((name.replace(".base_layer.", "."), value))
-    return out
+            deltas[f"{name}.weight"] = sum((module.get_delta_weight(a) for a in module.active_adapters
+                                            if a in module.lora_A), torch.zeros_like(module.base_layer.weight))
+    return [(name, tensor + deltas[name].to(tensor.dtype) if name in deltas else tensor)
+            for name, tensor in base_named_tensors(model)]
 
 
 @contextlib.contextmanager
@@ -283,8 +276,9 @@ def adapter_size_bytes(directory: Path) -> int:
 
 
 def is_adapter_directory(path: str | Path) -> bool:
-    """Whether ``path`` is a PEFT adapter directory (a LoRA student's checkpoint) rather than a full model."""
-    return (Path(path) / ADAPTER_CONFIG).is_file()
+    """Whether ``path`` is a PEFT adapter directory without a full model beside it (a LoRA student's checkpoint):
+    loading it means loading its base and merging the adapter in."""
+    return (Path(path) / ADAPTER_CONFIG).is_file() and not (Path(path) / "config.json").is_file()
 
 
 def load_merged(directory: str | Path, base: torch.nn.Module) -> torch.nn.Module:

@@ -25,7 +25,8 @@ def named_full_tensors(model: torch.nn.Module) -> Iterable[tuple[str, torch.Tens
     must then iterate it to the end (each gather is a collective).
 
     A LoRA student gives its merged weights under the base model's names (:func:`opd.models.lora.merged_named_tensors`),
-    the function it computes; under ZeRO-3 each adapted layer is gathered whole to merge it.
+    the function it computes; under ZeRO-3 the whole student is gathered at once to merge it (its peak memory is then
+    the unsharded model's).
     """
     if not dist.is_zero3(model):
         if has_adapters(model):
@@ -46,7 +47,8 @@ def named_sync_tensors(model: torch.nn.Module) -> Iterable[tuple[str, torch.Tens
     return named_full_tensors(model)
 
 
-def _gathered(pairs: list[tuple[str, torch.Tensor]]):
+def _gathered(pairs: Iterable[tuple[str, torch.Tensor]]):
+    """Each ``(name, parameter)`` of a ZeRO-3 model gathered whole while it is yielded (a collective per parameter)."""
     import deepspeed
 
     for name, param in pairs:
@@ -55,8 +57,8 @@ def _gathered(pairs: list[tuple[str, torch.Tensor]]):
 
 
 def _gathered_merged_tensors(model: torch.nn.Module):
-    """Under ZeRO-3: the whole model gathered at once (a LoRA student is small enough to hold whole: it is the base
-    that ZeRO-3 would shard), merged, then released."""
+    """Under ZeRO-3: the whole model gathered at once, merged, then released (every rank holds the unsharded model
+    meanwhile; a per-layer gather would bound that, not done yet)."""
     import deepspeed
 
     with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
@@ -64,11 +66,7 @@ def _gathered_merged_tensors(model: torch.nn.Module):
 
 
 def _gathered_named_tensors(model: torch.nn.Module):
-    import deepspeed
-
-    for name, param in model.named_parameters(remove_duplicate=False):  # tied names too (lm_head.weight)
-        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-            yield name, param.detach()
+    yield from _gathered(model.named_parameters(remove_duplicate=False))  # tied names too (lm_head.weight)
     persistent = set(model.state_dict())
     for name, buffer in model.named_buffers():
         if name in persistent:
