@@ -41,10 +41,12 @@ _UNHASHED_TRAINER = ("progress", "resume", "eval_batch_size")
 #: trainer keys that say how a stage runs, not what it learns: in its hash (as they always were), but a finished stage
 #: that differs from the one asked for only in these is found and reused (:func:`_stage_dir`)
 _EXECUTION_TRAINER = ("num_threads", "rollout_num_threads")
-#: model keys (``student``/``teacher``) added after stage directories existed -> whether a value means "off": a key that
-#: is off is left out of the hash, so directories computed before it existed are found again (not trained twice)
-_OFF_WHEN_ABSENT = {"add_bos_token": lambda value: value is None,
-                    "lora": lambda value: not (value or {}).get("r")}
+#: keys added after stage directories existed, by config section -> whether a value means "off": a key that is off is
+#: left out of the hash, so directories computed before it existed are found again (not trained twice)
+_MODEL_KEYS_OFF = {"add_bos_token": lambda value: value is None, "lora": lambda value: not (value or {}).get("r")}
+_OFF_WHEN_ABSENT = {"student": _MODEL_KEYS_OFF, "teacher": _MODEL_KEYS_OFF}
+#: the same for keys added to one dataset's config later, by ``data.name`` (the other datasets had them all along)
+_DATA_KEYS_OFF = {"gym": {"num_validation": lambda value: not value}}
 
 
 def warm_start_section(cfg: DictConfig) -> WarmStartConfig | None:
@@ -115,14 +117,16 @@ def stage_zero_config(cfg: DictConfig) -> DictConfig:
 
 
 def _stage_content(stage: DictConfig) -> dict[str, Any]:
-    """What names a stage: its config without run names, paths and display keys, and without model keys that are off
+    """What names a stage: its config without run names, paths and display keys, and without later keys that are off
     (:data:`_OFF_WHEN_ABSENT`)."""
     content = {k: v for k, v in OmegaConf.to_container(stage, resolve=True).items() if k not in _UNHASHED}
     content["trainer"] = {k: v for k, v in content["trainer"].items() if k not in _UNHASHED_TRAINER}
-    for role in ("student", "teacher"):  # model keys added later, at their "off" value: the hash they had before
-        node = content.get(role)
+    data = content.get("data")
+    sections = {**_OFF_WHEN_ABSENT, "data": _DATA_KEYS_OFF.get(data.get("name"), {}) if isinstance(data, dict) else {}}
+    for section, keys in sections.items():  # keys added later, at their "off" value: the hash they had before
+        node = content.get(section)
         if isinstance(node, dict):
-            for key, is_off in _OFF_WHEN_ABSENT.items():
+            for key, is_off in keys.items():
                 if key in node and is_off(node[key]):
                     del node[key]
     return content

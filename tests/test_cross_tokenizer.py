@@ -16,6 +16,7 @@ from opd.crosstok.alignment import AlignedGroup, align_spans, align_texts, token
 from opd.crosstok.vocabulary import shared_vocabulary
 from opd.losses.divergences import generalized_jsd
 from opd.losses.uld import hybrid_terms, hybrid_uld, merge_groups, sorted_l1
+from opd.sampling.base import eos_token_ids
 
 #: texts every alignment must survive: numbers both families split into digits, runs of spaces, a newline,
 #: non-ASCII letters, CJK, and an emoji that one side writes with one token and the other with four byte tokens
@@ -402,7 +403,71 @@ def test_a_teacher_with_another_tokenizer_trains_the_student_by_text(compose_cfg
             assert trainer.teacher_component.tokenizer.decode(scores.token_ids[row], skip_special_tokens=True) == text
         before = [p.detach().clone() for p in trainer.student.parameters()]
         summary = trainer.fit()
-        assert summary["teacher_accuracy"] is None  # the teacher cannot read the student's prompt ids
+        # the teacher is evaluated greedily on its own rendering of each prompt, in its own tokens
+        from opd.engine.evaluate import evaluate_accuracy
+
+        own = evaluate_accuracy(trainer.teacher, trainer.teacher_component.tokenizer, trainer.task,
+                                trainer.eval_examples, max_new_tokens=8, progress=False,
+                                prompt_ids=trainer.teacher_component.own_prompt)
+        assert summary["teacher_accuracy"] == own.accuracy
         assert any(not torch.equal(a, b) for a, b in zip(before, trainer.student.parameters()))
     with pytest.raises(ConfigError, match="tokenizer differs from the student's.*cross-tokenizer method: uld"):
         build_trainer(compose_cfg("method=gkd", *common))
+
+
+@pytest.mark.parametrize("method", ["seqkd", "rs_seqkd"])
+def test_seqkd_across_tokenizers_trains_the_student_on_the_teachers_text(compose_cfg, byte_level_teacher, tmp_path,
+                                                                         method):
+    """SeqKD across tokenizers: the teacher samples in its own tokens from its own prompt, and the student is trained on
+    the text re-tokenized, with its EOS where the teacher's row ended (a row cut at the length cap gets none)."""
+    from opd.train import build_trainer
+
+    trainer = build_trainer(compose_cfg(f"method={method}", "trainer.batch_size=6", "trainer.grad_accum=1",
+                                        "sampler.max_new_tokens=6", "data.num_train=16", "data.num_eval=4",
+                                        "trainer.max_steps=2", "trainer.eval_every=0", "trainer.eval_teacher_kl=false",
+                                        f"teacher.name_or_path={byte_level_teacher}", f"output_dir={tmp_path / 'run'}"))
+    teacher, student_tok = trainer.teacher_component, trainer.tokenizer
+    own_batches = []  # what the teacher's own decoding wrote, in its tokens
+    generate = trainer.rollout_ctx.sampler.generate
+
+    def recording(model, tokenizer, examples, **kwargs):
+        batch = generate(model, tokenizer, examples, **kwargs)
+        if model is trainer.teacher:
+            own_batches.append((kwargs.get("prompts"), batch))
+        return batch
+
+    trainer.rollout_ctx.sampler.generate = recording
+    if method == "rs_seqkd":  # a random teacher is never right: every sample passes, so each prompt keeps its first
+        trainer.rollout_ctx.task.is_correct = lambda text, example: True
+    torch.manual_seed(0)
+    batch = trainer.collect(next(trainer.prompts))
+    (prompts, own), = own_batches
+    assert batch.source == "teacher" and batch.sampler_logprobs is None
+    per_example = len(own.examples) // prompts[0].shape[0]  # rs_seqkd draws several candidates per prompt
+    for i, (ids, mask) in enumerate(zip(*prompts)):  # the teacher read its own rendering of each prompt
+        assert ids[mask.bool()].tolist() == teacher.own_prompt(own.examples[i * per_example])
+    teacher_eos = set(eos_token_ids(teacher.tokenizer, trainer.teacher))
+    ended = []
+    for row in range(batch.completion_ids.shape[0]):  # batch row <- the teacher's row (rs_seqkd: the first candidate)
+        ids = own.completion_ids[row * per_example][own.completion_mask[row * per_example].bool()].tolist()
+        text = teacher.tokenizer.decode(ids, skip_special_tokens=True)
+        ended.append(bool(ids) and ids[-1] in teacher_eos)
+        want = student_tok(text, add_special_tokens=False)["input_ids"] + ([student_tok.eos_token_id] if ended[-1] else [])
+        assert batch.completion_ids[row][batch.completion_mask[row].bool()].tolist() == (want or [student_tok.eos_token_id])
+        assert batch.prompt_ids[row][batch.prompt_mask[row].bool()].tolist() == \
+            student_tok(batch.examples[row].prompt)["input_ids"]  # the student's own prompt ids
+    assert not all(ended)  # the random teacher runs past the cap on some rows: those stay unfinished
+    before = [p.detach().clone() for p in trainer.student.parameters()]
+    trainer.fit()
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.student.parameters()))
+
+
+def test_joint_decoding_across_tokenizers_is_refused_in_one_line(compose_cfg, byte_level_teacher, tmp_path):
+    from opd.errors import ConfigError
+    from opd.train import build_trainer
+
+    with pytest.raises(ConfigError, match=r"^method 'minillm' decodes with the teacher token by token "
+                                          r"\(TeacherMixedPolicy\), which needs one vocabulary.*\(seqkd, rs_seqkd\)") as info:
+        build_trainer(compose_cfg("method=minillm", f"teacher.name_or_path={byte_level_teacher}",
+                                  f"output_dir={tmp_path / 'run'}"))
+    assert "\n" not in str(info.value)

@@ -213,11 +213,27 @@ def test_lora_and_full_arms_share_one_warm_start(compose_cfg):
     digest = hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:12]
     assert full.name == f"sft-{digest}"
     assert warm_start_dir("student.add_bos_token=false") != full  # a key that is on changes the hash
+    assert warm_start_dir("data.num_validation=0") == full  # the toy data had this key all along: unchanged
+    # a key added later to one dataset's config (a gym task's own validation split): at 0, the hash it had without it
+    gym = ("data=gym", "data.dataset=chain_sum")
+    without = compose_cfg("+warm_start.method=sft", *gym)
+    content = OmegaConf.to_container(stages.stage_one_config(without), resolve=True)
+    content = {k: v for k, v in content.items() if k not in stages._UNHASHED}
+    content["trainer"] = {k: v for k, v in content["trainer"].items() if k not in stages._UNHASHED_TRAINER}
+    for role in ("student", "teacher"):
+        for key in ("lora", "add_bos_token"):
+            content[role].pop(key, None)
+    assert content["data"].pop("num_validation") == 0  # conf/data/gym.yaml has it now
+    digest = hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    assert warm_start_dir(*gym).name == f"sft-{digest}"
+    assert warm_start_dir(*gym, "data.num_validation=8") != warm_start_dir(*gym)  # on: another stage
 
 
-def test_the_lora_study_reports_each_arm_and_judges_lora_against_full(tmp_path):
-    """scripts/lora_study.py's report: accuracy per arm over seeds, step seconds, and a verdict per rank against full
-    fine-tuning ("reversed": LoRA significantly lower; an interval that covers 0 is "not shown")."""
+def test_the_lora_study_tunes_each_family_on_validation_and_judges_lora_against_full_at_the_tuned_rates(tmp_path):
+    """scripts/lora_study.py: each family's rate is the best of its grid by validation accuracy (a tie goes to the
+    smaller rate); the report gives accuracy per arm and rate over seeds, and a verdict per rank against full
+    fine-tuning at the tuned rates ("reversed": LoRA significantly lower; an interval that covers 0 is "not shown");
+    runs at other rates stay in the table, marked untuned."""
     import importlib.util
     import sys
 
@@ -226,19 +242,39 @@ def test_the_lora_study_reports_each_arm_and_judges_lora_against_full(tmp_path):
     study = importlib.util.module_from_spec(spec)
     sys.modules["lora_study"] = study
     spec.loader.exec_module(study)
-    finals = {"full": [0.50, 0.52, 0.51], "lora8": [0.40, 0.41, 0.42], "lora32": [0.50, 0.53, 0.50]}
-    for arm, values in finals.items():
+
+    def write(directory: Path, final: float, step_s: float = 1.5, evaluated_on: str = "eval") -> None:
+        directory.mkdir(parents=True)
+        rows = [{"step": s, "time/step_s": step_s} for s in range(1, 5)]
+        (directory / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (directory / "summary.json").write_text(json.dumps({"student_accuracy_after": final, "eval_examples": 256,
+                                                            "student_accuracy_before": 0.55, "evaluated_on": evaluated_on,
+                                                            "student_teacher_rkl_after": 0.3}))
+
+    (full_low, full_high), (lora_low, lora_high) = study.GRID["full"], study.GRID["lora"]
+    tuning = tmp_path / "tuning"
+    write(tuning / study.arm_dir("full", full_low) / "seed0", 0.50, evaluated_on="validation")
+    write(tuning / study.arm_dir("full", full_high) / "seed0", 0.56, evaluated_on="validation")
+    write(tuning / study.arm_dir("lora8", lora_low) / "seed0", 0.58, evaluated_on="validation")
+    rates, _ = study.tuned_rates(study.read(tuning))
+    assert rates == {"full": full_high}  # the LoRA grid has not finished: no rate for it
+    write(tuning / study.arm_dir("lora8", lora_high) / "seed0", 0.58, evaluated_on="validation")
+    rates, lines = study.tuned_rates(study.read(tuning))
+    assert rates == {"full": full_high, "lora": lora_low}  # a tie goes to the smaller rate
+    assert f"| lora (lora8) | {lora_high:g} | 55.0 | 58.0 |" in lines
+    assert study.parse_arm_dir(study.arm_dir("lora32", 1e-3)) == ("lora32", 1e-3)
+    assert study.parse_arm_dir("lora8") == ("lora8", study.FIRST_RATE["lora"]) and study.parse_arm_dir("x-lr1") is None
+
+    write(tmp_path / "full" / "seed0", 0.45, step_s=2.0)  # the first rate: in the table, not in the verdicts
+    finals = {("full", full_high): [0.50, 0.52, 0.51], ("lora8", lora_low): [0.40, 0.41, 0.42],
+              ("lora32", lora_low): [0.50, 0.53, 0.50]}
+    for (arm, rate), values in finals.items():
         for seed, final in enumerate(values):
-            directory = tmp_path / arm / f"seed{seed}"
-            directory.mkdir(parents=True)
-            rows = [{"step": s, "time/step_s": 2.0 if arm == "full" else 1.5} for s in range(1, 5)]
-            (directory / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-            (directory / "summary.json").write_text(json.dumps({"student_accuracy_after": final, "eval_examples": 256,
-                                                                "student_accuracy_before": 0.55,
-                                                                "student_teacher_rkl_after": 0.3}))
-    analysis, text = study.report(study.read(tmp_path))
-    assert "| lora8 | 0.0005 | 3 | 55.0 | 41.0 ± 1.0 | 40.0, 41.0, 42.0 | 0.300 |" in text and "| full | 5e-05 | 3 |" in text
-    verdicts = {c["claim"]: c["verdict"] for c in analysis["claims"]}
-    assert verdicts["lora8 beats full fine-tuning at equal steps"] == "reversed"
-    assert verdicts["lora32 beats full fine-tuning at equal steps"] == "not shown"
-    assert analysis["table"]["full"]["step_s"]["mean"] == 2.0
+            write(tmp_path / study.arm_dir(arm, rate) / f"seed{seed}", final, step_s=2.0 if arm == "full" else 1.5)
+    analysis, text = study.report(study.read(tmp_path), rates)
+    assert f"| lora8 | {lora_low:g} | yes | 3 | 55.0 | 41.0 ± 1.0 | 40.0, 41.0, 42.0 | 0.300 |" in text
+    assert f"| full | {full_low:g} | no | 1 |" in text and f"| full | {full_high:g} | yes | 3 |" in text
+    verdicts = {c["arms"][0]: (c["verdict"], c["b"]) for c in analysis["claims"]}
+    assert verdicts["lora8"] == ("reversed", [0.50, 0.52, 0.51])  # against full at its tuned rate, not the first one
+    assert verdicts["lora32"][0] == "not shown"
+    assert analysis["table"][study.arm_dir("full", full_high)]["step_s"]["mean"] == 2.0

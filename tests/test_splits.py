@@ -105,6 +105,20 @@ def test_generated_tasks_fill_their_held_out_splits():
     assert task.eval[:7] == Multiplication(num_train=6000, num_eval=7).eval  # a longer eval extends a shorter one
 
 
+def test_a_gym_task_holds_out_its_own_validation_split_after_eval():
+    """``data.num_validation`` (tuning runs) takes the next distinct problems after eval: train and eval do not move,
+    so runs with and without a validation split train and report on the same problems."""
+    node = {"name": "gym", "dataset": "chain_sum", "config": {"min_terms": 2, "max_terms": 2, "min_digits": 1,
+                                                                "max_digits": 2}, "num_train": 300, "num_eval": 20}
+    plain = DATASETS.build(node, "data")
+    tuned = DATASETS.build({**node, "num_validation": 30}, "data")
+    assert plain.validation is None and len(tuned.validation) == 30
+    assert (tuned.train, tuned.eval) == (plain.train, plain.eval)
+    assert split_overlap(tuned) == ZERO
+    assert validation_split(tuned, 25) == tuned.validation[:25]  # its own split: nothing carved from train
+    assert tuned.is_correct(f"The sum is {tuned.validation[0].target}.", tuned.validation[0])  # entries known
+
+
 def test_one_digit_products_with_2000_training_problems_stop_with_one_line():
     node = {"name": "gym", "dataset": "products", "config": {"min_terms": 2, "max_terms": 2, "min_digits": 1,
                                                                "max_digits": 1}, "num_train": 2000, "num_eval": 64}

@@ -44,6 +44,8 @@ class GymTask(Task):
         num_eval: held-out problems: the first ``num_eval`` distinct problems after train whose question does not
             occur in training (:func:`opd.data.generated.held_out_splits`).
         answer_format: how a reply is reduced to an answer: "number" (last number) or "line" (first line).
+        num_validation: the task's own validation split (hyperparameter tuning: ``trainer.evaluate_on=validation``): the
+            next ``num_validation`` distinct problems after eval, in neither train nor eval; 0 for none.
         instruction: appended to every question (a line asking for the bare answer); "" for none.
         seed: the generator seed.
 
@@ -56,7 +58,8 @@ class GymTask(Task):
 
     def __init__(self, dataset: str = "products", config: dict[str, Any] | None = None, num_train: int = 2000,
                  num_eval: int = 100, answer_format: str = "number",
-                 instruction: str = "Reply with the final answer only.", seed: int = 0) -> None:
+                 instruction: str = "Reply with the final answer only.", seed: int = 0,
+                 num_validation: int = 0) -> None:
         import reasoning_gym
         from reasoning_gym.factory import DATASETS as GYM
 
@@ -64,12 +67,14 @@ class GymTask(Task):
             raise ValueError(f"dataset {dataset!r} is not a reasoning_gym dataset; known: {', '.join(sorted(GYM))}")
         if answer_format not in ANSWER_FORMATS:
             raise ValueError(f"answer_format must be one of {ANSWER_FORMATS}, got {answer_format!r}")
-        if num_train < 1 or num_eval < 1:
-            raise ValueError(f"num_train and num_eval must be >= 1, got {num_train}, {num_eval}")
+        if num_train < 1 or num_eval < 1 or num_validation < 0:
+            raise ValueError(f"num_train and num_eval must be >= 1 and num_validation >= 0, got {num_train}, "
+                             f"{num_eval}, {num_validation}")
         self.answer_format = answer_format
         config = dict(config or {})
         try:  # a virtual size: problems are generated on demand, entry i from (seed, i) alone
-            self.source = reasoning_gym.create_dataset(dataset, size=search_limit(num_train, num_eval), seed=seed,
+            self.source = reasoning_gym.create_dataset(dataset, size=search_limit(num_train, num_eval + num_validation),
+                                                       seed=seed,
                                                        **config)
         except TypeError as err:  # an unknown config key of that dataset
             raise ValueError(f"config for reasoning_gym dataset {dataset!r}: {err}") from None
@@ -81,8 +86,9 @@ class GymTask(Task):
             self.entries.setdefault(prompt, entry)
             return Example(prompt, str(entry["answer"]), str(entry["answer"]))
 
-        self.train, self.eval, _ = held_out_splits(problem, num_train, num_eval, 0,
-                                                   describe_generator("gym", dataset, config, seed))
+        self.train, self.eval, validation = held_out_splits(problem, num_train, num_eval, num_validation,
+                                                            describe_generator("gym", dataset, config, seed))
+        self.validation = validation or None  # none: a method that needs one carves it from train
 
     def extract_answer(self, completion: str) -> str | None:
         return extract_reply_answer(completion, self.answer_format)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -17,8 +18,9 @@ from opd.data.mixture import merge_per_source, per_source_accuracy
 from opd.errors import TrainingError
 from opd.losses.chunked import chunked_token_cross_entropy, token_cross_entropy
 from opd.models.scoring import completion_hidden_states, completion_logits, trim_vocabulary
+from opd.sampling.behaviour import OwnTokensTeacher
 from opd.sampling.hf import HFSampler
-from opd.sampling.tokenize import encode_targets
+from opd.sampling.tokenize import encode_targets, left_pad
 from opd.types import Example, RolloutBatch
 
 
@@ -41,7 +43,8 @@ class EvalResult:
 @torch.no_grad()
 def evaluate_accuracy(model: torch.nn.Module, tokenizer, task: Task, examples: list[Example], batch_size: int = 64,
                       max_new_tokens: int = 64, num_samples: int = 8, desc: str = "eval",
-                      progress: bool = True, num_scored: int | None = None) -> EvalResult:
+                      progress: bool = True, num_scored: int | None = None,
+                      prompt_ids: Callable[[Example], list[int]] | None = None) -> EvalResult:
     """Greedy-decode every example and score the extracted final answer by exact match.
 
     Decoding (HFSampler) stops at the first EOS id ``model`` declares (``opd.sampling.base.eos_token_ids``); what
@@ -53,6 +56,8 @@ def evaluate_accuracy(model: torch.nn.Module, tokenizer, task: Task, examples: l
         num_samples: how many (prompt, completion, correct) triples to keep for logging.
         num_scored: only the first ``num_scored`` examples count (the rest pad a rank's share so that all
             ranks decode the same number of batches); all when None.
+        prompt_ids: an example's prompt in ``tokenizer``'s tokens, instead of ``tokenizer``'s encoding of
+            ``example.prompt`` (a teacher with another tokenizer reads its own rendering: ``HFTeacher.own_prompt``).
     """
     num_scored = len(examples) if num_scored is None else num_scored
     sampler = HFSampler(max_new_tokens=max_new_tokens)
@@ -63,7 +68,8 @@ def evaluate_accuracy(model: torch.nn.Module, tokenizer, task: Task, examples: l
     batches = range(0, len(examples), batch_size)
     for start in tqdm(batches, desc=desc, leave=False, disable=not progress, unit="batch"):
         chunk = examples[start : start + batch_size]
-        rollout = sampler.generate(model, tokenizer, chunk, greedy=True)
+        prompts = None if prompt_ids is None else left_pad([prompt_ids(ex) for ex in chunk], tokenizer.pad_token_id)
+        rollout = sampler.generate(model, tokenizer, chunk, greedy=True, prompts=prompts)
         texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
         row_lengths = rollout.completion_mask.sum(dim=1).tolist()
         row_finished = (~unfinished_rows(rollout, eos)).tolist()
@@ -190,12 +196,16 @@ class Evaluator:
     def progress(self) -> bool:
         return self.cfg.progress and dist.is_main()
 
-    def accuracy(self, model: torch.nn.Module, desc: str, examples: list[Example] | None = None) -> EvalResult:
-        """Greedy accuracy on the held-out examples (or on ``examples``, e.g. another view of them), merged over ranks."""
+    def accuracy(self, model: torch.nn.Module, desc: str, examples: list[Example] | None = None,
+                 own_tokens: OwnTokensTeacher | None = None) -> EvalResult:
+        """Greedy accuracy on the held-out examples (or on ``examples``, e.g. another view of them), merged over ranks;
+        ``own_tokens``: a teacher with another tokenizer, which reads its own rendering of each prompt."""
         examples, num_scored = dist.strided_shard(self.eval_examples if examples is None else examples)
-        result = evaluate_accuracy(model, self.tokenizer, self.task, examples, batch_size=self.cfg.eval_batch_size,
+        tokenizer, prompt_ids = (self.tokenizer, None) if own_tokens is None else (own_tokens.tokenizer,
+                                                                                   own_tokens.prompt_ids)
+        result = evaluate_accuracy(model, tokenizer, self.task, examples, batch_size=self.cfg.eval_batch_size,
                                    max_new_tokens=self.sampler.max_new_tokens, num_samples=self.num_samples, desc=desc,
-                                   progress=self.progress, num_scored=num_scored)
+                                   progress=self.progress, num_scored=num_scored, prompt_ids=prompt_ids)
         return merge_eval_results(dist.gather_objects(result)) if dist.world_size() > 1 else result
 
     @torch.no_grad()

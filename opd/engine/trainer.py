@@ -51,7 +51,7 @@ from opd.models.lora import AdaptersOff, LoraStudent, apply_lora
 from opd.models.scoring import completion_logits, linear_head, trim_vocabulary
 from opd.models.weights import parameter_counts
 from opd.sampling.base import eos_token_ids, suppress_padding_ids
-from opd.sampling.behaviour import RolloutContext
+from opd.sampling.behaviour import OwnTokensTeacher, RolloutContext
 from opd.teachers import Teacher
 from opd.teachers.router import per_teacher_means
 from opd.tracking.loggers import JsonlLogger
@@ -192,9 +192,12 @@ class Trainer:
             teacher.vocab_size = self.vocab_size
         #: the teacher reads another tokenizer: it never samples or is evaluated on the student's ids
         self.other_tokenizer = teacher is not None and teacher.other_tokenizer
-        if self.other_tokenizer and self.method.policy.uses_teacher:
-            raise ConfigError(f"method {self.method.registry_name!r} samples completions from the teacher, whose tokenizer "
-                              "differs from the student's; use an on-policy or dataset behaviour policy")
+        policy = self.method.policy
+        if self.other_tokenizer and policy.uses_teacher and not policy.teacher_writes_text:
+            raise ConfigError(f"method {self.method.registry_name!r} decodes with the teacher token by token "
+                              f"({type(policy).__name__}), which needs one vocabulary, but the teacher's tokenizer differs "
+                              "from the student's; across tokenizers the teacher writes whole completions as text "
+                              "(seqkd, rs_seqkd) or scores the student's text (uld)")
         if self.other_tokenizer and self.cfg.eval_teacher_kl:
             raise ConfigError("trainer.eval_teacher_kl=true needs one vocabulary, but the teacher's tokenizer differs "
                               "from the student's; set it false")
@@ -250,8 +253,12 @@ class Trainer:
         self.aux_ctx = AuxiliaryContext(self.tokenizer, self.device, student_logits, self.teacher_logits,
                                         trainer_cfg.grad_accum,
                                         lambda count: int(dist.all_reduce_sum([count])[0]))
+        # a teacher with another tokenizer writes its samples as text in its own tokens (SeqKD across tokenizers)
+        own_tokens = OwnTokensTeacher(self.teacher, self.teacher_component.tokenizer, self.teacher_component.own_prompt) \
+            if self.other_tokenizer else None
         self.rollout_ctx = RolloutContext(self.student, self.teacher, self.tokenizer, sampler, self.device,
-                                          rng=random.Random(self.seed), max_steps=trainer_cfg.max_steps, task=task)
+                                          rng=random.Random(self.seed), max_steps=trainer_cfg.max_steps, task=task,
+                                          own_tokens_teacher=own_tokens)
         self.evaluator = Evaluator(trainer_cfg, task, self.tokenizer, sampler, splits.eval, splits.validation,
                                    self.vocab_size, self.loss_chunk_size, self.num_samples, self.device)
         #: rollouts cut before any EOS (student's or teacher's ids): counted, and masked with trainer.overlong=mask
@@ -433,8 +440,10 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation (opd.engine.evaluate.Evaluator)
     def evaluate(self, model: torch.nn.Module, desc: str, examples: list[Example] | None = None) -> EvalResult:
         """Greedy accuracy on the held-out examples, or on ``examples`` (over N processes: each rank decodes a strided
-        share)."""
-        return self.evaluator.accuracy(model, desc, examples)
+        share). A teacher with another tokenizer decodes its own rendering of each prompt, in its own tokens."""
+        own_tokens = self.rollout_ctx.own_tokens_teacher
+        return self.evaluator.accuracy(model, desc, examples,
+                                       own_tokens if own_tokens is not None and model is own_tokens.model else None)
 
     def validation_loss(self) -> float:
         """The student's token-mean cross-entropy on the validation split (DistiLLM's adaptive schedule reads it)."""
@@ -536,9 +545,7 @@ class Trainer:
         """
         started = time.perf_counter()
         if not self.initial_results:  # a fresh run (a resumed one restored these)
-            # a teacher with another tokenizer cannot decode the student's prompt ids: its accuracy is not measured here
-            evaluated = self.teacher is not None and not self.other_tokenizer
-            teacher_result = self.evaluate(self.teacher, "eval teacher") if evaluated else None
+            teacher_result = self.evaluate(self.teacher, "eval teacher") if self.teacher is not None else None
             before = self.evaluate(self.student, "eval student")
             self.initial_results = {"teacher_accuracy": teacher_result.accuracy if teacher_result else None,
                                     "student_accuracy_before": before.accuracy}

@@ -195,7 +195,7 @@ class Method:
         if output == "retokenized":
             return (f"the teacher's tokenizer differs from the student's and method {self.registry_name!r} needs one "
                     f"shared vocabulary; distil across tokenizers with a cross-tokenizer method: "
-                    f"{', '.join(cross_tokenizer_methods())}")
+                    f"{', '.join(cross_tokenizer_methods())}, or train on the teacher's text (seqkd, rs_seqkd)")
         if output == "sparse" and self.teacher_inputs != "sparse":
             return (f"it needs the teacher's full logits; a sparse teacher works with methods: "
                     f"{', '.join(sparse_teacher_methods())}")

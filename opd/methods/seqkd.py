@@ -26,10 +26,7 @@ class TeacherDecodePolicy(TeacherPolicy):
         if ctx.teacher is None:
             raise TrainingError("seqkd needs a teacher model to write completions, but teacher is null; "
                                 "set teacher=<name> (e.g. teacher=toy)")
-        batch = ctx.sampler.generate(ctx.teacher, ctx.tokenizer, examples, greedy=self.greedy)
-        batch.source = "teacher"
-        batch.sampler_logprobs = None  # the teacher's log-probs; ``sampler_logprobs`` means the student's q_old
-        return batch
+        return ctx.sample_teacher(examples, greedy=self.greedy)
 
 
 @METHODS.register("seqkd")
@@ -99,8 +96,9 @@ class CorrectTeacherSamplePolicy(TeacherPolicy):
                                 "set teacher=<name> (e.g. teacher=toy)")
         if ctx.task is None:
             raise TrainingError("rs_seqkd needs the task's answer checker (RolloutContext.task) to judge samples")
-        batch = ctx.sampler.generate(ctx.teacher, ctx.tokenizer, examples, n=self.candidates)
-        texts = ctx.tokenizer.batch_decode(batch.completion_ids, skip_special_tokens=True)
+        batch = ctx.sample_teacher(examples, n=self.candidates)
+        texts = [ctx.tokenizer.decode(ids[mask.bool()], skip_special_tokens=True)
+                 for ids, mask in zip(batch.completion_ids, batch.completion_mask)]
         correct = [ctx.task.is_correct(text, example) for text, example in zip(texts, batch.examples)]
         rows, accepted = [], []
         for first in range(0, len(correct), self.candidates):  # rows are grouped by example
@@ -112,7 +110,6 @@ class CorrectTeacherSamplePolicy(TeacherPolicy):
         keep = torch.tensor(accepted, device=batch.completion_mask.device)
         batch.completion_mask = batch.completion_mask * keep.to(batch.completion_mask.dtype)[:, None]
         batch.extras["accepted"] = keep.float()
-        batch.source, batch.sampler_logprobs = "teacher", None
         return batch
 
 

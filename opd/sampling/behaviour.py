@@ -25,8 +25,19 @@ import torch
 
 from opd import distributed as dist
 from opd.sampling.base import eos_id_tensor, eos_token_ids, truncate_after_eos
-from opd.sampling.tokenize import encode_prompts, encode_targets
+from opd.sampling.tokenize import encode_prompts, encode_targets, left_pad
 from opd.types import Example, RolloutBatch
+
+
+@dataclasses.dataclass
+class OwnTokensTeacher:
+    """A teacher whose tokenizer is not the student's, as a writer of completions (SeqKD across tokenizers): it samples
+    in its own tokens from its own rendering of the prompt, and the student trains on the text."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    #: an example's prompt in the teacher's tokens (``opd.teachers.hf.HFTeacher.own_prompt``)
+    prompt_ids: Callable[[Example], list[int]]
 
 
 @dataclasses.dataclass
@@ -45,6 +56,8 @@ class RolloutContext:
     #: who writes the student's samples: None = ``sampler`` with the current weights, here and now; the engine's rollout
     #: worker sets a function that queues them for the worker instead (``opd.engine.rollouts.WorkerRollouts``)
     student_rollouts: Callable[[list[Example]], Any] | None = None
+    #: set when the teacher reads another tokenizer: it then writes its samples as text (:meth:`sample_teacher`)
+    own_tokens_teacher: OwnTokensTeacher | None = None
 
     def sample_student(self, examples: list[Example]) -> RolloutBatch:
         """The student's on-policy samples of ``examples`` (or, with a rollout worker, the placeholder it fills)."""
@@ -52,12 +65,42 @@ class RolloutContext:
             return self.student_rollouts(examples)
         return self.sampler.generate(self.student, self.tokenizer, examples)
 
+    def sample_teacher(self, examples: list[Example], greedy: bool = False, n: int | None = None) -> RolloutBatch:
+        """The teacher's samples of ``examples`` in the student's tokens (``source="teacher"``, no ``sampler_logprobs``:
+        those are the student's q_old by contract), ``n`` per example (the sampler's when None), rows grouped by example.
+
+        With one tokenizer the sampler decodes the teacher on the student's prompt ids. With a teacher that reads
+        another tokenizer (:attr:`own_tokens_teacher`), the teacher samples in its own tokens from its own prompt,
+        its completion is decoded to text (special tokens left out) and the text is tokenized for the student: a row
+        that ended at one of the teacher's EOS ids ends with the student's EOS; a row cut at ``max_new_tokens`` (the
+        teacher's tokens) gets none, so it counts as cut, as a sampled row does.
+        """
+        writer = self.own_tokens_teacher
+        if writer is None:
+            batch = self.sampler.generate(self.teacher, self.tokenizer, examples, greedy=greedy, n=n)
+        else:
+            prompts = left_pad([writer.prompt_ids(example) for example in examples], writer.tokenizer.pad_token_id)
+            own = self.sampler.generate(writer.model, writer.tokenizer, examples, greedy=greedy, n=n, prompts=prompts)
+            ends = set(eos_token_ids(writer.tokenizer, writer.model))
+            texts, finished = [], []
+            for ids, mask in zip(own.completion_ids, own.completion_mask):
+                kept = ids[mask.bool()].tolist()
+                finished.append(bool(kept) and kept[-1] in ends)
+                texts.append(writer.tokenizer.decode(kept, skip_special_tokens=True))
+            batch = encode_targets(self.tokenizer, list(own.examples), self.device, targets=texts, finished=finished)
+            batch.temperature = own.temperature
+        batch.source, batch.sampler_logprobs = "teacher", None
+        return batch
+
 
 class BehaviourPolicy:
     """Base class: ``collect`` writes completions; optional state for resumption and evaluation feedback."""
 
     #: whether ``collect`` samples from the teacher model (the trainer then requires one at start-up).
     uses_teacher: bool = False
+    #: whether every teacher sample is a whole completion (:meth:`RolloutContext.sample_teacher`), which a teacher with
+    #: another tokenizer can write as text; False for token-by-token joint decoding, which needs one vocabulary
+    teacher_writes_text: bool = True
 
     def collect(self, ctx: RolloutContext, examples: list[Example]) -> RolloutBatch:
         raise NotImplementedError
@@ -114,9 +157,7 @@ class TeacherPolicy(BehaviourPolicy):
     uses_teacher = True
 
     def collect(self, ctx: RolloutContext, examples: list[Example]) -> RolloutBatch:
-        batch = ctx.sampler.generate(ctx.teacher, ctx.tokenizer, examples)
-        batch.source, batch.sampler_logprobs = "teacher", None
-        return batch
+        return ctx.sample_teacher(examples)
 
     def async_blocker(self) -> str | None:
         return "its completions are the teacher's samples: there are no student rollouts to overlap with training"
@@ -134,7 +175,7 @@ class LambdaMixture(BehaviourPolicy):
         if not 0.0 <= lmbda <= 1.0:
             raise ValueError(f"lmbda must be in [0, 1], got {lmbda}")
         self.lmbda, self.off_policy, self.student = lmbda, off_policy, StudentPolicy()
-        self.uses_teacher = off_policy.uses_teacher
+        self.uses_teacher, self.teacher_writes_text = off_policy.uses_teacher, off_policy.teacher_writes_text
 
     def collect(self, ctx: RolloutContext, examples: list[Example]) -> RolloutBatch:
         chosen = self.student if ctx.rng.random() < self.lmbda else self.off_policy
@@ -164,6 +205,7 @@ class TeacherMixedPolicy(BehaviourPolicy):
     """
 
     uses_teacher = True
+    teacher_writes_text = False  # p̃ mixes the two models' distributions over one vocabulary, token by token
 
     def __init__(self, alpha: float = 0.2) -> None:
         if not 0.0 <= alpha <= 1.0:

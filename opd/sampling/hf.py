@@ -37,12 +37,15 @@ class HFSampler:
 
     @torch.no_grad()
     def generate(self, model: torch.nn.Module, tokenizer, examples: list[Example], greedy: bool = False,
-                 n: int | None = None) -> RolloutBatch:
+                 n: int | None = None, prompts: tuple[torch.Tensor, torch.Tensor] | None = None) -> RolloutBatch:
         """``n`` completions per example from ``model`` (eval mode during generation, restored after); rows grouped
         by example. ``n``: the sampler's when None; always one when ``greedy``. Each row stops at, and is masked
-        after, the first of any EOS id ``model`` declares (:func:`~opd.sampling.base.eos_token_ids`)."""
+        after, the first of any EOS id ``model`` declares (:func:`~opd.sampling.base.eos_token_ids`). ``prompts``:
+        left-padded prompt ids and mask ``[B, P]`` to use instead of ``tokenizer``'s encoding of each example's prompt
+        (a teacher with its own tokenizer renders its own)."""
         device = next(model.parameters()).device
-        prompt_ids, prompt_mask = encode_prompts(tokenizer, [ex.prompt for ex in examples], device)
+        prompt_ids, prompt_mask = encode_prompts(tokenizer, [ex.prompt for ex in examples], device) \
+            if prompts is None else (prompts[0].to(device), prompts[1].to(device))
         n = 1 if greedy else (self.n if n is None else n)
         sampling = {} if greedy else {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k or None,
                                       "num_return_sequences": n}

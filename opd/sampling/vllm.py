@@ -303,14 +303,16 @@ class VLLMSampler:
     # ------------------------------------------------------------------ sampler API
     @torch.no_grad()
     def generate(self, model: torch.nn.Module, tokenizer, examples: list[Example], greedy: bool = False,
-                 n: int | None = None) -> RolloutBatch:
+                 n: int | None = None, prompts: tuple[torch.Tensor, torch.Tensor] | None = None) -> RolloutBatch:
         """``n`` completions per example from ``model``'s engine (built from ``model`` on its first call), rows
         grouped by example; ``n``: the sampler's when None, one when ``greedy``. Rows stop at, and are masked
-        after, the first EOS id ``model`` declares."""
+        after, the first EOS id ``model`` declares. ``prompts``: left-padded prompt ids and mask ``[B, P]`` instead
+        of ``tokenizer``'s encoding of each example's prompt (as :meth:`opd.sampling.hf.HFSampler.generate`)."""
         from vllm.inputs import TokensPrompt
 
         device = next(model.parameters()).device
-        prompt_ids, prompt_mask = encode_prompts(tokenizer, [ex.prompt for ex in examples], "cpu")
+        prompt_ids, prompt_mask = encode_prompts(tokenizer, [ex.prompt for ex in examples], "cpu") \
+            if prompts is None else (prompts[0].cpu(), prompts[1].cpu())
         engine = self._engine_for(model, tokenizer)
         eos = eos_token_ids(tokenizer, model)
         self._wake(engine)

@@ -15,7 +15,7 @@ from opd.errors import ConfigError, ModelLoadError
 from opd.models.loading import check_model_path, check_same_vocabulary, load_model, load_tokenizer
 from opd.registry import TEACHERS
 from opd.teachers.base import Teacher
-from opd.types import RetokenizedTeacher, RolloutBatch
+from opd.types import Example, RetokenizedTeacher, RolloutBatch
 
 
 @dataclasses.dataclass
@@ -71,11 +71,16 @@ class HFTeacher(Teacher):
         return self.vocab_size
 
     def _teacher_prompt(self, batch: RolloutBatch, row: int) -> list[int]:
-        """Row ``row``'s prompt as the teacher reads it: the batch's own ids with one tokenizer; else the task's plain
-        prompt, through the teacher's chat template when it uses one."""
+        """Row ``row``'s prompt as the teacher reads it: the batch's own ids with one tokenizer; else
+        :meth:`own_prompt` of its example."""
         if not self.other_tokenizer:
             return batch.prompt_ids[row][batch.prompt_mask[row].bool()].tolist()
-        example = batch.examples[row]
+        return self.own_prompt(batch.examples[row])
+
+    def own_prompt(self, example: Example) -> list[int]:
+        """``example``'s prompt in the teacher's own tokens (a teacher with another tokenizer: it scores, and writes
+        SeqKD's completions, from it): the task's plain prompt, through the teacher's chat template when it uses one
+        (else with the special tokens its tokenizer adds: Gemma's ``<bos>``)."""
         text = example.plain_prompt or example.prompt
         if self.chat_template:
             text = chat_prompt(self.tokenizer, text)
