@@ -89,7 +89,7 @@ def protocol_stages() -> list[str]:
     warm = stages.stage_one_dir(staged, stages.stage_one_config(staged))
     if not (warm / "summary.json").is_file():
         raise SystemExit(f"tuning needs the protocol's warm start; {warm} has not finished: run the arms first")
-    return [f"teacher_finetune.dir={teacher.resolve()}", f"warm_start.dir={warm.resolve()}"]
+    return [f"++teacher_finetune.dir={teacher.resolve()}", f"++warm_start.dir={warm.resolve()}"]
 
 
 def read(root: Path) -> dict[tuple[str, float], dict[int, dict[str, Any]]]:
@@ -189,7 +189,7 @@ def main() -> None:
         for family, grid in GRID.items():
             for rate in grid:
                 arm = TUNED_ON[family]
-                run_and_archive(args.runs_dir / "tuning", args.out, f"tuning/{arm_dir(arm, rate)}", 0,
+                run_and_archive(args.runs_dir, args.out, f"tuning/{arm_dir(arm, rate)}", 0,
                                 [*ARMS[arm][1], f"trainer.lr={rate}", *TUNING, *stage_dirs, *threads])
     rates, tuning_lines = tuned_rates(read(runs_dir / "tuning"))
     if not args.only_report and not args.tune:
