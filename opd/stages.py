@@ -259,13 +259,18 @@ def reuse_final_evaluation(trainer, cfg: DictConfig, warm_start: dict[str, Any])
     Stage 2 starts from exactly the weights stage 1 evaluated last (its final checkpoint), with the same task, eval
     split, sampler and evaluation settings, so greedy decoding gives the same completions: the teacher's and the
     student's accuracy (and the teacher agreement) are copied, saving three passes over the eval split per sweep job.
-    Nothing is reused when an evaluation setting differs, when stage 1 evaluated no teacher, or on a resumed run.
+    Nothing is reused when an evaluation setting, the data or the sampler differs from what stage 1 ran with (its
+    recorded ``resolved_config.yaml``: a stage passed by ``warm_start.dir`` may have run with other settings than this
+    run's stage config), when stage 1 evaluated no teacher, or on a resumed run.
 
     Returns:
         whether the evaluation was reused.
     """
-    stage = stage_one_config(cfg)
-    same = all(stage.trainer.get(key) == cfg.trainer.get(key) for key in _EVALUATION_KEYS)
+    recorded = Path(warm_start.get("run_dir", "")) / "resolved_config.yaml"
+    stage = OmegaConf.load(recorded) if warm_start.get("run_dir") and recorded.is_file() else stage_one_config(cfg)
+    same = all(stage.trainer.get(key) == cfg.trainer.get(key) for key in _EVALUATION_KEYS) and all(
+        OmegaConf.to_container(stage[node], resolve=True) == OmegaConf.to_container(cfg[node], resolve=True)
+        for node in ("data", "sampler"))
     if (not same or trainer.initial_results or warm_start.get("teacher_accuracy") is None
             or warm_start.get("student_accuracy_after_by_source")):
         return False

@@ -156,6 +156,21 @@ def test_a_sweep_over_stage_two_shares_one_warm_start(compose_cfg, tmp_path, mon
     assert resolved.student.name_or_path == first["warm_start"]["checkpoint"]
 
 
+def test_a_run_that_evaluates_elsewhere_does_not_take_the_warm_starts_evaluation(compose_cfg, tmp_path, monkeypatch,
+                                                                                 capsys):
+    """The step-0 evaluation is copied from stage 1 only when stage 1 evaluated the same way, by its recorded config: a
+    tuning run given the stage by directory (its own settings would hash to another stage) evaluates on validation."""
+    monkeypatch.chdir(tmp_path)
+    warm = "warm_start={method: sft, trainer: {max_steps: 2, lr: 0.01}}"
+    run(compose_cfg("method=gkd", warm, "trainer.max_steps=1"), tmp_path / "first")
+    assert "step-0 evaluation taken from stage 1's final one" in capsys.readouterr().out
+    stage_dir = next(d for d in (tmp_path / "logs" / "default" / "warm_starts").iterdir() if d.is_dir())
+    tuning = run(compose_cfg("method=gkd", warm, f"++warm_start.dir={stage_dir}", "trainer.max_steps=1",
+                             "trainer.evaluate_on=validation", "trainer.validation_examples=8"), tmp_path / "tuning")
+    assert "step-0 evaluation taken" not in capsys.readouterr().out
+    assert tuning["evaluated_on"] == "validation" and tuning["eval_examples"] == 8
+
+
 def test_the_teacher_is_fine_tuned_once_and_then_teaches_the_warm_start_and_stage_two(compose_cfg, tmp_path,
                                                                                          monkeypatch):
     monkeypatch.chdir(tmp_path)
