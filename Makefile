@@ -26,7 +26,7 @@ ARGS        ?=
 EXP         ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-all methods train debug tune table real study toy-models variance lint clean-logs bench bench-trl bench-async bench-real uld-parity check-pins
+.PHONY: help install demo test test-all methods train debug tune table real study toy-models variance lint clean-logs bench bench-trl bench-async bench-real uld-parity self-distillation-parity check-pins
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -124,6 +124,9 @@ bench-real: $(TRL_STAMP)  ## benchmarks at real size (SmolLM2-135M + 10-layer st
 
 uld-parity: $(TRL_STAMP)  ## ULD on the real pair (SmolLM2 student, Gemma-3-270M teacher): opd vs TRL 1.16's ULDLoss, same batch (~2 min)
 	$(BIN)/python scripts/uld_parity.py --trl-venv $(TRL_VENV) $(ARGS)
+
+self-distillation-parity: $(TRL_STAMP)  ## SDFT's and SDPO's terms vs TRL 1.16's loss_utils on shared logits, every mode (~10 s)
+	$(BIN)/python scripts/self_distillation_parity.py --trl-venv $(TRL_VENV) $(ARGS)
 
 check-pins: $(STAMP)  ## the bench extra resolves under .venv's versions (pip --dry-run; needs the package index)
 	$(BIN)/python scripts/bench_constraints.py --check

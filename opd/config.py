@@ -316,16 +316,23 @@ def node_schema() -> type:
 
 
 def resolve_teacher(node: DictConfig | dict | None, kind: str | None) -> tuple[str, Any] | None:
-    """(kind, its ``Config``) of a ``teacher`` node (or of a method's fixed ``kind``), found through the registry."""
-    if kind is not None:
+    """(kind, its ``Config``) of a ``teacher`` node (or of a method's fixed ``kind``), found through the registry.
+
+    A fixed ``kind`` (a self-distillation method's own teacher) takes its keys from ``node`` when the node selects that
+    same kind (``teacher=ema teacher.update_rate=0.1``), and its defaults otherwise (the node is then not read)."""
+    if node is not None:
+        node = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+        node = {key: value for key, value in node.items() if value is not None}  # other kinds' keys (see node_schema)
+    if kind is not None and (node is None or node.get("kind", DEFAULT_TEACHER_KIND) != kind):
         return kind, TEACHERS.get(kind).Config()
     if node is None:
         return None
-    node = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
-    node = {key: value for key, value in node.items() if value is not None}  # other kinds' keys (see node_schema)
     chosen = node.pop("kind", DEFAULT_TEACHER_KIND)
     kwargs = TEACHERS.validate({**node, "kind": chosen}, "teacher")
-    return chosen, TEACHERS.get(chosen).Config(**kwargs)
+    try:  # a kind's own range checks (an EMA's update_rate)
+        return chosen, TEACHERS.get(chosen).Config(**kwargs)
+    except ValueError as err:
+        raise ConfigError(f"teacher (kind {chosen}): {err}") from None
 
 
 def register_configs() -> None:

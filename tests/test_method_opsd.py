@@ -12,7 +12,8 @@ from hydra import compose, initialize_config_dir
 
 from opd.data.base import Example
 from opd.errors import ConfigError
-from opd.methods.opsd import OPSD, chat_user_message
+from opd.methods.common import chat_user_message
+from opd.methods.opsd import OPSD
 from opd.models.scoring import completion_logits
 from opd.models.toy import TOY_ALPHABET
 from opd.registry import METHODS

@@ -188,7 +188,10 @@ DS_RTOL = 1e-5
 #: every method with its defaults (and declared split-invariant values), plus settings that add a rank-dependent term
 DS_RUNS = {**{name: (name,) for name in METHOD_NAMES}, "minillm lm_coef=1": ("minillm", "method.lm_coef=1.0"),
            # a LoRA student (issue 24): ZeRO-2 partitions the adapter's gradients and optimizer state only
-           "gkd lora": ("gkd", "student.lora.r=4"), "opsd lora": ("opsd", "student.lora.r=4")}
+           "gkd lora": ("gkd", "student.lora.r=4"), "opsd lora": ("opsd", "student.lora.r=4"),
+           # issue 25: on reference completions every row succeeds, so no row of a group of one would be reprompted
+           # (a zero loss); at threshold 2 every row is a failure with feedback. Its default teacher is the EMA copy.
+           "sdpo": ("sdpo", "method.success_threshold=2.0"), "sdft live": ("sdft", "method.teacher_model=live")}
 
 
 def two_rank_values(run: str, output_dir: str | Path, *overrides: str) -> dict[str, object]:
@@ -486,6 +489,8 @@ PINNED: dict[str, tuple[float, float]] = {
     'opsd': (0.12156651169061661, 0.1775388866662979),
     'reopold': (0.16342100501060486, 4.616321086883545),
     'rs_seqkd': (0.1137966513633728, 1.90034019947052),
+    'sdft': (0.4417429268360138, 0.3934442102909088),
+    'sdpo': (-0.9127858281135559, 9.017672538757324),
     'seqkd': (0.17624783515930176, 2.4986164569854736),
     'sft': (0.24244923889636993, 1.3250770568847656),
     'tip': (1.9787495136260986, 22.079425811767578),

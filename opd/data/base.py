@@ -41,6 +41,15 @@ class Task:
         """The task's headline metric for one completion (ROUGE-L for instructions); exact match (0/1) by default."""
         return float(self.is_correct(completion, example))
 
+    def feedback(self, completion: str, example: Example) -> str:
+        """What the task's checker says of ``completion``, as text a model can read (SDPO's environment feedback):
+        correct, or incorrect with the answer it found and the expected one."""
+        if self.is_correct(completion, example):
+            return "Your answer is correct."
+        predicted = self.extract_answer(completion)
+        found = "no final answer was found" if predicted is None else f"your answer {predicted} is incorrect"
+        return f"Incorrect: {found}; the expected answer is {example.answer}."
+
     def is_correct(self, completion: str, example: Example) -> bool:
         """Exact match of the extracted answer against ``example.answer``."""
         predicted = self.extract_answer(completion)

@@ -136,3 +136,7 @@ class Mixture(Task):
     def score(self, completion: str, example: Example) -> float:
         """``example``'s source task's own headline metric."""
         return self.task_of(example).score(completion, example)
+
+    def feedback(self, completion: str, example: Example) -> str:
+        """``example``'s source task's own feedback."""
+        return self.task_of(example).feedback(completion, example)

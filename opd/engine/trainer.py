@@ -221,8 +221,16 @@ class Trainer:
         trainer_cfg = self.cfg
         if deepspeed_cfg is not None and deepspeed_cfg.enabled:
             teacher_dtype = (self.teacher_component.dtype if self.teacher_component else None) or student_cfg.dtype
-            # a LoRA student's own base as teacher (AdaptersOff) is the student's modules: no engine of its own
-            teacher = None if isinstance(self.teacher, AdaptersOff) else self.teacher
+            # a LoRA student's own base as teacher (AdaptersOff), or the live student, is the student's modules: no
+            # engine of its own; an EMA copy stays whole in every process (it averages the whole student into itself)
+            component = self.teacher_component
+            if component is not None and component.averages_student and deepspeed_cfg.stage == 3:
+                raise ConfigError(f"teacher kind {component.kind} averages the whole student into its own copy after "
+                                  "every update, but under deepspeed=zero3 each process holds only a partition of the "
+                                  "student; use deepspeed=zero2")
+            own_engine = not (isinstance(self.teacher, AdaptersOff) or (component is not None and (
+                component.shares_student or component.averages_student)))
+            teacher = self.teacher if own_engine else None
             self.backend = DeepSpeedBackend(self.student, teacher, deepspeed_cfg, trainer_cfg, lr_lambda(trainer_cfg),
                                             student_cfg.dtype, teacher_dtype)
             if self.loss_path.chunk_size and deepspeed_cfg.stage == 3:
@@ -233,7 +241,7 @@ class Trainer:
             self.backend = LocalBackend(self.student, trainer_cfg, lr_lambda(trainer_cfg), lora=self.lora)
         if trainer_cfg.compile:  # after DeepSpeed has wrapped/sharded the modules; one compile serves every shape
             for model in (self.student, self.teacher):
-                if model is not None:
+                if model is not None and (model is self.student or not self.teacher_component.shares_student):
                     model.forward = torch.compile(model.forward, dynamic=True)
         if dist.world_size() > 1:  # different rollout samples on every rank; the same prompts and coin flips
             torch.manual_seed(self.seed + 1_000_003 * dist.rank())
@@ -246,6 +254,7 @@ class Trainer:
                                 chat_template=student_cfg.chat_template, max_new_tokens=sampler.max_new_tokens,
                                 needs_validation=self.method.needs_validation_loss)
         self.split_overlap = splits.overlap
+        self.method.bind(task, self.tokenizer)
         self.prompts = PromptIterator(splits.train, trainer_cfg.batch_size, self.seed)
         def student_logits(batch: RolloutBatch) -> torch.Tensor:  # [B, T, V] on the pair's shared vocabulary
             return trim_vocabulary(completion_logits(self.backend.train_model, batch), self.vocab_size)
@@ -391,6 +400,8 @@ class Trainer:
         if updated:
             self.skipped_in_a_row = 0
             self.rollouts.after_update(self.student)
+            if self.teacher_component is not None:  # an EMA teacher follows the student
+                self.teacher_component.after_update(self.student, self.step + 1)
         elif empty:
             self.overlong.empty_steps += 1
         else:  # skipped: weights (and, in one process, the optimizer moments) stay as they were
@@ -463,6 +474,7 @@ class Trainer:
                 **self.backend.state_dict(),  # optimizer and scheduler (in one process; DeepSpeed keeps its own)
                 "rng": ckpt.rng_state(), "policy_rng": self.rollout_ctx.rng.getstate(), "data": self.prompts.state_dict(),
                 "method": self.method.state_dict(),
+                "teacher": self.teacher_component.state_dict() if self.teacher_component is not None else {},
                 "tokens_trained": self.tokens_trained, "skipped_total": self.skipped_total,
                 "rollouts": self.overlong.state()}
 
@@ -520,6 +532,8 @@ class Trainer:
         self.rollout_ctx.rng.setstate(ckpt.as_python_rng_state(state["policy_rng"]))
         self.prompts.load_state_dict(state["data"])
         self.method.load_state_dict(state["method"])
+        if self.teacher_component is not None:
+            self.teacher_component.load_state_dict(state.get("teacher", {}))
         self.step, self.tokens_trained = state["step"], state["tokens_trained"]
         self.skipped_total, self.skipped_in_a_row = state["skipped_total"], state["skipped_in_a_row"]
         self.overlong.load_state(state.get("rollouts", (0, 0, 0)))

@@ -73,7 +73,8 @@ def generalized_jsd_of_logprobs(student_logprobs: torch.Tensor, teacher_logprobs
     """
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta}")
-    log_s, log_t = student_logprobs.float(), teacher_logprobs.float()
+    wide = torch.promote_types(student_logprobs.dtype, torch.float32)  # float32, or float64 kept
+    log_s, log_t = student_logprobs.to(wide), teacher_logprobs.to(wide)
     if beta == 0.0:
         return _kl_from_log_probs(log_t, log_s)
     if beta == 1.0:

@@ -118,6 +118,10 @@ class Method:
                     "method.clip_eps (e.g. 0.2)")
         return None
 
+    def bind(self, task: Any, tokenizer: Any) -> None:
+        """Called once by the trainer before the first rollout, with the run's task (its answer checker, e.g. a
+        reward) and the shared tokenizer; nothing by default."""
+
     def teacher_prompt(self, batch: RolloutBatch, tokenizer) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``([B, P'], [B, P'])`` left-padded prompt the teacher is conditioned on instead of the batch's own
         (privileged information, OPSD); None = the same prompt as the student."""

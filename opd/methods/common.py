@@ -14,13 +14,17 @@ student's, so these methods refuse top-p/top-k truncated sampling at start-up
 
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.nn.functional as F
 
+from opd.data.chat import chat_prompt
+from opd.errors import ConfigError
 from opd.losses.divergences import masked_reduce
 from opd.losses.topk import SPARSE_MODES, sparse_topk_forward_kl
 from opd.models.scoring import token_logprobs
-from opd.types import RolloutBatch, SparseTeacherLogprobs
+from opd.types import Example, RolloutBatch, SparseTeacherLogprobs
 
 NORMALIZATIONS = ("kept", "all")
 
@@ -216,3 +220,56 @@ def check_k_fits(k: int, vocab_size: int) -> None:
     if k > vocab_size:
         raise ValueError(f"method.k = {k} exceeds the vocabulary size V = {vocab_size}; set method.k <= {vocab_size}")
 
+
+
+#: a placeholder of a self-teacher's template: ``{name}`` (other braces, e.g. ``\\boxed{}``, are kept as they are)
+_PLACEHOLDER = re.compile(r"\{([a-z_]+)\}")
+#: stands in for the user's message when the chat template is rendered around it (a private-use character)
+_SENTINEL = "\ue000"
+
+
+def chat_user_message(tokenizer, prompt: str) -> str | None:
+    """The user's message in ``prompt`` when ``prompt`` is exactly one user turn of ``tokenizer``'s chat template
+    (``opd.data.chat.chat_prompt``: system header, user turn, assistant header), else None."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    head, found, tail = chat_prompt(tokenizer, _SENTINEL).partition(_SENTINEL)
+    if not found or len(prompt) < len(head) + len(tail) or not (prompt.startswith(head) and prompt.endswith(tail)):
+        return None
+    message = prompt[len(head):len(prompt) - len(tail)]
+    return message if chat_prompt(tokenizer, message) == prompt else None
+
+
+def check_template(name: str, template: str, required: tuple[str, ...], allowed: tuple[str, ...]) -> None:
+    """ValueError unless ``template`` holds every ``{placeholder}`` of ``required`` and no other of its own."""
+    for placeholder in required:
+        if "{" + placeholder + "}" not in template:
+            raise ValueError(f"{name} must contain the placeholder {{{placeholder}}}, got {template!r}")
+    unknown = sorted(set(_PLACEHOLDER.findall(template)) - set(allowed))
+    if unknown:
+        raise ValueError(f"{name} has unknown placeholder(s) {', '.join('{' + u + '}' for u in unknown)}; "
+                         f"known: {', '.join('{' + a + '}' for a in allowed)}")
+
+
+def privileged_prompt(template: str, example: Example, values: dict[str, str], tokenizer, chat_turn: bool) -> str:
+    """A self-teacher's prompt text: ``template`` filled in one pass (so filled text containing "{prompt}" stays
+    literal) with ``{prompt}`` (the problem as the student sees it) and ``values``.
+
+    With ``chat_turn`` the filled template is the user turn of the tokenizer's chat template and ``{prompt}`` the
+    student's user message (its prompt without the chat template around it), as OPSD's ``data_collator.py`` and TRL's
+    self-distillation trainers build it.
+
+    Raises:
+        ConfigError: ``chat_turn`` without a tokenizer, or with a prompt that is not one user turn of its chat template.
+    """
+    prompt = example.prompt
+    if chat_turn:
+        if tokenizer is None:
+            raise ConfigError("method.chat_turn=true: the teacher's prompt needs the tokenizer's chat template")
+        prompt = chat_user_message(tokenizer, example.prompt)
+        if prompt is None:
+            raise ConfigError("method.chat_turn=true needs prompts that are one user turn of the tokenizer's chat "
+                              f"template (student.chat_template=true); got {example.prompt[:80]!r}")
+    filled = {"prompt": prompt, **values}
+    text = _PLACEHOLDER.sub(lambda match: filled.get(match.group(1), match.group(0)), template)
+    return chat_prompt(tokenizer, text) if chat_turn else text

@@ -3,35 +3,16 @@
 from __future__ import annotations
 
 import math
-import re
 
 import torch
 
-from opd.data.chat import chat_prompt
-from opd.errors import ConfigError
 from opd.losses.divergences import clipped_forward_kl, entropy, generalized_jsd, masked_reduce
 from opd.methods.base import LossOutput, Method
-from opd.methods.common import check_choice, check_positive, check_unit
+from opd.methods.common import check_choice, check_positive, check_unit, privileged_prompt
 from opd.registry import METHODS
 from opd.sampling.behaviour import StudentPolicy
 from opd.sampling.tokenize import encode_prompts
 from opd.types import Example, RolloutBatch
-
-_PLACEHOLDER = re.compile(r"\{(prompt|solution)\}")
-#: stands in for the user's message when the chat template is rendered around it (a private-use character)
-_SENTINEL = "\ue000"
-
-
-def chat_user_message(tokenizer, prompt: str) -> str | None:
-    """The user's message in ``prompt`` when ``prompt`` is exactly one user turn of ``tokenizer``'s chat template
-    (``opd.data.chat.chat_prompt``: system header, user turn, assistant header), else None."""
-    if not getattr(tokenizer, "chat_template", None):
-        return None
-    head, found, tail = chat_prompt(tokenizer, _SENTINEL).partition(_SENTINEL)
-    if not found or len(prompt) < len(head) + len(tail) or not (prompt.startswith(head) and prompt.endswith(tail)):
-        return None
-    message = prompt[len(head):len(prompt) - len(tail)]
-    return message if chat_prompt(tokenizer, message) == prompt else None
 
 
 @METHODS.register("opsd")
@@ -120,18 +101,7 @@ class OPSD(Method):
         Raises:
             ConfigError: ``chat_turn`` without a tokenizer, or with a prompt that is not one user turn of its chat template.
         """
-        prompt = example.prompt
-        if self.chat_turn:
-            if tokenizer is None:
-                raise ConfigError("method.chat_turn=true: the teacher's prompt needs the tokenizer's chat template "
-                                  "(render(example, tokenizer))")
-            prompt = chat_user_message(tokenizer, example.prompt)
-            if prompt is None:
-                raise ConfigError("method.chat_turn=true needs prompts that are one user turn of the tokenizer's chat "
-                                  f"template (student.chat_template=true); got {example.prompt[:80]!r}")
-        values = {"prompt": prompt, "solution": example.target}
-        text = _PLACEHOLDER.sub(lambda match: values[match.group(1)], self.template)
-        return chat_prompt(tokenizer, text) if self.chat_turn else text
+        return privileged_prompt(self.template, example, {"solution": example.target}, tokenizer, self.chat_turn)
 
     def teacher_prompt(self, batch: RolloutBatch, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
         return encode_prompts(tokenizer, [self.render(ex, tokenizer) for ex in batch.examples], batch.prompt_ids.device)

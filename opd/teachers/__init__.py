@@ -1,7 +1,8 @@
 """Teacher kinds (``teacher.kind``), one file each; importing the package registers them in ``opd.registry.TEACHERS``.
 
-``hf`` (a local model), ``initial_student`` (the frozen step-0 student, OPSD) and ``vllm_server`` (a ``vllm serve``
-teacher giving top-k log-probs). A new kind is one file here (a :class:`Teacher` subclass with a ``Config`` dataclass)
+``hf`` (a local model), ``vllm_server`` (a ``vllm serve`` teacher giving top-k log-probs), and the student's own
+weights as its teacher (self-distillation): ``initial_student`` (its frozen step-0 copy), ``live`` (the current student)
+and ``ema`` (a moving average of it). A new kind is one file here (a :class:`Teacher` subclass with a ``Config`` dataclass)
 plus one ``conf/teacher/<name>.yaml`` with ``kind: <kind>``. ``router.py`` is not a kind: it routes the rows of a batch
 to several named teachers (``teachers:``).
 """
@@ -13,7 +14,7 @@ from omegaconf import DictConfig
 from opd.config import DEFAULT_TEACHER_KIND as DEFAULT_KIND
 from opd.config import node_schema, resolve_teacher, teacher_config
 from opd.registry import TEACHERS
-from opd.teachers import hf, initial_student, vllm_server  # noqa: F401  (register the kinds)
+from opd.teachers import ema, hf, initial_student, live, vllm_server  # noqa: F401  (register the kinds)
 from opd.teachers.base import TEACHER_OUTPUTS, Teacher
 from opd.teachers.vllm_server import TeacherServerError, VLLMServerTeacher
 from opd.types import SparseTeacherLogprobs

@@ -51,6 +51,13 @@ class Teacher:
     #: its own tokenization (``provides == {"retokenized"}``), for the cross-tokenizer methods
     other_tokenizer: bool = False
 
+    #: the teacher's ``model`` is the student's own module (``live``): the engine builds no DeepSpeed engine and no
+    #: compiled copy for it, and the student's own engine runs it
+    shares_student: ClassVar[bool] = False
+    #: :meth:`after_update` reads every tensor of the student into the teacher's own copy (``ema``): refused where a
+    #: process holds only a partition of either (ZeRO-3)
+    averages_student: ClassVar[bool] = False
+
     def __init__(self, cfg: Any = None) -> None:
         self.cfg = self.Config() if cfg is None else cfg
         self.model = None
@@ -69,6 +76,17 @@ class Teacher:
     def setup(self, student: torch.nn.Module, tokenizer: Any, device: torch.device) -> int:
         """Load the teacher beside the loaded ``student``; return the vocabulary size the pair shares."""
         raise NotImplementedError
+
+    def after_update(self, student: torch.nn.Module, steps_done: int) -> None:
+        """Called after every optimizer update that changed the student's weights, ``steps_done`` steps into the run
+        (an EMA teacher follows the student here); nothing by default."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs of the teacher besides its config (an EMA teacher's weights); empty by default."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (a checkpoint of a run without teacher state gives ``{}``)."""
 
     def context_length(self) -> int | None:
         """The teacher's context in tokens (prompt + completion), or None when it declares none."""
