@@ -324,3 +324,20 @@ def test_sdft_and_sdpo_terms_match_trl():
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "PASS" in result.stdout.splitlines()[-1]
     json.dumps(result.stdout)  # printable
+
+
+def test_an_ema_teacher_of_a_lora_student_averages_the_adapters_only(compose_cfg, tiny_model_dirs):
+    """A LoRA student's trainable tensors are its adapters: the EMA copy averages (and checkpoints) those alone, and its
+    frozen base stays the student's."""
+    trainer = build_trainer(ema_run(compose_cfg, tiny_model_dirs, "method=sdpo", "teacher.update_rate=0.5",
+                                    "sampler.n=2", "student.lora.r=4"))
+    teacher = trainer.teacher_component
+    assert teacher.pairs and all("lora_" in name for name, _, _ in teacher.pairs)
+    trainer.train_step()
+    moved = [name for name, source, target in teacher.pairs if (target - source).abs().max() > 0]
+    assert moved  # half-way between its old value and the student's
+    student = dict(trainer.student.named_parameters())
+    for name, param in teacher.model.named_parameters():
+        if "lora_" not in name:
+            assert torch.equal(param, student[name]), f"the frozen base tensor {name} differs"
+    assert set(teacher.state_dict()["averaged"]) == {name for name, _, _ in teacher.pairs}
