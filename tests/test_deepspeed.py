@@ -228,5 +228,23 @@ def test_a_hydra_sweep_under_torchrun_runs_every_job_over_both_ranks(tmp_path):
     assert proc.stdout.count("student accuracy after") == 2  # rank 0 only, once per job
 
 
+@pytest.mark.slow  # ~40 s; make test keeps the pitfall suite's two-rank first step of sdpo (EMA teacher) and sdft (live)
+def test_an_ema_teacher_follows_the_zero2_student_and_resumes_over_two_processes(tmp_path):
+    """SDPO's EMA teacher over two ZeRO-2 processes: at update rate 1 the teacher is the student after every step, so
+    the checkpoint's averaged tensors equal the consolidated student weights; the run then resumes to step 3."""
+    out = tmp_path / "run"
+    common = ["debug=tiny", "method=sdpo", "teacher=ema", "teacher.update_rate=1.0", "sampler.n=2", "trainer.batch_size=4",
+              "trainer.eval_examples=8", "trainer.num_threads=1", "deepspeed=zero2", f"output_dir={out}"]
+    torchrun(*common, "trainer.max_steps=2", cwd=tmp_path)
+    (checkpoint,) = list_checkpoints(out)
+    averaged = torch.load(checkpoint / "trainer_state.pt", weights_only=False)["teacher"]["averaged"]
+    student = load_file(checkpoint / "model.safetensors")
+    shared = averaged.keys() & student.keys()
+    assert len(shared) >= len(student) - 1  # every tensor (a tied head may be saved once)
+    assert all(torch.equal(averaged[k], student[k]) for k in shared)
+    torchrun(*common, "trainer.max_steps=3", "trainer.resume=auto", cwd=tmp_path)
+    assert json.loads((out / "summary.json").read_text())["steps"] == 3
+
+
 if __name__ == "__main__":  # the worker of the two-process L_PT test: <output json> <overrides...>
     lm_term_step(sys.argv[2:], Path(sys.argv[1]))
