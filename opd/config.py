@@ -144,6 +144,7 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:1 ...
     num_threads: Optional[int] = None  # torch CPU threads; null = auto: 1 for tiny models on CPU, else torch's default
     loss_chunk_size: Optional[int] = None  # loss from hidden states, N tokens of logits at a time: null = auto, 0 = off
+    share_prompts: bool = True  # rows repeating a prompt (sampler.n > 1): its forward pass once, completions on its cache
     compile: bool = False  # torch.compile(dynamic=True) the student's and teacher's forward (rollouts, scoring, training)
     disable_dropout: bool = True  # dropout off in the student while trained and scored (opd/models/dropout.py)
     validation_examples: int = 500  # validation split for methods that read one: a dev split cut to N, else N carved from train

@@ -256,6 +256,34 @@ def test_two_deepspeed_processes_give_the_single_process_loss_and_gradient(tiny_
     assert not problems, "two DeepSpeed processes differ from one:\n" + "\n".join(problems)
 
 
+#: loss and gradient with trainer.share_prompts against without, relative. The models are float64, but Llama's RMSNorm
+#: computes in float32 whatever the input: sharing sums the rows' gradients before the prompt's float32 norms instead of
+#: after, which moved gradients by up to 3e-7 (relative) in float64 models (the logits: 1e-15); 1e-5 keeps a margin of
+#: ~30 and fails any real difference (a shifted position or a missing mask moves them by 1e-2 and more)
+SHARING_RTOL = 1e-5
+
+
+@STUDENTS
+@pytest.mark.parametrize("name", METHOD_NAMES)
+def test_shared_prompts_give_the_unshared_loss_and_gradient(compose_cfg, name, student):
+    """trainer.share_prompts (issue 26): with 3 samples per prompt, on the method's own ragged batch (prompts of several
+    lengths, left-padded; completions of several lengths), teacher and student running each prompt once give the loss
+    and gradient of every row in full."""
+    trainer = make_trainer(compose_cfg, name, "sampler.n=3", *as_overrides(declared(name)), *student)
+    batch = fixed_batch(trainer)
+    from opd.models.scoring import prompt_groups
+
+    shared = prompt_groups(batch.prompt_ids, batch.prompt_mask) is not None
+    assert shared or batch.source in ("dataset", "teacher", "replay", "paired") or trainer.method.policy.uses_teacher, (
+        f"{name}: the student's own samples at sampler.n=3 repeat no prompt")
+    loss_on, grads_on = step_gradients(trainer, [batch])
+    trainer.loss_path = dataclasses.replace(trainer.loss_path, share_prompts=False)
+    trainer.teacher_component and setattr(trainer.teacher_component, "share_prompts", False)
+    loss_off, grads_off = step_gradients(trainer, [batch])
+    assert loss_on == pytest.approx(loss_off, rel=SHARING_RTOL, abs=1e-12), f"{name}: loss {loss_on} vs {loss_off}"
+    assert gradient_gap(grads_on, grads_off) <= SHARING_RTOL, f"{name}: gradient gap {gradient_gap(grads_on, grads_off)}"
+
+
 # ---------------------------------------------------------------------------------------------- 2. ragged rows
 PROMPT_LENGTHS = (1, 50, 7, 3)
 #: completion rows: one token (not EOS), five tokens then EOS, EOS first, four tokens cut at the length limit

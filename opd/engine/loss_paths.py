@@ -36,10 +36,12 @@ class LossPath:
     Attributes:
         teacher_output: what is asked of the teacher: "logits", "hidden", "sparse", or None (the loss reads no teacher).
         chunk_size: positions of logits per chunk on the "hidden" path; 0 otherwise.
+        share_prompts: the student runs a prompt that several rows repeat once (``trainer.share_prompts``).
     """
 
     teacher_output: str | None
     chunk_size: int = 0
+    share_prompts: bool = False
 
 
 def _name(method: Method) -> str:
@@ -121,7 +123,7 @@ def path_loss(path: LossPath, method: Method, batch: RolloutBatch, student: torc
     prompt = method.teacher_prompt(batch, tokenizer) if path.teacher_output else None
     if path.teacher_output == "hidden":
         teacher_head = teacher.score(batch, "hidden", prompt)
-        student_head = completion_hidden_states(student, batch).first_rows(vocab_size)
+        student_head = completion_hidden_states(student, batch, share_prompts=path.share_prompts).first_rows(vocab_size)
         divergence = chunked_divergence_loss(student_head.hidden, student_head.weight, teacher_head.hidden,
                                              teacher_head.weight, batch.completion_mask, method.token_divergence,
                                              num_tokens, chunk_size=path.chunk_size, temperature=None,
@@ -131,7 +133,7 @@ def path_loss(path: LossPath, method: Method, batch: RolloutBatch, student: torc
         teacher_out = batch.teacher_scores
     else:
         teacher_out = teacher.score(batch, path.teacher_output, prompt) if path.teacher_output else None
-    logits = trim_vocabulary(completion_logits(student, batch), vocab_size)
+    logits = trim_vocabulary(completion_logits(student, batch, share_prompts=path.share_prompts), vocab_size)
     out = method.loss(batch, logits, teacher_out, num_tokens)
     if isinstance(teacher, TeacherRouter) and teacher_out is not None:  # tokens and loss per teacher
         out.metrics.update(per_teacher_metrics(teacher, method, batch, logits, teacher_out, num_tokens))

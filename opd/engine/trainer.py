@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import math
 import random
 import time
@@ -48,7 +49,7 @@ from opd.methods.base import AuxiliaryContext, Method
 from opd.models.dropout import disable_dropout
 from opd.models.loading import check_model_path, load_model, load_tokenizer, resolve_device, save_base_spec
 from opd.models.lora import AdaptersOff, LoraStudent, apply_lora
-from opd.models.scoring import completion_logits, linear_head, trim_vocabulary
+from opd.models.scoring import completion_logits, linear_head, prompt_sharing_blocker, trim_vocabulary
 from opd.models.weights import parameter_counts
 from opd.sampling.base import eos_token_ids, suppress_padding_ids
 from opd.sampling.behaviour import OwnTokensTeacher, RolloutContext
@@ -213,8 +214,15 @@ class Trainer:
 
     def _setup_loss_path(self) -> None:
         """Full logits, chunked hidden states or sparse log-probs (:func:`~opd.engine.loss_paths.select_loss_path`)."""
-        self.loss_path = select_loss_path(self.method, self.teacher_component, self.student, self.cfg.loss_chunk_size,
-                                          stacklevel=4)
+        path = select_loss_path(self.method, self.teacher_component, self.student, self.cfg.loss_chunk_size, stacklevel=4)
+        self.loss_path = dataclasses.replace(path, share_prompts=self.cfg.share_prompts)
+        if self.teacher_component is not None:
+            self.teacher_component.share_prompts = self.cfg.share_prompts
+        if self.cfg.share_prompts and getattr(self.sampler, "n", 1) > 1:  # rows will repeat prompts: say where it is off
+            for role, model in (("student", self.student), ("teacher", self.teacher)):
+                reason = None if model is None else prompt_sharing_blocker(model)
+                if reason is not None:
+                    print(f"opd-train: trainer.share_prompts: the {role} scores every row in full ({reason})")
 
     def _setup_backend(self, student_cfg: ModelConfig, deepspeed_cfg: DeepSpeedConfig | None) -> None:
         """The optimizer and schedule: a torch optimizer in one process, or DeepSpeed ZeRO engines; torch.compile."""
@@ -236,7 +244,7 @@ class Trainer:
             if self.loss_path.chunk_size and deepspeed_cfg.stage == 3:
                 warnings.warn("the chunked hidden-state loss is not used under ZeRO-3 (the student's output head is "
                               "partitioned); using full logits", UserWarning, stacklevel=3)
-                self.loss_path = LossPath("logits")
+                self.loss_path = LossPath("logits", share_prompts=self.loss_path.share_prompts)
         else:
             self.backend = LocalBackend(self.student, trainer_cfg, lr_lambda(trainer_cfg), lora=self.lora)
         if trainer_cfg.compile:  # after DeepSpeed has wrapped/sharded the modules; one compile serves every shape

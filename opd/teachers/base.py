@@ -57,6 +57,8 @@ class Teacher:
     #: :meth:`after_update` reads every tensor of the student into the teacher's own copy (``ema``): refused where a
     #: process holds only a partition of either (ZeRO-3)
     averages_student: ClassVar[bool] = False
+    #: score a prompt that several rows repeat once (``trainer.share_prompts``, set by the trainer)
+    share_prompts: bool = False
 
     def __init__(self, cfg: Any = None) -> None:
         self.cfg = self.Config() if cfg is None else cfg
@@ -108,10 +110,12 @@ class Teacher:
             return getattr(self, f"_{output}")(batch, prompt)
 
     def _logits(self, batch: RolloutBatch, prompt) -> torch.Tensor:
-        return trim_vocabulary(completion_logits(self.model, batch, *(prompt or ())), self.vocab_size)
+        return trim_vocabulary(completion_logits(self.model, batch, *(prompt or (None, None)),
+                                                 share_prompts=self.share_prompts), self.vocab_size)
 
     def _hidden(self, batch: RolloutBatch, prompt):
-        return completion_hidden_states(self.model, batch, *(prompt or ())).first_rows(self.vocab_size)
+        return completion_hidden_states(self.model, batch, *(prompt or (None, None)),
+                                        share_prompts=self.share_prompts).first_rows(self.vocab_size)
 
     def _sparse(self, batch: RolloutBatch, prompt) -> SparseTeacherLogprobs:
         raise NotImplementedError
