@@ -190,7 +190,8 @@ BUILTINS: dict[Registry, dict[str, str]] = {
         "tm_opd": "opd.methods.tm_opd:TMOPD", "topk_rkl_sg": "opd.methods.topk_rkl_sg:TopKRKLStopGrad",
         "uld": "opd.methods.uld:ULD",
     },
-    SAMPLERS: {"hf": "opd.sampling.hf:HFSampler", "vllm": "opd.sampling.vllm:VLLMSampler"},
+    SAMPLERS: {"hf": "opd.sampling.hf:HFSampler", "vllm": "opd.sampling.vllm:VLLMSampler",
+               "auto": "opd.sampling.auto:AutoSampler"},
     DATASETS: {
         "arithmetic": "opd.data.arithmetic:ChainArithmetic", "gym": "opd.data.gym:GymTask", "gsm8k": "opd.data.hub:GSM8K",
         "instruct": "opd.data.instruct:InstructTask", "jsonl": "opd.data.jsonl:JsonlTask", "math": "opd.data.math:MathTask",

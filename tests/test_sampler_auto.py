@@ -1,0 +1,56 @@
+"""sampler=auto (issue 26): the HF sampler or vLLM per model by its size, said once; suppressed ids keep HF."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from opd.sampling.auto import VLLM_MIN_PARAMETERS, AutoSampler, parameter_count
+from opd.train import build_trainer
+
+
+def test_small_models_sample_with_hf_and_say_so_once(compose_cfg, capsys):
+    trainer = build_trainer(compose_cfg("sampler=auto"))
+    sampler = trainer.sampler
+    assert isinstance(sampler, AutoSampler) and parameter_count(trainer.student) < VLLM_MIN_PARAMETERS
+    batch = trainer.collect(next(trainer.prompts))
+    trainer.collect(next(trainer.prompts))
+    assert batch.num_tokens > 0 and sampler.choose(trainer.student) == "hf" and sampler.vllm is None
+    assert capsys.readouterr().out.count("sampler=auto") == 1
+
+
+def test_the_rule_follows_size_installation_and_suppressed_ids(tiny_model_dirs):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dirs["student"])
+    size = parameter_count(model)
+    installed = importlib.util.find_spec("vllm") is not None
+    assert AutoSampler(vllm_min_parameters=size + 1).choose(model) == "hf"
+    # the tiny model's attention heads (size 8) have no vLLM CPU kernel: HF even over the threshold
+    assert AutoSampler(vllm_min_parameters=size).choose(model) == "hf"
+    if installed:
+        from opd.sampling.vllm import pad_attention_heads
+
+        wide = pad_attention_heads(model, 32)  # the same function with heads zero-padded to a kernel's size
+        assert AutoSampler(vllm_min_parameters=1).choose(wide) == "vllm"
+    model.generation_config.suppress_tokens = [5]  # a padded head: vLLM would sample the suppressed ids
+    assert AutoSampler(vllm_min_parameters=1).choose(model) == "hf"
+    with pytest.raises(ValueError, match="vllm_min_parameters"):
+        AutoSampler(vllm_min_parameters=0)
+
+
+@pytest.mark.vllm
+def test_a_model_over_the_threshold_samples_with_vllm(compose_cfg):
+    """The toy student with its heads zero-padded to 32 (a size vLLM's CPU kernels have), over a threshold of 1."""
+    pytest.importorskip("vllm")
+    from opd.sampling.vllm import pad_attention_heads
+
+    trainer = build_trainer(compose_cfg(tiny_models=False))
+    wide = pad_attention_heads(trainer.student, 32)
+    sampler = AutoSampler(vllm_min_parameters=1, max_new_tokens=8, n=2)
+    batch = sampler.generate(wide, trainer.tokenizer, next(trainer.prompts)[:2])
+    assert sampler.choose(wide) == "vllm" and sampler.num_engines == 1
+    assert batch.completion_ids.shape[0] == 4 and batch.sampler_logprobs is not None
+    sampler.close()
