@@ -123,6 +123,9 @@ def build_opd_trainer(run_dir: Path, args, total_steps: int, compiled: bool = Fa
                  f"sampler.n={args.n}",                  # completions per prompt (rows = batch_size x n)
                  f"trainer.share_prompts={share_prompts}",  # a repeated prompt's forward once (issue 26)
                  "trainer.progress=false"]               # no progress bar
+    if args.gpu:  # the GPU form: CUDA, bfloat16 weights (the vLLM engine in bfloat16 too), torch's own threads
+        overrides += ["trainer.device=cuda", "student.dtype=bfloat16", "teacher.dtype=bfloat16",
+                      "trainer.num_threads=null"] + (["sampler.dtype=bfloat16"] if sampler == "vllm" else [])
     if args.quick:
         overrides.append("data.num_train=256")           # faster start-up
     return build_trainer(compose_train_config(overrides), run_dir)
@@ -225,8 +228,8 @@ def trl_common_args(cfg, args, total_steps: int, output_dir: Path) -> dict:
         adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2,  # AdamW betas
         max_grad_norm=cfg.max_grad_norm,             # clipping at 1
         gradient_checkpointing=args.trl_gradient_checkpointing,  # TRL's default is on; opd does not recompute activations
-        bf16=False, fp16=False,                      # float32, as opd on CPU
-        use_cpu=True,                                # no accelerator
+        bf16=args.gpu, fp16=False,                   # float32 on CPU, as opd; bfloat16 autocast on the GPU (--gpu)
+        use_cpu=not args.gpu,                        # the CPU, or the GPU with --gpu
         dataloader_num_workers=0,                    # collate in the training process, as opd
         eval_strategy="no", save_strategy="no",      # no evaluation, no checkpoints
         report_to="none",                            # no W&B / TensorBoard
@@ -336,9 +339,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--trl-gradient-checkpointing", action="store_true",
                    help="TRL with its default gradient_checkpointing=True (activations recomputed in backward, and its "
                         "rollouts then generate without a KV cache)")
+    p.add_argument("--gpu", action="store_true",
+                   help="the GPU form: CUDA and bfloat16 on every side, opd's vLLM sampler row in bfloat16 (needs a CUDA "
+                        "GPU; tests/test_gpu.py runs it --quick, skipped without one)")
     p.add_argument("--quick", action="store_true", help="2 + 1 steps, 4 prompts (--real: 2), 8 tokens (plumbing check)")
     p.add_argument("--json", type=Path, help="also write the summaries and per-step measurements here")
     args = p.parse_args(argv)
+    if args.gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            p.error("--gpu needs a CUDA GPU (none is visible)")
     fill_defaults(args, dict(steps=6, warmup=1, batch_size=8, max_new_tokens=32, threads=2) if args.real else
                   dict(steps=100, warmup=5, batch_size=32, max_new_tokens=64, threads=1),
                   quick=dict(steps=2, warmup=1, batch_size=2 if args.real else 4, max_new_tokens=8))

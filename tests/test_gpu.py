@@ -79,3 +79,24 @@ def test_real_smollm2_bf16_step_on_the_gpu(compose_cfg, tmp_path):
     tokens_per_s = sorted(row["train/tokens_per_s"] for row in rows[2:])
     print(f"real SmolLM2 bf16 GKD step on {torch.cuda.get_device_name()}: median {tokens_per_s[len(tokens_per_s) // 2]:.0f} "
           "completion tokens/s")
+
+
+def test_the_shared_prompt_step_benchmark_runs_on_the_gpu(tmp_path):
+    """Issue 26's GPU form: bench_step.py --real --gpu (bfloat16, vLLM sampler row) at 4 samples per prompt, quick
+    sizes; prints the table for the record (never a figure that was not measured on a GPU)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "bench.json"
+    command = [sys.executable, str(root / "benchmarks" / "bench_step.py"), "--real", "--gpu", "--quick", "--n", "4",
+               "--json", str(out)]
+    if list((root / ".venv-trl").glob("lib/python*/site-packages/trl")):
+        command += ["--trl-venv", str(root / ".venv-trl")]
+    proc = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    print(proc.stdout[-4000:])
+    summary = json.loads(out.read_text())["summary"]
+    assert {"opd", "opd, prompts not shared"} <= set(summary)
