@@ -8,6 +8,7 @@ decoder. The ``real`` + ``slow`` tests use SmolLM2-135M-Instruct and Gemma-3-270
 from __future__ import annotations
 
 import importlib.util
+import math
 
 import pytest
 import torch
@@ -460,6 +461,44 @@ def test_seqkd_across_tokenizers_trains_the_student_on_the_teachers_text(compose
     before = [p.detach().clone() for p in trainer.student.parameters()]
     trainer.fit()
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.student.parameters()))
+
+
+def test_teacher_agreement_across_tokenizers_is_the_sequence_reverse_kl_on_text(compose_cfg, byte_level_teacher,
+                                                                                 tmp_path):
+    """trainer.eval_teacher_kl with another tokenizer: E_q[log q(y) − log p_T(y)] over the student's samples, per byte
+    of their text, against an independent computation: the teacher run by hand on its own prompt and its own
+    tokenization of each sampled text (plus its EOS where the student's row ended)."""
+    from opd.engine.evaluate import evaluate_teacher_agreement_across_tokenizers
+    from opd.models.scoring import completion_logits
+    from opd.train import build_trainer
+
+    trainer = build_trainer(compose_cfg("method=uld", "trainer.batch_size=4", "sampler.max_new_tokens=6",
+                                        "data.num_train=16", "data.num_eval=4", "trainer.max_steps=1",
+                                        "trainer.eval_every=0", "trainer.eval_teacher_kl=true",
+                                        f"teacher.name_or_path={byte_level_teacher}", f"output_dir={tmp_path / 'run'}"))
+    teacher, tok = trainer.teacher_component, trainer.tokenizer
+    examples = trainer.eval_examples[:4]
+    torch.manual_seed(0)
+    got = evaluate_teacher_agreement_across_tokenizers(trainer.student, teacher, tok, examples, trainer.sampler,
+                                                       trainer.vocab_size, batch_size=4, progress=False)
+    torch.manual_seed(0)  # the same draw
+    rollout = trainer.sampler.generate(trainer.student, tok, examples, n=1)
+    with torch.no_grad():
+        logq = torch.log_softmax(completion_logits(trainer.student, rollout).float(), -1)
+        total, size = 0.0, 0
+        for row in range(4):
+            kept = rollout.completion_ids[row][rollout.completion_mask[row].bool()]
+            total += float(logq[row, torch.arange(len(kept)), kept].sum())
+            text = tok.decode(kept.tolist(), skip_special_tokens=True)
+            ids = teacher.tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids += [teacher.tokenizer.eos_token_id] if kept.numel() and int(kept[-1]) == tok.eos_token_id else []
+            prompt = teacher.own_prompt(examples[row])
+            logits = trainer.teacher(input_ids=torch.tensor([prompt + ids])).logits[0, len(prompt) - 1:-1].float()
+            total -= float(torch.log_softmax(logits, -1)[torch.arange(len(ids)), torch.tensor(ids)].sum())
+            size += len(text.encode("utf-8"))
+    assert got["teacher_sequence_rkl_per_byte"] == pytest.approx(total / size, rel=1e-4)
+    summary = trainer.fit()  # and the run reports it (it was refused before)
+    assert math.isfinite(summary["student_teacher_sequence_rkl_per_byte_after"])
 
 
 def test_joint_decoding_across_tokenizers_is_refused_in_one_line(compose_cfg, byte_level_teacher, tmp_path):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
-import torch
 
 from opd.sampling.auto import VLLM_MIN_PARAMETERS, AutoSampler, parameter_count
 from opd.train import build_trainer

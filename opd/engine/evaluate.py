@@ -155,6 +155,49 @@ def evaluate_teacher_kl(student: torch.nn.Module, teacher: torch.nn.Module, toke
     return {"teacher_rkl": total / max(tokens, 1.0), "sampled_eos_rate": finished / n, "sampled_mean_length": tokens / n}
 
 
+@torch.no_grad()
+def evaluate_teacher_agreement_across_tokenizers(student: torch.nn.Module, teacher, tokenizer, examples: list[Example],
+                                                 sampler, vocab_size: int, batch_size: int = 16,
+                                                 desc: str = "eval teacher agreement", progress: bool = True
+                                                 ) -> dict[str, float]:
+    """Teacher agreement for a teacher with another tokenizer: the sequence-level reverse KL on the student's samples.
+
+    Per-token distributions over two vocabularies cannot be compared position by position, but both models give the
+    same *text* a probability: the student through its tokens, the teacher through its own tokenization of the decoded
+    text (``teacher.score(batch, "retokenized")``, its EOS where the student's row ended). The Monte-Carlo estimate
+    E_{y~q}[log q(y) − log p_T(y)] of KL(q‖p_T) over whole completions (the sequence-level reverse KL that on-policy
+    distillation minimises, Gu et al. 2024, Eq. 1) is reported per UTF-8 byte of the completions' text, a unit that
+    belongs to neither tokenizer, and per student token. One sample per example, as :func:`evaluate_teacher_kl`.
+
+    Args:
+        teacher: a teacher component (``opd.teachers``) that provides "retokenized".
+    Returns:
+        ``{"teacher_sequence_rkl_per_byte", "teacher_sequence_rkl_per_token", "sampled_eos_rate",
+        "sampled_mean_length"}``.
+    """
+    from opd.sampling.base import eos_token_ids, unfinished_rows
+
+    total, tokens, text_bytes, finished = 0.0, 0.0, 0, 0
+    eos = eos_token_ids(tokenizer, student)
+    for start in tqdm(range(0, len(examples), batch_size), desc=desc, leave=False, disable=not progress, unit="batch"):
+        rollout = sampler.generate(student, tokenizer, examples[start : start + batch_size], n=1)
+        mask = rollout.completion_mask.bool()
+        logits = trim_vocabulary(completion_logits(student, rollout), vocab_size).float()
+        student_logp = torch.log_softmax(logits, dim=-1).gather(-1, rollout.completion_ids.unsqueeze(-1)).squeeze(-1)
+        scored = teacher.score(rollout, "retokenized")
+        for row in range(rollout.completion_ids.shape[0]):
+            ids = scored.token_ids[row]
+            teacher_logp = scored.logprobs[row].float().gather(-1, ids.unsqueeze(-1)).sum()
+            total += float(student_logp[row][mask[row]].sum() - teacher_logp)
+            kept = rollout.completion_ids[row][mask[row]].tolist()
+            text_bytes += len(tokenizer.decode(kept, skip_special_tokens=True).encode("utf-8"))
+        tokens += float(mask.sum())
+        finished += int((~unfinished_rows(rollout, eos)).sum())
+    n = max(len(examples), 1)
+    return {"teacher_sequence_rkl_per_byte": total / max(text_bytes, 1), "teacher_sequence_rkl_per_token":
+            total / max(tokens, 1.0), "sampled_eos_rate": finished / n, "sampled_mean_length": tokens / n}
+
+
 def merge_eval_results(parts: list[EvalResult]) -> EvalResult:
     """One :class:`EvalResult` from the ranks' shares (example-weighted means; samples of the first ranks)."""
     total = sum(p.num_examples for p in parts)
@@ -244,9 +287,10 @@ class Evaluator:
         return chunked_token_cross_entropy(head.hidden, head.weight, head.bias, batch.completion_ids,
                                            self.loss_chunk_size)
 
-    def metrics(self, result: EvalResult, student: torch.nn.Module, teacher: torch.nn.Module | None) -> dict[str, Any]:
+    def metrics(self, result: EvalResult, student: torch.nn.Module, teacher) -> dict[str, Any]:
         """The metrics of one evaluation: ``result``'s, plus pass@k of samples and the teacher agreement when the
-        config asks for them."""
+        config asks for them (``teacher``: its model, or, for a teacher with another tokenizer, the teacher component,
+        which scores text in its own tokens)."""
         metrics = {"eval/accuracy": result.accuracy, "eval/mean_length": result.mean_length, "eval/eos_rate": result.eos_rate}
         metrics.update({f"eval/accuracy/{source}": value for source, value in result.by_source.items()})  # data=mixture
         if self.task.score_name != "exact_match":  # e.g. eval/rouge_l for instruction tasks
@@ -263,12 +307,14 @@ class Evaluator:
             self.last_pass_at_k = pass_k
         if self.cfg.eval_teacher_kl and teacher is not None:
             # one fixed sampling seed for every evaluation, run and seed (common random numbers: arms differ by their
-            # weights, not by the draw); training's RNG stream is untouched
+            # weights, not by the draw); training's RNG stream is untouched. A teacher component (not a module) is one
+            # with another tokenizer: the sequence-level agreement on text
+            across = not isinstance(teacher, torch.nn.Module)
+            measure = evaluate_teacher_agreement_across_tokenizers if across else evaluate_teacher_kl
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)
-                agreement = evaluate_teacher_kl(student, teacher, self.tokenizer, self.eval_examples, self.sampler,
-                                                self.vocab_size, batch_size=max(1, self.cfg.eval_batch_size // 2),
-                                                progress=self.progress)
+                agreement = measure(student, teacher, self.tokenizer, self.eval_examples, self.sampler, self.vocab_size,
+                                    batch_size=max(1, self.cfg.eval_batch_size // 2), progress=self.progress)
             metrics.update({f"eval/{key}": value for key, value in agreement.items()})
             self.last_teacher_kl = agreement
         return metrics

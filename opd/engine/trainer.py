@@ -199,9 +199,6 @@ class Trainer:
                               f"({type(policy).__name__}), which needs one vocabulary, but the teacher's tokenizer differs "
                               "from the student's; across tokenizers the teacher writes whole completions as text "
                               "(seqkd, rs_seqkd) or scores the student's text (uld)")
-        if self.other_tokenizer and self.cfg.eval_teacher_kl:
-            raise ConfigError("trainer.eval_teacher_kl=true needs one vocabulary, but the teacher's tokenizer differs "
-                              "from the student's; set it false")
         suppress_padding_ids(self.sampler, self.vocab_size,
                              {"student": self.student, "teacher": None if self.other_tokenizer else self.teacher})
         if self.cfg.eval_teacher_kl and self.teacher is None:
@@ -469,7 +466,9 @@ class Trainer:
         return self.evaluator.validation_loss(self.backend.train_model)
 
     def _log_eval(self, result: EvalResult) -> None:
-        metrics = self.evaluator.metrics(result, self.student, self.teacher)
+        # across tokenizers the teacher agreement is measured on text, by the teacher component itself
+        metrics = self.evaluator.metrics(result, self.student, self.teacher_component if self.other_tokenizer
+                                         else self.teacher)
         if self.method.needs_validation_loss:
             metrics.update(self.method.on_evaluate(self.validation_loss()))
         self.logger.log(metrics, self.step)
