@@ -330,6 +330,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="completions per prompt (opd: sampler.n, with and without trainer.share_prompts; TRL has no "
                         "grouping option, so it gets batch-size x n rows)")
     p.add_argument("--no-trl", action="store_true", help="only opd's side, even when trl is installed")
+    p.add_argument("--trl-trainers", nargs="+", choices=["gkd", "distillation"], default=["gkd", "distillation"],
+                   help="which TRL trainers (--real: both by default; GKDTrainer's full logits are the slow ones)")
     p.add_argument("--trl-venv", type=Path,
                    help="import trl from this virtual environment (its site-packages appended to sys.path), e.g. .venv-trl")
     p.add_argument("--no-vllm", action="store_true", help="--real: no opd trainer with sampler=vllm")
@@ -376,8 +378,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"# bench_step: one full OPD step (rollout + teacher scoring + update), completion tokens/s, opd vs TRL; {what}\n")
     print_machine(args.threads)
     with_trl = not args.no_trl and importlib.util.find_spec("trl") is not None
-    trl_names = ["TRL GKDTrainer"]
-    if with_trl and args.real:
+    trl_names = ["TRL GKDTrainer"] if "gkd" in args.trl_trainers or not args.real else []
+    if with_trl and args.real and "distillation" in args.trl_trainers:
         if has_distillation_trainer():
             trl_names.append("TRL DistillationTrainer")
         else:
