@@ -57,6 +57,8 @@ SEARCH_SPACES: dict[str, dict[str, str]] = {
     "aopd": {"trainer.lr": LR_RANGE},
     "topk_rkl_sg": {"trainer.lr": LR_RANGE},
     "uld": {"trainer.lr": LR_RANGE},
+    "sdft": {"trainer.lr": LR_RANGE},
+    "sdpo": {"trainer.lr": LR_RANGE},
 }
 #: How a study searches, by the number of searched parameters. The learning rate alone: Optuna's grid sampler over
 #: LR_GRID (5 trials; 5 random draws could leave a half-decade empty). With a knob: TPE (seed 0) from 4 random

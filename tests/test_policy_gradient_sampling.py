@@ -19,13 +19,31 @@ from opd.models.scoring import token_logprobs
 from opd.registry import METHODS
 from opd.sampling.base import RolloutBatch
 from opd.train import build_trainer
+from opd.types import Example
 
 VOCAB = 32  # above every method's default top-K
 
 
+class FailingTask:
+    """A task that judges every completion wrong (a method reading rewards, SDPO, then reprompts with feedback)."""
+
+    def score(self, completion: str, example: Example) -> float:
+        return 0.0
+
+    def feedback(self, completion: str, example: Example) -> str:
+        return "wrong"
+
+
+class DigitTokenizer:
+    def decode(self, ids, skip_special_tokens=True) -> str:
+        return " ".join(map(str, ids))
+
+
 def reads_sampler_record(name: str) -> bool:
-    """Whether method ``name``'s default loss on a student batch depends on the sampler's recorded log-probs."""
+    """Whether method ``name``'s default loss on a student batch depends on the sampler's recorded log-probs (the
+    method bound to a task and a tokenizer, as the trainer binds it: SDPO's loss reads the task's rewards)."""
     method = METHODS.build({"name": name}, "method")
+    method.bind(FailingTask(), DigitTokenizer())
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, VOCAB, (3, 5), generator=g)
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 1, 0]])
@@ -33,8 +51,9 @@ def reads_sampler_record(name: str) -> bool:
     student, teacher = 2 * torch.randn(3, 5, VOCAB, generator=g), 2 * torch.randn(3, 5, VOCAB, generator=g)
     exact = token_logprobs(student, ids, 1.0)  # what an untruncated sampler at temperature 1 records
     losses = []
+    examples = [Example("1+1=", "2", "2")] * 3
     for record in (exact, exact + torch.randn(3, 5, generator=g)):
-        batch = RolloutBatch(prompt, prompt, ids, mask, [], "student")
+        batch = RolloutBatch(prompt, prompt, ids, mask, examples, "student")
         batch.sampler_logprobs = record
         losses.append(method.loss(batch, student, teacher, int(mask.sum())).loss.item())
     return losses[0] != losses[1]

@@ -109,7 +109,7 @@ def test_a_new_kind_is_one_class_and_one_entry_and_runs_the_sparse_path(tmp_path
     teacher's top-k (an independent computation from the HF model)."""
     trainer = build_trainer(pinned_cfg("method=kd", "+teacher.kind=hf_topk_test", f"+teacher.top_k={TOP_K}",
                                        output_dir=tmp_path / "run"))
-    assert type(trainer.teacher_component) is HFTopKTeacher and trainer.loss_path == LossPath("sparse")
+    assert type(trainer.teacher_component) is HFTopKTeacher and trainer.loss_path == LossPath("sparse", share_prompts=True)
     torch.manual_seed(0)
     batch = trainer.collect(next(trainer.prompts))
     with torch.no_grad():

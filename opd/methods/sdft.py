@@ -95,6 +95,9 @@ class SDFT(Method):
         generate_from_teacher: sample the completions from the teacher's prompt.
     """
 
+    #: the default (importance-weight clip) reads the sampled tokens' recorded log-probs; set per instance below
+    uses_sampled_token_logprobs = True
+
     def __init__(self, template: str = "{prompt}{solution} {prompt}", chat_turn: bool = False,
                  teacher_model: str = "initial_student", mode: str = "topk_logits", top_k: int = 20,
                  tail: bool = False, alpha: float = 0.5, is_clip: float | None = 2.0, skip_tokens: int = 0,

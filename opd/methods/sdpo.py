@@ -100,6 +100,9 @@ class SDPO(Method):
         chat_turn: the filled reprompt is the user turn of the tokenizer's chat template (``student.chat_template``).
     """
 
+    #: the default (importance-weight clip) reads the sampled tokens' recorded log-probs; set per instance below
+    uses_sampled_token_logprobs = True
+
     def __init__(self, teacher_model: str = "ema", distillation_weight: float = 1.0, mode: str = "sampled_token",
                  top_k: int = 20, tail: bool = False, alpha: float = 1.0, is_clip: float | None = 2.0,
                  clip_eps: float = 0.2, scale_rewards: str = "group", success_threshold: float = 1.0,
