@@ -85,3 +85,38 @@ def test_models_not_checked_with_a_cache_are_left_alone():
     assert "sliding" in prompt_sharing_blocker(fake("llama", sliding_window=512))
     assert "flash" in prompt_sharing_blocker(types.SimpleNamespace(config=types.SimpleNamespace(
         model_type="llama", _attn_implementation="flash_attention_2")))
+
+
+def test_grouped_rollouts_train_with_shared_prompts_from_the_rollout_worker(compose_cfg):
+    """The rollout worker (trainer.max_staleness=1) writes grouped rows; the learner scores them with shared prompts:
+    the run trains and each step's loss equals the loss of the same batch scored row by row."""
+    import dataclasses
+
+    from opd.train import build_trainer
+
+    trainer = build_trainer(compose_cfg("method=gkd", "sampler.n=2", "trainer.max_staleness=1", "trainer.batch_size=4"))
+    try:
+        assert trainer.loss_path.share_prompts
+        seen = []
+        accumulate = trainer.accumulate_gradients
+
+        def record(batches, num_tokens):
+            seen.append((batches, num_tokens))
+            return accumulate(batches, num_tokens)
+
+        trainer.accumulate_gradients = record
+        rows = [trainer.train_step() for _ in range(3)]
+        assert all(torch.isfinite(torch.tensor(row["train/loss"])) for row in rows)
+        batches, num_tokens = seen[-1]
+        assert prompt_groups(batches[0].prompt_ids, batches[0].prompt_mask) is not None  # the worker's rows repeat
+        trainer.loss_path = dataclasses.replace(trainer.loss_path, share_prompts=False)
+        trainer.teacher_component.share_prompts = False
+        trainer.student.zero_grad(set_to_none=True)
+        unshared, _, _ = accumulate(batches, num_tokens)
+        trainer.loss_path = dataclasses.replace(trainer.loss_path, share_prompts=True)
+        trainer.teacher_component.share_prompts = True
+        trainer.student.zero_grad(set_to_none=True)
+        shared, _, _ = accumulate(batches, num_tokens)
+        assert shared == pytest.approx(unshared, rel=1e-5)  # float32 models: rounding only
+    finally:
+        trainer.close()
