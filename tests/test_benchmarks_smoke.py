@@ -64,18 +64,47 @@ def test_bench_async_quick(capsys):
     assert results["opd max_staleness=2"]["staleness"] == 2 and "max_staleness=1:" in out
 
 
+LORA_QUICK = ["--quick", "--opsd", "--only", "full", "lora r=8", "opsd lora r=8, teacher = adapters off"]
+
+
+def check_bench_lora_quick(results: dict, out: str) -> None:
+    assert not any("error" in r for r in results.values()), results
+    full, lora = results["full"], results["lora r=8"]
+    assert lora["trainable"] < full["trainable"] / 4 and lora["optimizer_mib"] < full["optimizer_mib"] / 4
+    assert lora["checkpoint_mib"] < full["checkpoint_mib"] / 2
+    assert "| opsd lora r=8, teacher = adapters off |" in out
+
+
+@pytest.mark.slow  # ~40 s (three fresh processes); make test runs the same variants and checks in process, below
 def test_bench_lora_quick(capsys):
     """Full vs LoRA on the toy pair: a LoRA student's optimizer state and checkpoint are far smaller, and OPSD's
     teacher with the adapters off trains like the deep-copied one."""
     # three fresh processes (~10 s each to import torch, transformers and peft): the full student, rank 8, and OPSD's
     # teacher with the adapters off
-    results = load("bench_lora").main(["--quick", "--opsd", "--only", "full", "lora r=8",
-                                       "opsd lora r=8, teacher = adapters off"])
-    assert not any("error" in r for r in results.values()), results
-    full, lora = results["full"], results["lora r=8"]
-    assert lora["trainable"] < full["trainable"] / 4 and lora["optimizer_mib"] < full["optimizer_mib"] / 4
-    assert lora["checkpoint_mib"] < full["checkpoint_mib"] / 2
-    assert "| opsd lora r=8, teacher = adapters off |" in capsys.readouterr().out
+    results = load("bench_lora").main(LORA_QUICK)
+    check_bench_lora_quick(results, capsys.readouterr().out)
+
+
+def test_bench_lora_quick_with_its_workers_in_this_process(capsys, monkeypatch):
+    """test_bench_lora_quick's variants and checks, each worker run by ``bench_lora.worker`` in this process instead
+    of a fresh interpreter (its peak RSS is then the test process's, which no check reads): the script's variants,
+    measurements and table, without three process starts."""
+    import contextlib
+    import io
+    import json
+
+    bench = load("bench_lora")
+
+    def worker_here(script, payload, threads, timeout=900):
+        assert Path(script).name == "bench_lora.py" and threads == 1
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            bench.worker(payload)
+        return json.loads([line for line in printed.getvalue().splitlines() if line.startswith("{")][-1])
+
+    monkeypatch.setattr(bench, "run_worker", worker_here)
+    results = bench.main([*LORA_QUICK, "--threads", "1"])  # this process's one torch thread (conftest)
+    check_bench_lora_quick(results, capsys.readouterr().out)
 
 
 @pytest.mark.parametrize("name", ["bench_loss", "bench_rollout", "bench_step", "bench_async", "bench_lora"])

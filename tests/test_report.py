@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -30,14 +31,30 @@ METHODS, SEEDS = ("gkd", "sft"), (1, 2)
 SHORT = ("trainer.max_steps=2", "trainer.eval_every=1")
 
 
-@pytest.fixture
-def four_runs(compose_cfg, tmp_path) -> Path:
-    """runs/<method>/<seed>/: gkd and sft, seeds 1 and 2, two steps each, evaluated every step."""
-    root = tmp_path / "runs"
+@pytest.fixture(scope="module")
+def four_runs_once(tiny_model_dirs, tmp_path_factory) -> Path:
+    """runs/<method>/<seed>/: gkd and sft, seeds 1 and 2, two steps each, evaluated every step (trained once per module
+    and worker: the tests that read them are one xdist group; each reads its own copy, :func:`four_runs`)."""
+    from hydra import compose, initialize_config_dir
+
+    from opd.train import CONF_DIR
+
+    root = tmp_path_factory.mktemp("report") / "runs"
+    models = [f"teacher.name_or_path={tiny_model_dirs['teacher']}", f"student.name_or_path={tiny_model_dirs['student']}"]
     for method in METHODS:
         for seed in SEEDS:
-            run(compose_cfg(f"method={method}", f"seed={seed}", f"output_dir={root / method / str(seed)}", *SHORT))
+            with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):  # compose_cfg's config
+                cfg = compose(config_name="train", overrides=[
+                    "debug=tiny", "trainer.num_threads=1", *models, f"method={method}", f"seed={seed}",
+                    f"output_dir={root / method / str(seed)}", *SHORT])
+            run(cfg)
     return root
+
+
+@pytest.fixture
+def four_runs(four_runs_once, tmp_path) -> Path:
+    """This test's own copy of :func:`four_runs_once` (a test may add runs to it)."""
+    return Path(shutil.copytree(four_runs_once, tmp_path / "runs"))
 
 
 def summaries_by_method(root: Path) -> dict[str, list[dict]]:
@@ -64,6 +81,7 @@ def assert_png(path: Path) -> None:
     assert len(data) > 5_000, (path, len(data))  # axes, lines, legend and text: not an empty canvas
 
 
+@pytest.mark.xdist_group("report_four_runs")
 def test_report_groups_by_method_and_averages_over_seeds(four_runs, tmp_path, capsys):
     out = tmp_path / "report"
     assert main([str(four_runs), "--out", str(out)]) == 0
@@ -98,6 +116,7 @@ def test_report_groups_by_method_and_averages_over_seeds(four_runs, tmp_path, ca
     assert data["plots"] == ["eval_accuracy.png", "eval_accuracy_small_multiples.png", "train_loss.png"]
 
 
+@pytest.mark.xdist_group("report_four_runs")
 def test_group_by_seed_key_and_unreadable_summary(four_runs, tmp_path, capsys):
     broken = four_runs / "broken"
     broken.mkdir()

@@ -46,8 +46,9 @@ def in_flight_steps(checkpoint: Path) -> list[int]:
 
 # async is slow-marked (~40 s, three launches with rollout workers): make test keeps exact resume (sync) and the
 # in-flight rollouts in the checkpoint (test_sigterm_saves_a_checkpoint_before_exiting[async]). lora: a LoRA student
-# (issue 24) resumes its adapter and the adapter's optimizer state exactly
-@pytest.mark.parametrize("staleness, student", [(0, ()), (0, ("student.lora.r=4",)),
+# (issue 24) resumes its adapter and the adapter's optimizer state exactly; slow-marked too (~35 s, three launches):
+# make test keeps that check in process (test_a_lora_student_resumes_its_adapter_and_optimizer_state_exactly)
+@pytest.mark.parametrize("staleness, student", [(0, ()), pytest.param(0, ("student.lora.r=4",), marks=pytest.mark.slow),
                                                 pytest.param(2, (), marks=pytest.mark.slow)], ids=["sync", "lora", "async"])
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_model_dirs, tmp_path, staleness, student):
     settings = (f"trainer.max_staleness={staleness}", *student)
@@ -87,7 +88,10 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_model_dirs, tmp_p
         assert [x[k] for k in keys] == [y[k] for k in keys], x["step"]
 
 
-@pytest.mark.parametrize("staleness, student", [(0, ()), (0, ("student.lora.r=4",)), (2, ())], ids=["sync", "lora", "async"])
+# lora is slow-marked (~13 s, a launch): the signal path is the sync one; what a LoRA checkpoint holds and that it resumes
+# exactly are checked in process (test_a_lora_student_resumes_its_adapter_and_optimizer_state_exactly, tests/test_lora.py)
+@pytest.mark.parametrize("staleness, student", [(0, ()), pytest.param(0, ("student.lora.r=4",), marks=pytest.mark.slow),
+                                                (2, ())], ids=["sync", "lora", "async"])
 def test_sigterm_saves_a_checkpoint_before_exiting(tiny_model_dirs, tmp_path, staleness, student):
     proc = launch(tiny_model_dirs, tmp_path / "run", "trainer.max_steps=1000", "trainer.save_every=0",
                   f"trainer.max_staleness={staleness}", *student)
@@ -103,6 +107,44 @@ def test_sigterm_saves_a_checkpoint_before_exiting(tiny_model_dirs, tmp_path, st
     checkpoint = latest_valid_checkpoint(tmp_path / "run")
     step = int(checkpoint.name.split("_")[1])
     assert in_flight_steps(checkpoint) == list(range(step, step + staleness))  # the worker's rollouts, kept
+
+
+def test_a_lora_student_resumes_its_adapter_and_optimizer_state_exactly(compose_cfg, tmp_path):
+    """A LoRA student (issue 24), in this process: four steps in one go, or two, a checkpoint, and two more in a new
+    trainer restored from it give the same losses and token counts, bit-for-bit the same adapter and the same AdamW
+    moments (one machine, one seed); the checkpoint holds the adapter, not the model."""
+    from opd.models.lora import adapter_tensors
+    from opd.train import build_trainer
+
+    common = ("student.lora.r=4", "data.num_train=64", "data.num_eval=16", "trainer.batch_size=4",
+              "trainer.max_steps=4", "trainer.keep_checkpoints=5")
+
+    def steps(trainer, n: int) -> list[tuple[float, float]]:
+        return [(m["train/loss"], m["train/tokens"]) for m in (trainer.train_step() for _ in range(n))]
+
+    straight = build_trainer(compose_cfg(*common, f"output_dir={tmp_path / 'straight'}"))
+    want = steps(straight, 4)
+    first = build_trainer(compose_cfg(*common, f"output_dir={tmp_path / 'first'}"))
+    got = steps(first, 2)
+    checkpoint = first.save()
+    assert (checkpoint / "adapter_model.safetensors").is_file() and not (checkpoint / "model.safetensors").exists()
+    second = build_trainer(compose_cfg(*common, f"output_dir={tmp_path / 'second'}"))
+    second.restore(checkpoint)
+    assert second.step == 2
+    got += steps(second, 2)
+    assert got == want and straight.step == second.step == 4
+    adapters = dict(adapter_tensors(straight.student))
+    resumed = dict(adapter_tensors(second.student))
+    assert adapters and adapters.keys() == resumed.keys()
+    assert all(torch.equal(adapters[name], resumed[name]) for name in adapters), "the adapter differs after the resume"
+    assert any(float(t.abs().max()) > 0 for name, t in adapters.items() if "lora_B" in name)  # the adapter trained
+    for a, b in zip(straight.student.parameters(), second.student.parameters()):
+        assert torch.equal(a, b)  # the frozen base too
+    moments = [t.backend.optimizer.state_dict()["state"] for t in (straight, second)]
+    assert moments[0].keys() == moments[1].keys() and len(moments[0]) == len(adapters)  # state for the adapter only
+    for key in moments[0]:
+        for name in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(moments[0][key][name], moments[1][key][name]), (key, name)
 
 
 def test_corrupt_newest_checkpoint_is_skipped_with_a_warning(compose_cfg, tmp_path):

@@ -105,6 +105,26 @@ def test_generated_tasks_fill_their_held_out_splits():
     assert task.eval[:7] == Multiplication(num_train=6000, num_eval=7).eval  # a longer eval extends a shorter one
 
 
+def test_generated_splits_are_remembered_but_each_task_owns_its_lists():
+    """The splits of a generated task are computed once per process and settings (an in-process sweep builds many
+    trainers of one task): a second task gets equal splits from the cache, in lists of its own, and an error is raised
+    again rather than cached."""
+    from opd.data.generated import _cached_splits
+
+    first = Multiplication(num_train=50, num_eval=5, seed=11)
+    before = _cached_splits.cache_info()
+    second = Multiplication(num_train=50, num_eval=5, seed=11)
+    after = _cached_splits.cache_info()
+    assert (after.hits, after.misses) == (before.hits + 1, before.misses)  # the second task came from the cache
+    assert second.train == first.train and second.eval == first.eval
+    second.train.pop()
+    assert len(Multiplication(num_train=50, num_eval=5, seed=11).train) == 50  # a caller's edit does not reach it
+    assert Multiplication(num_train=50, num_eval=5, seed=12).train != first.train  # the seed is part of the key
+    for _ in range(2):
+        with pytest.raises(DataError):
+            Multiplication(num_train=2000, num_eval=64, min_digits=1, max_digits=1)
+
+
 def test_a_gym_task_holds_out_its_own_validation_split_after_eval():
     """``data.num_validation`` (tuning runs) takes the next distinct problems after eval: train and eval do not move,
     so runs with and without a validation split train and report on the same problems."""

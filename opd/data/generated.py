@@ -14,6 +14,7 @@ would misreport every accuracy measured on it.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -107,8 +108,21 @@ def generated_splits(task: str, dataset: str, worked_solution: Callable[[str], t
         raise ValueError(f"need 1 <= min_digits <= max_digits, got {min_digits}, {max_digits}")
     if num_train < 1 or num_eval < 1 or num_validation < 0:
         raise ValueError("num_train and num_eval must be positive, num_validation >= 0")
+    splits = _cached_splits(task, dataset, worked_solution, num_train, num_eval, num_validation, seed, min_terms,
+                            max_terms, min_digits, max_digits)
+    return tuple(list(split) for split in splits)  # lists of the caller's own; the examples are frozen
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_splits(task: str, dataset: str, worked_solution: Callable[[str], tuple[str, str, str]], num_train: int,
+                   num_eval: int, num_validation: int, seed: int, min_terms: int, max_terms: int, min_digits: int,
+                   max_digits: int) -> tuple[tuple[Example, ...], ...]:
+    """:func:`generated_splits` after its checks, remembered per process: problem ``i`` depends on the seed and ``i``
+    only, and the default arithmetic task generates and checks 20,000 problems (~0.5 s), which every trainer of an
+    in-process sweep (Optuna, ``--multirun``) and of the test suite would repeat. Errors are not cached."""
     config = dict(min_terms=min_terms, max_terms=max_terms, min_digits=min_digits, max_digits=max_digits)
     problem = worked_problems(dataset, worked_solution, search_limit(num_train, num_eval + num_validation), seed,
                               **config)
-    return held_out_splits(problem, num_train, num_eval, num_validation,
-                           describe_generator(task, dataset, config, seed))
+    splits = held_out_splits(problem, num_train, num_eval, num_validation,
+                             describe_generator(task, dataset, config, seed))
+    return tuple(tuple(split) for split in splits)
