@@ -26,7 +26,7 @@ ARGS        ?=
 EXP         ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-all methods train debug tune table real study toy-models variance lint clean-logs bench bench-trl bench-async bench-real uld-parity self-distillation-parity check-pins
+.PHONY: help install demo test test-all methods train debug tune table real study study-longer toy-models variance lint clean-logs bench bench-trl bench-async bench-real uld-parity self-distillation-parity check-pins
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -87,6 +87,9 @@ real: $(STAMP)  ## the real-model experiment: SmolLM2-135M-Instruct teaches its 
 
 study: $(STAMP)  ## the on-policy protocol study on the real LM (fine-tuned teacher, warm start, 7 arms x 3 seeds, 2nd size; resumable; see experiments/2026-12-03_real_opd_finetuned_teacher)
 	$(BIN)/python scripts/real_opd_protocol.py $(ARGS)
+
+study-longer: $(STAMP)  ## the same study's deciding arms with a stage 2 that can move the student (80 steps at lr 1e-4, 3 seeds; resumable; see experiments/2026-12-05_real_opd_longer_stage2)
+	$(BIN)/python scripts/real_opd_protocol.py --experiment real_opd_longer_stage2 $(ARGS)
 
 debug: $(STAMP)  ## a 3-step plumbing check (seconds)
 	$(BIN)/opd-train debug=tiny $(ARGS)

@@ -81,6 +81,15 @@ from common import (  # noqa: E402
 )
 
 TARGET = 1.5  # issue #6: opd's step throughput at least 1.5x TRL's on the tiny default
+#: issue 26, --real against TRL's DistillationTrainer: 1.5x with groups of n > 1 samples per prompt, 1.2x at n = 1
+TARGET_DISTILLATION = {"grouped": 1.5, "single": 1.2}
+
+
+def target_for(trl_name: str, real: bool, n: int) -> float:
+    """The speed-up the issues ask of opd against ``trl_name`` in this setting."""
+    if real and trl_name.endswith("DistillationTrainer"):
+        return TARGET_DISTILLATION["grouped" if n > 1 else "single"]
+    return TARGET
 
 
 class StepLog:
@@ -472,9 +481,10 @@ def main(argv: list[str] | None = None) -> dict:
         for trl_name in trl_names:
             for name in opd_variants:
                 ratio = results[name]["tokens_per_s"] / results[trl_name]["tokens_per_s"]
-                verdict = "met" if ratio >= TARGET else "missed"
+                target = target_for(trl_name, args.real, args.n)
+                verdict = "met" if ratio >= target else "missed"
                 label = trl_name.replace(" GKDTrainer", "")  # "opd / TRL ...": the toy line as before
-                print(f"{name} / {label} completion tokens per second: {ratio:.2f}x (target >= {TARGET}x: {verdict}); "
+                print(f"{name} / {label} completion tokens per second: {ratio:.2f}x (target >= {target}x: {verdict}); "
                       f"median step time {trl_name} / {name}: "
                       f"{results[trl_name]['step_s'] / results[name]['step_s']:.2f}{caveat}")
     if args.json:

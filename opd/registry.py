@@ -181,7 +181,7 @@ TEACHERS: Registry = Registry("teacher", name_key="kind")
 #: replaces the declared entry). ``tests/test_layers.py`` checks that this table and the decorators agree.
 BUILTINS: dict[Registry, dict[str, str]] = {
     METHODS: {
-        "aopd": "opd.methods.aopd:AOPD", "distillm": "opd.methods.distillm:DistiLLM",
+        "alm": "opd.methods.alm:ALM", "aopd": "opd.methods.aopd:AOPD", "distillm": "opd.methods.distillm:DistiLLM",
         "distillm2": "opd.methods.distillm2:DistiLLM2", "eopd": "opd.methods.eopd:EOPD", "gkd": "opd.methods.gkd:GKD",
         "kd": "opd.methods.kd:KD", "minillm": "opd.methods.minillm:MiniLLM", "opsd": "opd.methods.opsd:OPSD",
         "reopold": "opd.methods.reopold:REOPOLD", "sdft": "opd.methods.sdft:SDFT", "sdpo": "opd.methods.sdpo:SDPO",

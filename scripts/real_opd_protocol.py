@@ -74,6 +74,8 @@ STUDIES: dict[str, tuple[str, tuple[str, ...], int | None]] = {
     "real_opd_finetuned_teacher": ("experiments/2026-12-03_real_opd_finetuned_teacher",
                                    ("seqkd", "gkd_l1", "gkd_l0", "gkd_l1_b1", "tm_opd", "distillm", "opsd", "rs_seqkd"),
                                    10),
+    # the same study with a stage 2 that can move the student (80 steps at the warm start's lr 1e-4): the deciding arms
+    "real_opd_longer_stage2": ("experiments/2026-12-05_real_opd_longer_stage2", ("seqkd", "gkd_l1", "gkd_l0"), None),
     "real_opd_protocol": ("experiments/2026-12-03_real_opd_protocol",
                           ("seqkd", "gkd_l1", "gkd_l0", "gkd_l1_b1", "tm_opd", "distillm", "gkd_l1_mask"), 20),
     "toy_opd_protocol": ("experiments/2026-12-03_real_opd_protocol/toy",
@@ -404,7 +406,8 @@ def plot_curves(analysis: dict[str, Any], out: Path) -> list[Path]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--experiment", default="real_opd_finetuned_teacher", choices=list(STUDIES),
-                        help="which study: the fine-tuned SmolLM2 teacher on two-number sums (default), the shipped "
+                        help="which study: the fine-tuned SmolLM2 teacher on two-number sums (default), the same with "
+                             "a longer stage 2 at the warm start's rate (real_opd_longer_stage2), the shipped "
                              "SmolLM2 on letter counting (the first record), or the toy pair")
     parser.add_argument("--toy", action="store_true",
                         help="the same study on the shipped toy pair (= --experiment toy_opd_protocol; no second size)")

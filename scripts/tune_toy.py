@@ -57,6 +57,7 @@ SEARCH_SPACES: dict[str, dict[str, str]] = {
     "aopd": {"trainer.lr": LR_RANGE},
     "topk_rkl_sg": {"trainer.lr": LR_RANGE},
     "uld": {"trainer.lr": LR_RANGE},
+    "alm": {"trainer.lr": LR_RANGE},
     "sdft": {"trainer.lr": LR_RANGE},
     "sdpo": {"trainer.lr": LR_RANGE},
 }

@@ -15,6 +15,7 @@ import torch
 
 from opd.crosstok.alignment import AlignedGroup, align_spans, align_texts, token_byte_spans, token_bytes
 from opd.crosstok.vocabulary import shared_vocabulary
+from opd.losses.alm import binary_kl_of_likelihoods, chunk_logprobs
 from opd.losses.divergences import generalized_jsd
 from opd.losses.uld import hybrid_terms, hybrid_uld, merge_groups, sorted_l1
 from opd.sampling.base import eos_token_ids
@@ -209,6 +210,51 @@ def test_hybrid_with_matched_weight_zero_is_exactly_the_unmatched_uld():
     matched, unmatched = hybrid_terms(student, teacher, student_shared, teacher_shared)
     adaptive = hybrid_uld(student, teacher, student_shared, teacher_shared)  # weight: 3 of the teacher's 11 shared
     torch.testing.assert_close(adaptive, 3 / 11 * matched + 8 / 11 * unmatched)
+
+
+def bernoulli_kl(teacher_logprob: float, student_logprob: float, temperature: float) -> float:
+    """KL(Bern(p) || Bern(q)) of the tempered chunk likelihoods, in Python floats (float64), written out."""
+    a, b = teacher_logprob / temperature - 1e-6, student_logprob / temperature - 1e-6
+    p, q = math.exp(a), math.exp(b)
+    return p * math.log(p / q) + (1 - p) * math.log((1 - p) / (1 - q))
+
+
+def test_alm_chunk_likelihoods_and_binary_kl_against_a_loop_reference():
+    """ALM (arXiv:2503.20083, Sec. 3): a chunk's log-likelihood is the sum of its tokens' log-probabilities, and the
+    distance is the binary KL of the two likelihoods raised to 1/τ, here against the formula in plain floats."""
+    generator = torch.Generator().manual_seed(9)
+    tokens = -torch.rand(7, generator=generator, dtype=torch.float64) * 4  # [T] log-probs of the actual tokens
+    groups = [range(0, 2), range(2, 3), range(3, 7)]
+    sums = chunk_logprobs(tokens, groups)
+    assert sums.tolist() == pytest.approx([sum(tokens[list(g)].tolist()) for g in groups], abs=1e-12)
+    teacher = torch.tensor([-0.3, -9.0, -40.0, -1e-9], dtype=torch.float64)
+    student = torch.tensor([-2.0, -1.0, -35.0, -0.5], dtype=torch.float64)
+    for temperature in (1.0, 100.0):
+        got = binary_kl_of_likelihoods(teacher, student, temperature)
+        want = [bernoulli_kl(t, s, temperature) for t, s in zip(teacher.tolist(), student.tolist())]
+        assert got.tolist() == pytest.approx(want, rel=1e-9)
+    assert torch.all(binary_kl_of_likelihoods(student, student) == 0)  # a model against itself
+    # the official code's binary cross-entropy differs from this KL by the teacher's binary entropy, which does not
+    # depend on the student: the same gradient
+    a = teacher / 100 - 1e-6
+    p = a.exp()
+    entropy = -(p * a + (1 - p) * torch.log1p(-p))
+    student.requires_grad_()
+    b = student / 100 - 1e-6
+    cross_entropy = -(p * b + (1 - p) * torch.log1p(-b.exp()))
+    torch.testing.assert_close(binary_kl_of_likelihoods(teacher, student), cross_entropy - entropy)
+
+
+def test_alm_gradient_moves_each_student_likelihood_toward_the_teachers():
+    """d KL / d log p_S = (q − p) / (τ (1 − q)) with p, q the tempered likelihoods: negative (raise the student's
+    likelihood) exactly where the student's chunk is less likely than the teacher's, and 0 where they agree."""
+    teacher = torch.tensor([-0.5, -3.0, -20.0, -2.0], dtype=torch.float64)
+    student = torch.tensor([-4.0, -1.0, -20.0, -2.5], dtype=torch.float64, requires_grad=True)
+    temperature = 10.0
+    binary_kl_of_likelihoods(teacher, student, temperature).sum().backward()
+    p, q = (teacher / temperature - 1e-6).exp(), (student.detach() / temperature - 1e-6).exp()
+    torch.testing.assert_close(student.grad, (q - p) / (temperature * (1 - q)))
+    assert student.grad[0] < 0 and student.grad[1] > 0 and student.grad[2] == 0 and student.grad[3] < 0
 
 
 # ------------------------------------------------------------------------------------------------------ the real pair
@@ -412,8 +458,57 @@ def test_a_teacher_with_another_tokenizer_trains_the_student_by_text(compose_cfg
                                 prompt_ids=trainer.teacher_component.own_prompt)
         assert summary["teacher_accuracy"] == own.accuracy
         assert any(not torch.equal(a, b) for a, b in zip(before, trainer.student.parameters()))
-    with pytest.raises(ConfigError, match="tokenizer differs from the student's.*cross-tokenizer method: uld"):
+    with pytest.raises(ConfigError, match="tokenizer differs from the student's.*cross-tokenizer method: alm, uld"):
         build_trainer(compose_cfg("method=gkd", *common))
+
+
+def test_alm_across_tokenizers_equals_a_hand_computation_and_trains(compose_cfg, byte_level_teacher, tmp_path):
+    """method=alm with a teacher of another tokenizer: the step's loss equals ALM computed by hand (the teacher run on
+    its own prompt and its own tokenization of each sampled text plus its EOS where the student stopped, the chunks
+    from the byte alignment, the binary KL in plain floats), and steps on that batch lower it."""
+    from opd.crosstok.alignment import align_texts
+    from opd.models.scoring import completion_logits
+    from opd.train import build_trainer
+
+    trainer = build_trainer(compose_cfg("method=alm", "method.temperature=5", "trainer.batch_size=4",
+                                        "trainer.grad_accum=1", "sampler.max_new_tokens=8", "data.num_train=16",
+                                        "data.num_eval=4", f"teacher.name_or_path={byte_level_teacher}",
+                                        f"output_dir={tmp_path / 'run'}"))
+    assert trainer.other_tokenizer and trainer.loss_path.teacher_output == "retokenized"
+    teacher, tok = trainer.teacher_component, trainer.tokenizer
+    torch.manual_seed(0)
+    batch = trainer.collect(next(trainer.prompts))
+    with torch.no_grad():
+        logq = torch.log_softmax(completion_logits(trainer.student, batch).double(), -1)
+        total = 0.0
+        for row in range(batch.completion_ids.shape[0]):
+            kept = batch.completion_ids[row][batch.completion_mask[row].bool()].tolist()
+            if not kept:
+                continue
+            text = tok.decode(kept, skip_special_tokens=True)
+            ids = teacher.tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids += [teacher.tokenizer.eos_token_id] if kept[-1] == tok.eos_token_id else []
+            prompt = teacher.own_prompt(batch.examples[row])
+            logits = trainer.teacher(input_ids=torch.tensor([prompt + ids])).logits[0, len(prompt) - 1:-1].double()
+            logp = torch.log_softmax(logits, -1)[torch.arange(len(ids)), torch.tensor(ids)].tolist()
+            student_logp = logq[row, torch.arange(len(kept)), torch.tensor(kept)].tolist()
+            for group in align_texts(tok, kept, teacher.tokenizer, ids):
+                chunk_s = min(sum(student_logp[k] for k in group.student), 0.0)
+                chunk_t = min(sum(logp[k] for k in group.teacher), 0.0)
+                total += len(group.student) * bernoulli_kl(chunk_t, chunk_s, 5.0)
+    out = trainer.micro_batch_loss(batch, batch.num_tokens)
+    # float32 models and log-softmax against the float64 hand computation: 1e-4 relative is float32 rounding
+    assert out.loss.item() == pytest.approx(total / batch.num_tokens, rel=1e-4)
+    assert out.metrics["alm/chunks_per_token"] <= 1.0
+    optimizer = torch.optim.Adam([p for p in trainer.student.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(15):
+        optimizer.zero_grad()
+        loss = trainer.micro_batch_loss(batch, batch.num_tokens).loss
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses  # the student's chunk likelihoods moved toward the teacher's
 
 
 @pytest.mark.parametrize("method", ["seqkd", "rs_seqkd"])

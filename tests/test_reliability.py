@@ -221,7 +221,7 @@ BAD_INPUTS = [
      ModelLoadError, "student: could not load '$bad/pickle_weights': Error no file named model.safetensors"),
     ("teacher and student vocabularies differ", ["teacher.name_or_path=$bad/other_vocab"], ConfigError,
      "tokenizer differs from the student's and method 'gkd' needs one shared vocabulary; distil across tokenizers "
-     "with a cross-tokenizer method: uld"),
+     "with a cross-tokenizer method: alm, uld"),
     ("method needs a teacher but none is set", ["~teacher", "student.name_or_path=$student"], TrainingError,
      "needs a teacher model, but teacher is null"),
     # run directories and resuming

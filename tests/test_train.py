@@ -81,7 +81,7 @@ def test_teacher_vocabulary_mismatch_is_refused(compose_cfg, tmp_path):
     LlamaForCausalLM(tiny_llama_config(tok, 32, 1, 4)).save_pretrained(tmp_path / "other")
     tok.save_pretrained(tmp_path / "other")
     with pytest.raises(ConfigError, match="the teacher's tokenizer differs from the student's and method 'gkd' needs one "
-                                          "shared vocabulary; distil across tokenizers with a cross-tokenizer method: uld"):
+                                          "shared vocabulary; distil across tokenizers with a cross-tokenizer method: alm, uld"):
         build_trainer(compose_cfg(f"teacher.name_or_path={tmp_path / 'other'}"))
     assert LlamaConfig and PreTrainedTokenizerFast  # imported for clarity of what is built above
 

@@ -45,7 +45,7 @@ from opd.engine.rollouts import build_rollout_source, check_rollout_settings, wo
 from opd.engine.splits import prepare_splits
 from opd.engine.stopping import StopSignals
 from opd.errors import ConfigError, TrainingError, TrainingInterrupted
-from opd.methods.base import AuxiliaryContext, Method
+from opd.methods.base import AuxiliaryContext, Method, cross_tokenizer_methods
 from opd.models.dropout import disable_dropout
 from opd.models.loading import check_model_path, load_model, load_tokenizer, resolve_device, save_base_spec
 from opd.models.lora import AdaptersOff, LoraStudent, apply_lora
@@ -198,7 +198,7 @@ class Trainer:
             raise ConfigError(f"method {self.method.registry_name!r} decodes with the teacher token by token "
                               f"({type(policy).__name__}), which needs one vocabulary, but the teacher's tokenizer differs "
                               "from the student's; across tokenizers the teacher writes whole completions as text "
-                              "(seqkd, rs_seqkd) or scores the student's text (uld)")
+                              f"(seqkd, rs_seqkd) or scores the student's text ({', '.join(cross_tokenizer_methods())})")
         suppress_padding_ids(self.sampler, self.vocab_size,
                              {"student": self.student, "teacher": None if self.other_tokenizer else self.teacher})
         if self.cfg.eval_teacher_kl and self.teacher is None:
