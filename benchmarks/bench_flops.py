@@ -20,8 +20,12 @@ N counts the weights of the ``nn.Linear`` layers: the decoder body at every posi
 per generated token). The input embedding is a lookup and is not counted. Per step:
 
 * rollout (student forward, KV cache: each position once): 2·N_S,body·Σ(p_i + t_i) + 2·N_S,head·Σt_i
-* teacher scoring (forward, no grad):                      2·N_T,body·Σ(p_i + t_i) + 2·N_T,head·Σt_i
-* student forward + backward:                            3 × (2·N_S,body·Σ(p_i + t_i) + 2·N_S,head·Σt_i)
+* teacher scoring (forward, no grad):                      2·N_T,body·Σ(p_i' + t_i) + 2·N_T,head·Σt_i
+* student forward + backward:                            3 × (2·N_S,body·Σ(p_i' + t_i) + 2·N_S,head·Σt_i)
+
+With ``--n`` samples per prompt (``sampler.n``), the work actually done is counted: the rollout's prefill runs each
+row's prompt (``generate`` expands the prompt to its n rows first), while with ``trainer.share_prompts`` (on) the
+scoring and the update read a group's prompt once: p_i' = p_i for the first row of a group and 0 for the others.
 
 Not counted (so the share is a lower bound of the arithmetic done): the attention-score products
 (Kaplan's 2·n_layer·n_ctx·d_attn per token; printed as a share of the counted FLOPs), the decode steps that
@@ -45,22 +49,26 @@ from bench_step import build_opd_trainer, count_decode_steps  # noqa: E402
 from common import markdown_table, matmul_parameters, matmul_peak_flops, median, print_machine  # noqa: E402
 
 
-def step_flops(student, teacher, prompt_lengths: list[int], completion_lengths: list[int]) -> dict[str, float]:
-    """Analytic FLOPs of one GKD step's parts (see the module docstring), from per-row lengths ``[B]``."""
+def step_flops(student, teacher, prompt_lengths: list[int], completion_lengths: list[int],
+               shared_group: int = 1) -> dict[str, float]:
+    """Analytic FLOPs of one GKD step's parts (see the module docstring), from per-row lengths ``[B]``; with
+    ``shared_group`` n > 1 the scoring and update read each group of n consecutive rows' prompt once."""
     s_body, s_head = matmul_parameters(student)
     t_body, t_head = matmul_parameters(teacher)
     seq = sum(p + t for p, t in zip(prompt_lengths, completion_lengths))
     gen = sum(completion_lengths)
-    student_forward = 2 * s_body * seq + 2 * s_head * gen
-    teacher_forward = 2 * t_body * seq + 2 * t_head * gen
+    scored = gen + sum(p for row, p in enumerate(prompt_lengths) if row % shared_group == 0)
+    rollout = 2 * s_body * seq + 2 * s_head * gen
+    student_forward = 2 * s_body * scored + 2 * s_head * gen
+    teacher_forward = 2 * t_body * scored + 2 * t_head * gen
 
     def attention(model) -> float:  # causal QK^T and AV: ~L²/2 · d_attn multiply-adds each, per layer (not counted)
         c = model.config
         d_attn = c.num_attention_heads * getattr(c, "head_dim", c.hidden_size // c.num_attention_heads)
         return sum(2 * (p + t) ** 2 * d_attn * c.num_hidden_layers for p, t in zip(prompt_lengths, completion_lengths))
 
-    counted = student_forward + teacher_forward + 3 * student_forward
-    return {"rollout": student_forward, "teacher": teacher_forward, "update": 3 * student_forward,
+    counted = rollout + teacher_forward + 3 * student_forward
+    return {"rollout": rollout, "teacher": teacher_forward, "update": 3 * student_forward,
             "total": counted, "attention_not_counted": 4 * attention(student) + attention(teacher),
             "tokens_seq": seq, "tokens_gen": gen}
 
@@ -74,11 +82,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=2, help="torch threads of the trainer and of the peak measurement")
     p.add_argument("--matmul-size", type=int, default=2048, help="square matrix size of the peak measurement")
     p.add_argument("--peak-seconds", type=float, default=5.0, help="seconds of matmul loop, before and after the steps")
+    p.add_argument("--n", type=int, default=1, help="samples per prompt (sampler.n; trainer.share_prompts on)")
     p.add_argument("--quick", action="store_true", help="2 + 1 steps, 2 prompts, 8 tokens, 1 s of peak (plumbing check)")
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.warmup, args.batch_size, args.max_new_tokens, args.peak_seconds = 2, 1, 2, 8, 1.0
-    args.real, args.compile, args.trl_gradient_checkpointing = True, False, False  # what build_opd_trainer reads
+    args.real, args.compile, args.trl_gradient_checkpointing, args.gpu = True, False, False, False  # what
+    #   build_opd_trainer reads
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -108,7 +118,8 @@ def main(argv: list[str] | None = None) -> dict:
                 metrics = trainer.train_step()
                 seconds = time.perf_counter() - t0
             if step >= args.warmup:
-                flops = step_flops(trainer.student, trainer.teacher, *trainer.last_lengths)
+                flops = step_flops(trainer.student, trainer.teacher, *trainer.last_lengths,
+                                   shared_group=args.n if trainer.loss_path.share_prompts else 1)
                 rows.append({"seconds": seconds, "rollout_s": metrics["time/rollout_s"], **flops})
         after = matmul_peak_flops(args.threads, args.matmul_size, args.peak_seconds)
     print(f"float32 matmul, after the steps: fastest call {after['peak_flops'] / 1e9:.1f} GFLOP/s, "

@@ -153,18 +153,20 @@ def opd_step(trainer, log: StepLog) -> None:
 
 
 def count_decode_steps(trainer) -> None:
-    """Record each rollout's completion width on ``trainer.last_decode_steps`` and its per-row prompt and completion
-    lengths ``[B]`` on ``trainer.last_lengths`` (wraps ``trainer.collect``; bench_flops.py counts FLOPs from them)."""
-    collect = trainer.collect
+    """Record each step's widest completion on ``trainer.last_decode_steps`` and its per-row prompt and completion
+    lengths ``[B]`` on ``trainer.last_lengths``, over the step's micro-batches (wraps the trainer's rollout source,
+    ``trainer.rollouts.next_batches``; bench_flops.py counts FLOPs from them)."""
+    next_batches = trainer.rollouts.next_batches
 
-    def collect_and_count(examples):
-        batch = collect(examples)
-        trainer.last_decode_steps = batch.completion_ids.shape[1]
-        trainer.last_lengths = (batch.prompt_mask.sum(1).tolist(), batch.completion_mask.sum(1).tolist())
-        return batch
+    def next_batches_and_count(step, student):
+        batches = next_batches(step, student)
+        trainer.last_decode_steps = max(batch.completion_ids.shape[1] for batch in batches)
+        trainer.last_lengths = ([n for b in batches for n in b.prompt_mask.sum(1).tolist()],
+                                [n for b in batches for n in b.completion_mask.sum(1).tolist()])
+        return batches
 
     trainer.last_decode_steps, trainer.last_lengths = 0, ([], [])
-    trainer.collect = collect_and_count
+    trainer.rollouts.next_batches = next_batches_and_count
 
 
 # ----------------------------------------------------------------------------- TRL

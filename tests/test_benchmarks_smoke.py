@@ -50,6 +50,7 @@ def test_bench_step_quick(capsys):
     results = load("bench_step").main(["--quick"])
     out = capsys.readouterr().out
     assert results["opd"]["steps"] == 2 and results["opd"]["tokens_per_s"] > 0
+    assert results["opd"]["decode_steps"] > 0  # the step's rollouts were seen (the trainer's rollout source, wrapped)
     if importlib.util.find_spec("trl") is None:
         assert "TRL column skipped" in out
     else:
@@ -107,7 +108,27 @@ def test_bench_lora_quick_with_its_workers_in_this_process(capsys, monkeypatch):
     check_bench_lora_quick(results, capsys.readouterr().out)
 
 
-@pytest.mark.parametrize("name", ["bench_loss", "bench_rollout", "bench_step", "bench_async", "bench_lora"])
+def test_bench_flops_counts_a_shared_prompt_once_in_scoring_and_per_row_in_the_rollout(tiny_model_dirs):
+    """bench_flops with --n: the rollout's prefill runs every row's prompt, while shared-prompt scoring and the
+    update read a group's prompt once (Kaplan et al. 2020's 2N per token and position)."""
+    from transformers import AutoModelForCausalLM
+
+    flops = load("bench_flops")
+    common = load("common")
+    student = AutoModelForCausalLM.from_pretrained(tiny_model_dirs["student"])
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_model_dirs["teacher"])
+    (s_body, s_head), (t_body, t_head) = common.matmul_parameters(student), common.matmul_parameters(teacher)
+    prompts, completions = [5, 5, 7, 7], [3, 4, 2, 6]  # two prompts, two samples each
+    shared = flops.step_flops(student, teacher, prompts, completions, shared_group=2)
+    every_row = flops.step_flops(student, teacher, prompts, completions)
+    assert shared["rollout"] == every_row["rollout"] == 2 * s_body * (24 + 15) + 2 * s_head * 15
+    assert shared["teacher"] == 2 * t_body * (12 + 15) + 2 * t_head * 15  # prompts 5 and 7 once, completions 15
+    assert every_row["teacher"] == 2 * t_body * (24 + 15) + 2 * t_head * 15
+    assert shared["update"] == 3 * (2 * s_body * 27 + 2 * s_head * 15)
+
+
+@pytest.mark.parametrize("name", ["bench_loss", "bench_rollout", "bench_step", "bench_async", "bench_lora",
+                                  "bench_flops"])
 def test_benchmark_help(name, capsys):
     with pytest.raises(SystemExit) as exit_info:
         load(name).main(["--help"])
