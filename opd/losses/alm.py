@@ -20,6 +20,8 @@ import math
 
 import torch
 
+from opd.losses.uld import group_sums
+
 #: the official code's shift of both sides' tempered log-likelihoods below 0 (``epsilon=1e-6``): a chunk of likelihood
 #: 1 would make log(1 − p) infinite
 LOG_SHIFT = 1e-6
@@ -34,10 +36,7 @@ def chunk_logprobs(token_logprobs: torch.Tensor, groups: list[range]) -> torch.T
     Returns:
         ``[G]``, clamped at 0 from above (float rounding of a sum of log-probabilities of nearly certain tokens).
     """
-    before = torch.cat([token_logprobs.new_zeros(1), token_logprobs.cumsum(0)])  # [T + 1]: sum of the first k
-    first = torch.tensor([g.start for g in groups], device=token_logprobs.device)
-    stop = torch.tensor([g.stop for g in groups], device=token_logprobs.device)
-    return (before[stop] - before[first]).clamp(max=0.0)
+    return group_sums(token_logprobs, groups).clamp(max=0.0)
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:

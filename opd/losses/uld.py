@@ -33,10 +33,17 @@ def merge_groups(logprobs: torch.Tensor, token_ids: torch.Tensor, groups: list[r
         ``[G, V]``: ``logprobs[last] + sum(logprobs[k, token_ids[k]] for k in group[:-1])``.
     """
     token_logprobs = logprobs.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)  # [T]
-    before = torch.cat([token_logprobs.new_zeros(1), token_logprobs.cumsum(0)])  # [T + 1]: sum of the first k
-    first = torch.tensor([g.start for g in groups], device=logprobs.device)
     last = torch.tensor([g.stop - 1 for g in groups], device=logprobs.device)
-    return logprobs[last] + (before[last] - before[first]).unsqueeze(-1)
+    earlier = group_sums(token_logprobs, [range(g.start, g.stop - 1) for g in groups])  # [G]: all but the last token
+    return logprobs[last] + earlier.unsqueeze(-1)
+
+
+def group_sums(values: torch.Tensor, groups: list[range]) -> torch.Tensor:
+    """``[G]`` the sum of ``values`` (``[T]``) over each range (empty ranges sum to 0), by one prefix sum."""
+    before = torch.cat([values.new_zeros(1), values.cumsum(0)])  # [T + 1]: sum of the first k
+    first = torch.tensor([g.start for g in groups], device=values.device)
+    stop = torch.tensor([g.stop for g in groups], device=values.device)
+    return before[stop] - before[first]
 
 
 def sorted_l1(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:

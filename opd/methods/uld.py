@@ -5,14 +5,13 @@ from __future__ import annotations
 import torch
 
 from opd.losses.uld import hybrid_uld, merge_groups, sorted_l1
-from opd.methods.base import LossOutput, Method
+from opd.methods.cross_tokenizer import AlignedGroupsMethod
 from opd.registry import METHODS
-from opd.sampling.behaviour import DatasetPolicy, LambdaMixture
-from opd.types import RetokenizedTeacher, RolloutBatch
+from opd.types import RetokenizedTeacher
 
 
 @METHODS.register("uld")
-class ULD(Method):
+class ULD(AlignedGroupsMethod):
     """Universal Logit Distillation (Boizard et al. 2024, arXiv:2402.12030, Eq. 3) on the student's own samples, with
     GOLD's byte alignment and hybrid loss (Patiño et al. 2025) as an option.
 
@@ -37,7 +36,7 @@ class ULD(Method):
         lmbda: probability that a batch is student-sampled (1 = on-policy).
     """
 
-    teacher_inputs = "retokenized"
+    groups_metric = "uld/groups_per_token"
 
     def __init__(self, hybrid: bool = False, beta: float = 0.5, matched_weight: float | None = None,
                  lmbda: float = 1.0) -> None:
@@ -45,44 +44,22 @@ class ULD(Method):
             raise ValueError(f"beta must be in [0, 1], got {beta}")
         if matched_weight is not None and not 0.0 <= matched_weight <= 1.0:
             raise ValueError(f"matched_weight must be in [0, 1] or null, got {matched_weight}")
+        super().__init__(lmbda)
         self.hybrid, self.beta, self.matched_weight = hybrid, beta, matched_weight
-        self.policy = LambdaMixture(lmbda, DatasetPolicy())
 
-    def group_losses(self, student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor,
-                     teacher: RetokenizedTeacher) -> torch.Tensor:
-        """``[G]`` the loss of each aligned group from the merged ``[G, V_s]`` and ``[G, V_t]`` log-probabilities."""
+    @property
+    def loss_metric(self) -> str:
+        return "loss/gold_hybrid" if self.hybrid else "loss/uld"
+
+    def row_group_losses(self, student_logprobs: torch.Tensor, student_ids: torch.Tensor,
+                         teacher_logprobs: torch.Tensor, teacher_ids: torch.Tensor, groups: list[tuple[range, range]],
+                         teacher: RetokenizedTeacher) -> torch.Tensor:
+        """``[G]``: each side's group merged into one vector by the chain rule (:func:`merge_groups`), then ULD, or
+        GOLD's hybrid on the byte-shared entries."""
+        student = merge_groups(student_logprobs, student_ids, [g[0] for g in groups])
+        teacher_merged = merge_groups(teacher_logprobs, teacher_ids, [g[1] for g in groups])
         if self.hybrid:
-            return hybrid_uld(student_logprobs, teacher_logprobs, teacher.student_shared.to(student_logprobs.device),
-                              teacher.teacher_shared.to(student_logprobs.device), self.beta, self.matched_weight)
-        return sorted_l1(student_logprobs, teacher_logprobs)
-
-    def loss(self, batch: RolloutBatch, student_logits: torch.Tensor, teacher_logits: RetokenizedTeacher | None,
-             num_tokens: int) -> LossOutput:
-        """Sum over rows and groups of (group loss × student tokens in the group) / ``num_tokens``.
-
-        Args:
-            student_logits: ``[B, T, V_s]``; only each row's counted positions (``completion_mask``, a prefix) are read.
-            teacher_logits: the teacher in its own tokenization (``teacher.score(batch, "retokenized")``), or its
-                ``[B, T, V]`` logits on the student's tokens when the two share a tokenizer.
-        """
-        if isinstance(teacher_logits, torch.Tensor):  # [B, T, V] on the student's own tokens: one shared tokenizer
-            teacher_logits = RetokenizedTeacher.from_logits(batch, teacher_logits)
-        if not isinstance(teacher_logits, RetokenizedTeacher):
-            raise TypeError(f"method 'uld' reads a RetokenizedTeacher, got {type(teacher_logits).__name__}")
-        total = student_logits.new_zeros(())
-        groups_seen = 0
-        for row, groups in enumerate(teacher_logits.groups):
-            count = int(batch.completion_mask[row].sum())
-            if not count or not groups:
-                continue
-            logprobs = torch.log_softmax(student_logits[row, :count].float() if student_logits.dtype != torch.float64
-                                         else student_logits[row, :count], dim=-1)
-            student = merge_groups(logprobs, batch.completion_ids[row, :count], [g[0] for g in groups])
-            teacher = merge_groups(teacher_logits.logprobs[row].to(logprobs.dtype), teacher_logits.token_ids[row],
-                                   [g[1] for g in groups])
-            weights = torch.tensor([len(g[0]) for g in groups], dtype=logprobs.dtype, device=logprobs.device)
-            total = total + (self.group_losses(student, teacher, teacher_logits) * weights).sum()
-            groups_seen += len(groups)
-        loss = total / max(num_tokens, 1)
-        name = "loss/gold_hybrid" if self.hybrid else "loss/uld"
-        return LossOutput(loss, {name: loss.item(), "uld/groups_per_token": groups_seen / max(num_tokens, 1)})
+            device = student.device
+            return hybrid_uld(student, teacher_merged, teacher.student_shared.to(device),
+                              teacher.teacher_shared.to(device), self.beta, self.matched_weight)
+        return sorted_l1(student, teacher_merged)
