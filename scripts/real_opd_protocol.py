@@ -280,9 +280,10 @@ def verdicts(analysis: dict[str, Any]) -> list[dict[str, Any]]:
     if "gkd_l1_mask" in runs:
         add("masking cut rollouts (trainer.overlong=mask) helps gkd_l1", "gkd_l1_mask", "gkd_l1",
             final("gkd_l1_mask"), final("gkd_l1"))
-    tag = f"_keep{SECOND_SIZE['keep_layers']}"
-    add(f"{DECLARED_ON_POLICY} beats SeqKD at keep_layers={SECOND_SIZE['keep_layers']}", DECLARED_ON_POLICY + tag,
-        "seqkd" + tag, final(DECLARED_ON_POLICY + tag), final("seqkd" + tag))
+    if SECOND_SIZE["keep_layers"] is not None:  # a study with a second student size
+        tag = f"_keep{SECOND_SIZE['keep_layers']}"
+        add(f"{DECLARED_ON_POLICY} beats SeqKD at keep_layers={SECOND_SIZE['keep_layers']}", DECLARED_ON_POLICY + tag,
+            "seqkd" + tag, final(DECLARED_ON_POLICY + tag), final("seqkd" + tag))
     return out
 
 
@@ -427,10 +428,9 @@ def main() -> None:
         args.no_second_size = True
     record, default_arms, second_size = STUDIES[EXPERIMENT]
     args.arms = list(default_arms) if args.arms is None else args.arms
+    SECOND_SIZE["keep_layers"] = second_size  # None: the study has no second size (no verdict row for one)
     if second_size is None:
         args.no_second_size = True
-    else:
-        SECOND_SIZE["keep_layers"] = second_size
     root = ROOT / (args.runs_dir or f"logs/{EXPERIMENT}/study")
     out = ROOT / (args.out or record)
     if not args.only_report:

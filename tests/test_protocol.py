@@ -303,6 +303,9 @@ def test_opsd_is_judged_on_its_own_gain_paired_over_seeds(tmp_path):
     assert claims["opsd beats SeqKD at equal steps"]["verdict"] == "holds"
     text = study.format_results(study.analyse(tmp_path, [0, 1, 2]), list(claims.values()))
     assert "| opsd | 3 |" in text and "its teacher 70.0 %" in text
+    assert any("keep_layers=" in claim for claim in claims)  # the module default: a study with a second size
+    study.SECOND_SIZE["keep_layers"] = None  # a study without one (real_opd_longer_stage2, the toy): no row for it
+    assert not any("keep_layers" in c["claim"] for c in study.verdicts(study.analyse(tmp_path, [0, 1, 2])))
 
 
 def test_the_record_archive_rebuilds_the_report_without_the_run_directories(tmp_path):
