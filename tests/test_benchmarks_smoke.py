@@ -57,6 +57,24 @@ def test_bench_step_quick(capsys):
         assert "TRL GKDTrainer" in results and "opd / TRL completion tokens per second" in out
 
 
+def test_bench_step_cross_tokenizer_selects_gold_only(capsys):
+    """--cross-tokenizer (issue 23): the Gemma teacher with ULD on opd's side, TRL's GOLDTrainer alone on TRL's; the
+    other modes keep their trainers."""
+    bench = load("bench_step")
+    args = bench.parse_args(["--real", "--cross-tokenizer", "--quick"])
+    assert args.cross_tokenizer and args.trl_trainers == ["gold"]
+    assert bench.trl_trainer_names(args) == ["TRL GOLDTrainer"]
+    assert bench.TRL_TRAINERS["TRL GOLDTrainer"] is bench.build_trl_gold_trainer
+    assert bench.target_for("TRL GOLDTrainer", real=True, n=1) is None  # measured, no target asked
+    assert bench.trl_trainer_names(bench.parse_args(["--real"])) == ["TRL GKDTrainer", "TRL DistillationTrainer"]
+    assert bench.trl_trainer_names(bench.parse_args([])) == ["TRL GKDTrainer"]
+    for argv in (["--cross-tokenizer"], ["--real", "--cross-tokenizer", "--trl-trainers", "gkd"],
+                 ["--real", "--trl-trainers", "gold"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(argv)
+    assert "--cross-tokenizer needs --real" in capsys.readouterr().err
+
+
 def test_bench_async_quick(capsys):
     results = load("bench_async").main(["--quick", "--no-trl"])
     out = capsys.readouterr().out

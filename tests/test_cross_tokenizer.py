@@ -117,6 +117,29 @@ def test_the_emoji_is_one_group_of_one_token_against_four_byte_tokens(byte_level
         "▁", "<0xF0>", "<0x9F>", "<0x98>", "<0x80>"]
 
 
+def test_a_character_cut_by_the_sample_aligns_with_the_teachers_replacement_character(byte_level, sentencepiece):
+    """A sampled completion can hold part of a multi-byte character (SmolLM2's byte tokens for 0xE1 0x83, then "hl"):
+    it decodes to U+FFFD there, which is the text the teacher re-tokenizes; the broken bytes face that U+FFFD."""
+    from opd.crosstok.alignment import _BYTE_OF_CHAR
+
+    byte_token = {b: byte_level.convert_tokens_to_ids(c) for c, b in _BYTE_OF_CHAR.items()}
+    student_ids = encode(byte_level, "ab", eos=False) + [byte_token[0xE1], byte_token[0x83]] + \
+        encode(byte_level, "x", eos=False) + [byte_token[0x82]] + encode(byte_level, "12")
+    text = byte_level.decode(student_ids, skip_special_tokens=True)
+    assert text == "ab\ufffdx\ufffd12"  # one U+FFFD per maximal invalid run, as Python's errors="replace"
+    teacher_ids = encode(sentencepiece, text, bos=True)
+    groups = align_texts(byte_level, student_ids, sentencepiece, teacher_ids)
+    student = [[byte_level.convert_ids_to_tokens(student_ids[i]) for i in g.student] for g in groups]
+    teacher = [[sentencepiece.convert_ids_to_tokens(teacher_ids[j]) for j in g.teacher] for g in groups]
+    replacement = ["<0xEF>", "<0xBF>", "<0xBD>"]  # U+FFFD in byte-fallback tokens
+    # 0xE1 ends inside its run, so it carries the U+FFFD; 0x83 ends the run with no bytes left and opens the next group
+    assert student == [["ab"], ["á"], ["ĥ", "x"], ["Ĥ"], ["12"], ["<|end|>"]]
+    assert teacher == [["<bos>", "ab"], replacement, ["x"], replacement, ["12"], ["<eos>"]]
+    assert [(g.start, g.end) for g in groups] == [(0, 2), (2, 5), (5, 6), (6, 9), (9, 11), (11, 11)]
+    with pytest.raises(ValueError, match="tokens spell"):  # still refused when the texts differ
+        align_texts(byte_level, student_ids, sentencepiece, encode(sentencepiece, "ab?x?12", bos=True))
+
+
 def test_align_spans_edge_cases():
     # one tokenizer's split is the other's join: one group
     assert align_spans([(0, 2)], [(0, 1), (1, 2)]) == [AlignedGroup(range(0, 1), range(0, 2), 0, 2)]

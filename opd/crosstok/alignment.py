@@ -148,10 +148,54 @@ def align_spans(student: list[tuple[int, int]], teacher: list[tuple[int, int]]) 
     return groups
 
 
+_REPLACEMENT = "\ufffd".encode()
+
+
+def _decoded_spans(pieces: list[bytes]) -> tuple[bytes, list[tuple[int, int]]]:
+    """The UTF-8 text ``pieces`` decode to, each maximal invalid byte run written as one U+FFFD (Python's
+    ``errors="replace"``, as the tokenizers' decoders write it), and each piece's ``(start, end)`` span in that text.
+
+    A piece that ends inside an invalid run ends after its U+FFFD; a piece inside the run after the first then has no
+    bytes (it joins the next group, as a one-sided BOS does).
+    """
+    raw = b"".join(pieces)
+    runs, position, shift = [], 0, 0  # runs: (raw start, raw end, decoded start) of each invalid run
+    while position < len(raw):
+        try:
+            raw[position:].decode("utf-8")
+            break
+        except UnicodeDecodeError as err:
+            start, end = position + err.start, position + err.end
+            runs.append((start, end, start + shift))
+            shift += len(_REPLACEMENT) - (end - start)
+            position = end
+
+    def decoded(offset: int) -> int:
+        moved = 0
+        for start, end, out in runs:
+            if offset <= start:
+                break
+            if offset < end:
+                return out + len(_REPLACEMENT)
+            moved = out + len(_REPLACEMENT) - end
+        return offset + moved
+
+    return raw.decode("utf-8", "replace").encode(), [(decoded(a), decoded(b)) for a, b in _spans(pieces)]
+
+
 def align_texts(student_tokenizer, student_ids: list[int], teacher_tokenizer, teacher_ids: list[int]) -> list[AlignedGroup]:
-    """:func:`align_spans` of two id lists that decode to one text (checked)."""
+    """:func:`align_spans` of two id lists that decode to one text (checked).
+
+    A sampled completion can stop a character half-way (a byte-level token holds part of a multi-byte character, and
+    the next token does not finish it): its decoded text, which the other side re-tokenizes, has U+FFFD there. Then
+    both sides are aligned on the decoded texts (:func:`_decoded_spans`), the bytes of the broken character grouped
+    with the other side's U+FFFD.
+    """
     student_pieces, teacher_pieces = token_bytes(student_tokenizer, student_ids), token_bytes(teacher_tokenizer, teacher_ids)
     student_text, teacher_text = b"".join(student_pieces), b"".join(teacher_pieces)
+    if student_text == teacher_text:
+        return align_spans(_spans(student_pieces), _spans(teacher_pieces))
+    (student_text, student_spans), (teacher_text, teacher_spans) = map(_decoded_spans, (student_pieces, teacher_pieces))
     if student_text != teacher_text:
         raise ValueError(f"the student's tokens spell {student_text[:60]!r} and the teacher's {teacher_text[:60]!r}")
-    return align_spans(_spans(student_pieces), _spans(teacher_pieces))
+    return align_spans(student_spans, teacher_spans)
