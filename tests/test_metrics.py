@@ -319,3 +319,28 @@ def test_a_run_with_sampled_evaluation_logs_and_summarises_pass_at_k(compose_cfg
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any("eval/pass@2" in r for r in rows)
     assert 0.0 <= summary["student_pass@1_after"] <= summary["student_pass@2_after"] <= 1.0
+
+
+def test_evaluation_keeps_each_examples_verdict_in_order_and_ranks_merge_back_to_it(tiny_model_dirs):
+    """``EvalResult.correct`` is task.is_correct of each example's completion, in order (paired comparisons and
+    re-scoring a record read it); merging strided rank shares restores that order."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from opd.data.base import Task
+    from opd.engine.evaluate import evaluate_accuracy, merge_eval_results
+
+    class OddAnswersCount(Task):  # a verdict that differs between examples whatever the untrained model writes
+        def is_correct(self, completion: str, example: Example) -> bool:
+            return int(example.answer) % 2 == 1
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dirs["student"])
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dirs["student"])
+    task = OddAnswersCount()
+    examples = [Example(f"{a}+{b}=", str(a + b), str(a + b)) for a, b in [(1, 2), (3, 4), (2, 2), (5, 1), (0, 7)]]
+    whole = evaluate_accuracy(model, tokenizer, task, examples, max_new_tokens=4, num_samples=5, progress=False)
+    texts = [completion for _, completion, _ in whole.samples]
+    assert whole.correct == [task.is_correct(t, ex) for t, ex in zip(texts, examples)] == [True, True, False, False, True]
+    assert sum(whole.correct) / 5 == whole.accuracy
+    # two ranks' strided shares (examples 0, 2, 4 and 1, 3), as opd.distributed.strided_shard deals them
+    parts = [evaluate_accuracy(model, tokenizer, task, examples[r::2], max_new_tokens=4, progress=False) for r in (0, 1)]
+    assert merge_eval_results(parts).correct == whole.correct

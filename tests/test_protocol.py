@@ -350,3 +350,38 @@ def test_a_finished_stage_run_with_other_cpu_threads_is_reused(compose_cfg, tmp_
     assert stages.stage_one_dir(other_lr, stages.stage_one_config(other_lr)) != finished
     (finished / "summary.json").unlink()  # an unfinished run is not reused either
     assert stages.stage_one_dir(other_threads, stages.stage_one_config(other_threads)) != finished
+
+
+def test_reevaluation_rescores_a_studys_final_students_on_more_held_out_problems(compose_cfg, tmp_path):
+    """scripts/reevaluate_study.py: a finished run's student, re-scored on 3x its held-out problems, scores exactly its
+    recorded accuracy on the first ones (the split grows at its end, still disjoint from training), each problem's
+    verdict is kept, and the report judges the claims at both sizes."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "reevaluate_study.py"
+    spec = importlib.util.spec_from_file_location("reevaluate_study", path)
+    reevaluate = importlib.util.module_from_spec(spec)
+    sys.modules["reevaluate_study"] = reevaluate
+    spec.loader.exec_module(reevaluate)
+
+    study = tmp_path / "study"
+    for arm, method in (("seqkd", "seqkd"), ("gkd_l1", "gkd")):
+        for seed in (0, 1):
+            run(compose_cfg(f"method={method}", f"seed={seed}", "trainer.max_steps=2", "data.num_eval=8",
+                            f"output_dir={study / arm / f'seed{seed}'}"))
+    out = tmp_path / "reevaluation.json"
+    results = reevaluate.rescore(study, out, num_eval=24, arms=None, seeds=None)
+    assert results["split"] == {"num_train": results["split"]["num_train"], "num_eval": 24, "train_eval_overlap": 0,
+                                "recorded_num_eval": 8}
+    assert set(results["runs"]) == {"seqkd/seed0", "seqkd/seed1", "gkd_l1/seed0", "gkd_l1/seed1"}
+    for row in results["runs"].values():
+        assert len(row["correct"]) == 24 and row["accuracy"] == row["correct"].count("1") / 24
+        assert row["accuracy_first_8"] == row["recorded_accuracy"]  # greedy decoding of the same 8 problems
+    assert results["warm_start"]["accuracy_first_8"] == results["warm_start"]["recorded_accuracy"]
+    assert json.loads(out.read_text())["runs"].keys() == results["runs"].keys()
+    text, claims = reevaluate.report(results)
+    assert {(c["claim"], c["evaluation"]) for c in claims} == {
+        ("gkd_l1 beats SeqKD at equal steps", label) for label in ("recorded (8)", "first 8 here", "24")}
+    assert all(c["verdict"] in ("holds", "reversed", "not shown") for c in claims) and "| seqkd | 2 |" in text

@@ -38,6 +38,9 @@ class EvalResult:
     by_source: dict[str, float] = dataclasses.field(default_factory=dict)
     #: scored examples per source (to merge ranks' shares: ``opd.data.mixture.merge_per_source``)
     source_counts: dict[str, int] = dataclasses.field(default_factory=dict)
+    #: whether each scored example was answered correctly, in the examples' order (paired comparisons of two models on
+    #: the same problems; re-scoring a record on more problems: ``scripts/reevaluate_study.py``)
+    correct: list[bool] = dataclasses.field(default_factory=list)
 
 
 @torch.no_grad()
@@ -87,7 +90,8 @@ def evaluate_accuracy(model: torch.nn.Module, tokenizer, task: Task, examples: l
     n = max(num_scored, 1)
     by_source, source_counts = per_source_accuracy(examples[: len(flags)], flags)
     return EvalResult(accuracy=correct / n, num_examples=num_scored, mean_length=lengths / n, samples=samples,
-                      eos_rate=finished / n, score=score / n, by_source=by_source, source_counts=source_counts)
+                      eos_rate=finished / n, score=score / n, by_source=by_source, source_counts=source_counts,
+                      correct=flags)
 
 
 @torch.no_grad()
@@ -199,8 +203,13 @@ def evaluate_teacher_agreement_across_tokenizers(student: torch.nn.Module, teach
 
 
 def merge_eval_results(parts: list[EvalResult]) -> EvalResult:
-    """One :class:`EvalResult` from the ranks' shares (example-weighted means; samples of the first ranks)."""
+    """One :class:`EvalResult` from the ranks' shares (example-weighted means; samples of the first ranks).
+
+    ``parts[r]`` is rank r's strided share (:func:`opd.distributed.strided_shard`: examples r, r + W, ...), so example i's
+    flag is ``parts[i % W].correct[i // W]``."""
     total = sum(p.num_examples for p in parts)
+    correct = [parts[i % len(parts)].correct[i // len(parts)] for i in range(total)] \
+        if all(len(p.correct) == p.num_examples for p in parts) else []
     n = max(total, 1)
     samples = [sample for p in parts for sample in p.samples][: max(len(parts[0].samples), 1)]
     by_source, source_counts = merge_per_source([(p.by_source, p.source_counts) for p in parts])
@@ -208,7 +217,7 @@ def merge_eval_results(parts: list[EvalResult]) -> EvalResult:
                       mean_length=sum(p.mean_length * p.num_examples for p in parts) / n, samples=samples,
                       eos_rate=sum(p.eos_rate * p.num_examples for p in parts) / n,
                       score=sum(p.score * p.num_examples for p in parts) / n, by_source=by_source,
-                      source_counts=source_counts)
+                      source_counts=source_counts, correct=correct)
 
 
 class Evaluator:
