@@ -113,7 +113,7 @@ def rescore(study: Path, out: Path, num_eval: int, arms: list[str] | None, seeds
             summary = json.loads((run / "summary.json").read_text())
             recorded = int(summary["eval_examples"])
             if "warm_start" not in results:  # the student every arm started from (the run config's student)
-                warm = Path(OmegaConf_load(run)["student"]["name_or_path"])
+                warm = Path(run_config(run)["student"]["name_or_path"])
                 print(f"warm start and teacher: {warm}", flush=True)
                 trainer = build_scorer(run, warm, num_eval, Path(scratch))
                 check_split(trainer, results, recorded)
@@ -154,7 +154,8 @@ def check_split(trainer, results: dict[str, Any], recorded: int) -> None:
                         "train_eval_overlap": overlap, "recorded_num_eval": recorded}
 
 
-def OmegaConf_load(run: Path) -> dict[str, Any]:  # noqa: N802 (the run's resolved config as plain data)
+def run_config(run: Path) -> dict[str, Any]:
+    """The run's resolved config as plain data."""
     from omegaconf import OmegaConf
 
     return OmegaConf.to_container(OmegaConf.load(run / "resolved_config.yaml"), resolve=True)
@@ -164,7 +165,7 @@ def arm_table(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """arm -> per-seed accuracies on all problems and on the recorded first ones."""
     recorded = results["split"]["recorded_num_eval"]
     arms: dict[str, dict[str, Any]] = {}
-    for key, row in sorted(results["runs"].items()):
+    for row in sorted(results["runs"].values(), key=lambda r: (r["arm"], r["seed"])):
         entry = arms.setdefault(row["arm"], {"seeds": [], "all": [], "first": [], "recorded": []})
         entry["seeds"].append(row["seed"])
         entry["all"].append(row["accuracy"])
