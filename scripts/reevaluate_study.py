@@ -44,8 +44,10 @@ CLAIMS = (("gkd_l1 beats SeqKD at equal steps", "gkd_l1", "seqkd"),
 
 
 def newest_checkpoint(run: Path) -> Path:
-    """The run's newest checkpoint that finished writing (``COMPLETE``)."""
-    done = sorted(p for p in (run / "checkpoints").glob("step_*") if (p / "COMPLETE").exists())
+    """The run's newest complete checkpoint (``opd.engine.checkpoint.list_checkpoints``)."""
+    from opd.engine.checkpoint import list_checkpoints
+
+    done = list_checkpoints(run)
     if not done:
         raise SystemExit(f"{run}: no complete checkpoint under {run / 'checkpoints'}")
     return done[-1]
@@ -83,11 +85,6 @@ def build_scorer(run: Path, student: Path, num_eval: int, scratch: Path):
     return build_trainer(cfg)
 
 
-def split_overlap(trainer) -> int:
-    """Held-out prompts that also occur in training (must be 0)."""
-    return len({ex.prompt for ex in trainer.eval_examples} & {ex.prompt for ex in trainer.task.train})
-
-
 def score(trainer, model, desc: str, recorded: int) -> dict[str, Any]:
     """Greedy verdicts of ``model`` on every held-out problem; the accuracies on all and on the first ``recorded``."""
     start = time.perf_counter()
@@ -122,8 +119,7 @@ def rescore(study: Path, out: Path, num_eval: int, arms: list[str] | None, seeds
                     results["teacher"]["recorded_accuracy"] = summary.get("teacher_accuracy")
                 results["warm_start"] = score(trainer, trainer.student, "warm start", recorded)
                 results["warm_start"].update(checkpoint=str(warm), recorded_accuracy=summary.get("student_accuracy_before"))
-                out.parent.mkdir(parents=True, exist_ok=True)
-                out.write_text(json.dumps(results, indent=1) + "\n")
+                save(results, out)
                 del trainer
             if key in results["runs"]:
                 continue
@@ -131,23 +127,28 @@ def rescore(study: Path, out: Path, num_eval: int, arms: list[str] | None, seeds
             print(f"[{index + 1}/{len(runs)}] {key}: {checkpoint}", flush=True)
             trainer = build_scorer(run, checkpoint, num_eval, Path(scratch))
             check_split(trainer, results, recorded)
-            if key not in results["runs"]:
-                row = score(trainer, trainer.student, key, recorded)
-                row.update(arm=arm, seed=seed, checkpoint=str(checkpoint),
-                           recorded_accuracy=summary["student_accuracy_after"])
-                results["runs"][key] = row
-                print(f"    {num_eval} problems: {100 * row['accuracy']:.1f} %; first {recorded}: "
-                      f"{100 * row[f'accuracy_first_{recorded}']:.1f} % (recorded {100 * row['recorded_accuracy']:.1f} %)"
-                      f"; {row['seconds']} s", flush=True)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(results, indent=1) + "\n")
+            row = score(trainer, trainer.student, key, recorded)
+            row.update(arm=arm, seed=seed, checkpoint=str(checkpoint), recorded_accuracy=summary["student_accuracy_after"])
+            results["runs"][key] = row
+            print(f"    {num_eval} problems: {100 * row['accuracy']:.1f} %; first {recorded}: "
+                  f"{100 * row[f'accuracy_first_{recorded}']:.1f} % (recorded {100 * row['recorded_accuracy']:.1f} %)"
+                  f"; {row['seconds']} s", flush=True)
+            save(results, out)
             del trainer
     return results
 
 
+def save(results: dict[str, Any], out: Path) -> None:
+    """Write ``results`` to ``out`` after each model, so an interrupted re-scoring resumes where it stopped."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1) + "\n")
+
+
 def check_split(trainer, results: dict[str, Any], recorded: int) -> None:
     """Stop when a held-out problem is a training problem; write the split's sizes into ``results``."""
-    overlap = split_overlap(trainer)
+    from opd.data.base import split_overlap
+
+    overlap = split_overlap(trainer.task)["train_eval"]
     if overlap:
         raise SystemExit(f"{overlap} of the {len(trainer.eval_examples)} held-out problems are training problems")
     results["split"] = {"num_train": len(trainer.task.train), "num_eval": len(trainer.eval_examples),
@@ -242,7 +243,7 @@ def main() -> None:
     if args.report:
         Path(args.report).write_text(text)
         results["claims"] = claims
-        out.write_text(json.dumps(results, indent=1) + "\n")
+        save(results, out)
 
 
 if __name__ == "__main__":

@@ -67,7 +67,7 @@ def evaluate_accuracy(model: torch.nn.Module, tokenizer, task: Task, examples: l
     from opd.sampling.base import eos_token_ids, unfinished_rows
 
     eos = eos_token_ids(tokenizer, model)
-    correct, lengths, samples, score, flags, finished = 0, 0, [], 0.0, [], 0
+    lengths, samples, score, flags, finished = 0, [], 0.0, [], 0
     batches = range(0, len(examples), batch_size)
     for start in tqdm(batches, desc=desc, leave=False, disable=not progress, unit="batch"):
         chunk = examples[start : start + batch_size]
@@ -82,14 +82,13 @@ def evaluate_accuracy(model: torch.nn.Module, tokenizer, task: Task, examples: l
             lengths += row_lengths[index]
             finished += row_finished[index]
             ok = task.is_correct(text, example)
-            correct += ok
             flags.append(ok)
             score += task.score(text, example)
             if len(samples) < num_samples:
                 samples.append((example.prompt, text, ok))
     n = max(num_scored, 1)
     by_source, source_counts = per_source_accuracy(examples[: len(flags)], flags)
-    return EvalResult(accuracy=correct / n, num_examples=num_scored, mean_length=lengths / n, samples=samples,
+    return EvalResult(accuracy=sum(flags) / n, num_examples=num_scored, mean_length=lengths / n, samples=samples,
                       eos_rate=finished / n, score=score / n, by_source=by_source, source_counts=source_counts,
                       correct=flags)
 
@@ -208,8 +207,7 @@ def merge_eval_results(parts: list[EvalResult]) -> EvalResult:
     ``parts[r]`` is rank r's strided share (:func:`opd.distributed.strided_shard`: examples r, r + W, ...), so example i's
     flag is ``parts[i % W].correct[i // W]``."""
     total = sum(p.num_examples for p in parts)
-    correct = [parts[i % len(parts)].correct[i // len(parts)] for i in range(total)] \
-        if all(len(p.correct) == p.num_examples for p in parts) else []
+    correct = [parts[i % len(parts)].correct[i // len(parts)] for i in range(total)]
     n = max(total, 1)
     samples = [sample for p in parts for sample in p.samples][: max(len(parts[0].samples), 1)]
     by_source, source_counts = merge_per_source([(p.by_source, p.source_counts) for p in parts])
